@@ -1,0 +1,126 @@
+"""The `dreambooth` command: train, generate, demo (and the subcommands later issues add)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG.yaml key=value ...`: the first item without '=' is the config file, the rest overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise UserError(f"unexpected argument '{item}': give one config file, then key=value overrides")
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    config, overrides = _split_config_args(args.items)
+    cfg = load_config(config, overrides)
+    summary = run_training(cfg)
+    print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}")
+    print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
+          f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
+    return 0
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """JumpStart's endpoint parameters; both snake_case and dashed spellings are accepted."""
+    def both(name, **kw):
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kw)
+    both("prompt", nargs="+", help="one or more prompts")
+    both("negative_prompt")
+    both("width", type=int)
+    both("height", type=int)
+    both("num_inference_steps", type=int)
+    both("guidance_scale", type=float)
+    both("num_images_per_prompt", type=int)
+    both("seed", type=int)
+
+
+def cmd_generate(args) -> int:
+    from .generate import Request, generate, load_pipeline, read_payload, set_scheduler
+
+    fields = read_payload(args.payload) if args.payload else {}
+    for name in Request.__dataclass_fields__:
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    request = Request(**fields).check()
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.lora:
+        from .lora import apply_lora  # LoRA issue
+        apply_lora(pipe, args.lora, args.lora_scale)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    for path in generate(pipe, request, args.out_dir, quiet=args.quiet):
+        print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(Path(args.out), quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth fine-tuning of Stable Diffusion 2.1 base.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune on a JumpStart-format folder",
+                       description="dreambooth train CONFIG.yaml [key=value ...]  (e.g. max_steps=400 data.dir=./cat)")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images from a trained model folder")
+    p.add_argument("model", help="trained output folder, diffusers folder or hub id")
+    add_request_args(p)
+    p.add_argument("--payload", help="a JumpStart JSON request file; command-line options override it")
+    p.add_argument("--scheduler", help="dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc")
+    p.add_argument("--out-dir", default="generated", help="where PNGs are written (default: ./generated)")
+    p.add_argument("--lora", help="a LoRA .safetensors file to apply to the model")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
+    p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # The libraries' own info and warnings (weight loading, dtype notes) drown our one-line messages.
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Load the Stable Diffusion components (hub id, local folder or the built-in tiny model), pick precision and
+device, and build the optimizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+@dataclass
+class Components:
+    """The pieces of an SD pipeline that training touches, plus the DDPM schedule used for noising."""
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    scheduler: Any  # the model's own inference scheduler, saved with the output unchanged
+
+
+def model_kind(model: str, allow_pickle: bool = False) -> str:
+    """Classify `model` as 'builtin', 'folder', 'single-file' or 'hub'; refuse paths that cannot work."""
+    if model == BUILTIN_TINY:
+        return "builtin"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"model folder {path} is not a diffusers pipeline folder (no model_index.json): "
+                            "pass the folder that holds model_index.json, unet/, vae/, text_encoder/")
+        return "folder"
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(f"model {path} is a pickle file, which can run code when loaded: convert it to "
+                        ".safetensors, or set allow_pickle: true if you trust it")
+    if path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist: check the path")
+        return "single-file"
+    if model.startswith((".", "/", "~")) or os.sep + os.sep in model:
+        raise UserError(f"model folder {path} does not exist: check the path, or give a hub id such as "
+                        "stabilityai/stable-diffusion-2-1-base")
+    return "hub"
+
+
+def _hub_call(cfg: Config, what: str, fn):
+    """Run one load from a folder or hub id, turning its failure into one line that says what to do."""
+    try:
+        return fn()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set, so it must already be in the Hugging Face cache"
+                if offline else "check the hub id or pass a local diffusers folder")
+        if "safetensors" in first.lower() and not cfg.allow_pickle:
+            hint = "it has no .safetensors weights: convert them, or set allow_pickle: true if you trust the files"
+        raise UserError(f"cannot load {what} of model '{cfg.model}': {first} ({hint})") from None
+
+
+def _from_pretrained(cls, cfg: Config, subfolder: str):
+    """One weighted component, safetensors only unless the user allowed pickle."""
+    kw = {} if subfolder == "tokenizer" else {"use_safetensors": None if cfg.allow_pickle else True,
+                                               "variant": cfg.variant}
+    return _hub_call(cfg, subfolder, lambda: cls.from_pretrained(
+        cfg.model, subfolder=subfolder, revision=cfg.revision, **kw))
+
+
+def load_frozen(cfg: Config):
+    """The base model's VAE and text encoder in fp32, fresh: the training copies were cast to half precision."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    pipe = load_pipeline_source(cfg)
+    if pipe is not None:
+        return pipe.vae.float(), pipe.text_encoder.float()
+    return (_from_pretrained(AutoencoderKL, cfg, "vae").float(),
+            _from_pretrained(CLIPTextModel, cfg, "text_encoder").float())
+
+
+def _scheduler_from(cfg: Config):
+    """The model's own inference scheduler, of the class its config names."""
+    import diffusers
+
+    config = _hub_call(cfg, "scheduler", lambda: diffusers.DDPMScheduler.load_config(
+        cfg.model, subfolder="scheduler", revision=cfg.revision))
+    return getattr(diffusers, config.get("_class_name", ""), diffusers.PNDMScheduler).from_config(config)
+
+
+def load_pipeline_source(cfg: Config):
+    """A full StableDiffusionPipeline for the single-file and built-in cases, else None."""
+    kind = model_kind(cfg.model, cfg.allow_pickle)
+    if kind == "builtin":
+        from .tiny import build_tiny_pipeline
+        return build_tiny_pipeline(seed=0)
+    if kind == "single-file":
+        from .single_file import load_single_file  # SD 2.x .safetensors checkpoints (export issue)
+        return load_single_file(cfg.model, allow_pickle=cfg.allow_pickle)
+    return None
+
+
+def load_components(cfg: Config) -> Components:
+    """Tokenizer, text encoder, VAE, UNet (fp32 for training) and a DDPM noise schedule from the base model."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = load_pipeline_source(cfg)
+    if pipe is not None:
+        parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
+                     scheduler=pipe.scheduler)
+    else:
+        parts = dict(
+            tokenizer=_from_pretrained(CLIPTokenizer, cfg, "tokenizer"),
+            text_encoder=_from_pretrained(CLIPTextModel, cfg, "text_encoder"),
+            vae=_from_pretrained(AutoencoderKL, cfg, "vae"),
+            unet=_from_pretrained(UNet2DConditionModel, cfg, "unet"),
+            scheduler=_scheduler_from(cfg),
+        )
+    # Training noises with the DDPM forward process of the model's own beta schedule and prediction type.
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    for name in ("text_encoder", "vae", "unet"):
+        parts[name] = parts[name].float()
+    return Components(noise_scheduler=noise_scheduler, **parts)
+
+
+# --------------------------------------------------------------------------------------- machine choices
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_precision(cfg: Config, cuda: bool | None = None) -> str:
+    """accelerate's mixed_precision value: auto = fp16 on CUDA, no on CPU; fp16 without CUDA is refused."""
+    cuda = cuda_available() if cuda is None else cuda
+    if cfg.mixed_precision == "auto":
+        return "fp16" if cuda else "no"
+    if cfg.mixed_precision == "fp16" and not cuda:
+        raise UserError("mixed_precision: fp16 needs a CUDA GPU and none was found: "
+                        "set mixed_precision: auto (or no, or bf16 on CPU)")
+    return cfg.mixed_precision
+
+
+def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
+    """'adamw' or 'adamw8bit': auto takes 8-bit AdamW on CUDA when bitsandbytes is installed."""
+    cuda = cuda_available() if cuda is None else cuda
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if cfg.optimizer == "auto":
+        if cuda and not has_bnb:
+            log.warning("bitsandbytes is not installed, so optimizer auto uses plain AdamW "
+                        "(pip install bitsandbytes for 8-bit AdamW, which saves ~5 GB on SD 2.1)")
+        return "adamw8bit" if cuda and has_bnb else "adamw"
+    if cfg.optimizer == "adamw8bit" and not cuda:
+        raise UserError("optimizer: adamw8bit needs a CUDA GPU and none was found: set optimizer: auto or adamw")
+    if cfg.optimizer == "adamw8bit" and not has_bnb:
+        raise UserError("optimizer: adamw8bit needs bitsandbytes: pip install bitsandbytes, "
+                        "or set optimizer: adamw")
+    return cfg.optimizer
+
+
+def make_optimizer(params, cfg: Config, name: str, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused on CUDA)."""
+    params = list(params)
+    kw = dict(lr=cfg.learning_rate if lr is None else lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, **kw)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    return torch.optim.AdamW(params, fused=on_cuda or None, **kw)
+
+
+def trainable_dtype_fix(module: torch.nn.Module) -> int:
+    """Upcast trainable half-precision weights to fp32 (fp16 master weights cannot be unscaled); returns count."""
+    n = 0
+    for p in module.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            n += 1
+    return n
