@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline models and JumpStart-format folders, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dreambooth.config import config_from_dict  # noqa: E402
+from dreambooth.demo import write_demo_dataset  # noqa: E402
+from dreambooth.tiny import TINY_RESOLUTION  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny SD pipeline folder (diffusers layout, safetensors), shared by the whole session."""
+    from dreambooth.tiny import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+
+
+@pytest.fixture
+def subject_dir(tmp_path):
+    """A JumpStart-format folder: 4 synthetic images plus dataset_info.json."""
+    return write_demo_dataset(tmp_path / "subject", n=4, size=48)
+
+
+@pytest.fixture
+def make_cfg(tmp_path, subject_dir):
+    """Build a validated tiny-training Config; keyword overrides use dotted keys as in the CLI."""
+    def make(**overrides):
+        data = {"model": "builtin:tiny", "output_dir": str(tmp_path / "out"), "data": {"dir": str(subject_dir)},
+                "resolution": TINY_RESOLUTION, "max_steps": 4, "learning_rate": 1e-3, "center_crop": True,
+                "gradient_checkpointing": False, "validation": {"enabled": False}, "quiet": True}
+        for key, value in overrides.items():
+            node, parts = data, key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return config_from_dict(data)
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and spinning OpenMP threads slow them badly when
+    another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
