@@ -202,12 +202,16 @@ class Trainer:
         while self.global_step < self.total_steps:
             logs = self.train_step(batches)
             self.global_step += 1
-            self.losses.append(logs["loss"])
+            self.after_step(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             bar.update(1)
         bar.close()
         self.wall_time = time.time() - start
         return self.summary()
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        """Bookkeeping after each optimisation step (checkpoints, validation and logging hook in here)."""
+        self.losses.append(logs["loss"])
 
     # ------------------------------------------------------------------------------------------ output
     def summary(self) -> dict:
