@@ -20,16 +20,6 @@ from dreambooth.tiny import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and when another process holds a core, 2 spinning OpenMP
-    threads make them ~20x slower (0.5 s -> 9 s to generate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
