@@ -1,0 +1,71 @@
+"""The `dreambooth` command end to end: demo, train, generate, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from dreambooth.cli import main
+from dreambooth.tiny import TINY_RESOLUTION
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
+    assert len(images) == 2 and str(images[0]) in out
+    assert Image.open(images[0]).size == (TINY_RESOLUTION, TINY_RESOLUTION)
+    # A second run replaces the earlier demo instead of refusing the folder.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+
+
+def test_train_then_generate(tmp_path, subject_dir, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: builtin:tiny\ndata:\n  dir: {subject_dir}\nresolution: {TINY_RESOLUTION}\n"
+                   "validation:\n  enabled: false\n")
+    model = tmp_path / "model"
+    assert main(["train", str(cfg), "max_steps=2", f"output_dir={model}", "quiet=true"]) == 0
+    assert (model / "model_index.json").is_file()
+
+    payload = tmp_path / "request.json"
+    payload.write_text(json.dumps({"prompt": "a photo of riobugger toy", "width": 40, "height": 24,
+                                   "num_inference_steps": 2, "num_images_per_prompt": 2, "seed": 7}))
+    out_dir = tmp_path / "images"
+    assert main(["generate", str(model), "--payload", str(payload), "--prompt", "a", "b",
+                 "--num-images-per-prompt", "1", "--scheduler", "ddim", "--out-dir", str(out_dir), "--quiet"]) == 0
+    paths = capsys.readouterr().out.split()[-2:]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["0000-a-seed7.png", "0001-b-seed8.png"]
+    image = Image.open(paths[0])
+    assert image.size == (40, 24)
+    meta = json.loads(image.text["parameters"])
+    assert meta["prompt"] == "a" and meta["seed"] == 7 and meta["scheduler"] == "DDIMScheduler"
+
+
+def run_error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_errors_are_one_line_exit_2(tmp_path, capsys):
+    cases = [
+        (["train", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["train", "data.dir=x", "learnig_rate=1"], "did you mean 'learning_rate'"),
+        (["train", f"data.dir={tmp_path / 'missing'}", "model=builtin:tiny",
+          f"output_dir={tmp_path / 'o'}"], "does not exist"),
+        (["generate", str(tmp_path / "no-model"), "--prompt", "x"], "does not exist"),
+        (["generate", "builtin:tiny", "--prompt", "x", "--width", "30"], "multiple of 8"),
+    ]
+    for args, expected in cases:
+        code, err = run_error(args, capsys)
+        assert code == 2, args
+        assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_scripts_are_thin_wrappers(tmp_path):
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "train.py"), str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
