@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from dreambooth.config import Config, subjects_of
 from dreambooth.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -17,6 +20,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INFO_FILE = "dataset_info.json"
 INFO_KEYS = ("instance_prompt", "class_prompt")
+CLASS_MANIFEST = "manifest.json"  # written by dreambooth.prior beside generated class images
 
 
 def read_dataset_info(folder) -> dict:
@@ -87,7 +91,7 @@ def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
         raise UserError(f"cannot list {folder}: {e}; check its permissions") from None
     images, skipped = [], []
     for entry in entries:
-        if entry.name == INFO_FILE or entry.name in exclude:
+        if entry.name in (INFO_FILE, CLASS_MANIFEST) or entry.name in exclude:
             continue  # expected companions of the images: not worth a warning
         is_dir = entry.is_dir()
         # Hidden entries include macOS "._x.jpg" resource forks, which have an image suffix but are not images.
@@ -127,8 +131,13 @@ def load_image(path) -> Image.Image:
 
 def load_images(folder, resolution, exclude=("class_data_dir",)):
     """Load every image in FOLDER as RGB; skip unreadable ones with a warning. Returns (images, paths)."""
+    return load_image_files(list_images(folder, exclude), resolution, folder)
+
+
+def load_image_files(files, resolution, folder):
+    """Load the image FILES (of FOLDER) as RGB; skip unreadable ones with a warning. Returns (images, paths)."""
     images, paths, small = [], [], []
-    for path in list_images(folder, exclude):
+    for path in files:
         try:
             img = load_image(path)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
@@ -201,7 +210,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images + prompt, optionally class (prior-preservation) images + prompt, transformed per item."""
 
     def __init__(self, instance_images, instance_prompt, transform, class_images=None, class_prompt=None,
-                 seed: int = 0):
+                 seed: int = 0, name: str | None = None):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image")
         if class_images and not class_prompt:
@@ -212,6 +221,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_prompt = class_prompt
         self.transform = transform
         self.seed = seed
+        self.name = name  # the subject's name, carried by each item for per-subject losses
         self.epoch = 0
 
     @property
@@ -235,6 +245,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             img = self.class_images[index % len(self.class_images)]
             item["class_pixel_values"] = self.transform(img, generator)
             item["class_prompt"] = self.class_prompt
+        if self.name is not None:
+            item["subject"] = self.name
         return item
 
 
@@ -251,4 +263,100 @@ def collate(examples: list[dict]) -> dict:
     if has_class:
         batch["class_pixel_values"] = torch.stack([e["class_pixel_values"] for e in examples]).contiguous()
         batch["class_prompts"] = [e["class_prompt"] for e in examples]
+    if "subject" in examples[0]:
+        batch["subjects"] = [e["subject"] for e in examples]
     return batch
+
+
+# ------------------------------------------------------------------------------------------- subjects
+
+@dataclass
+class Subject:
+    """One subject of a run, its prompts and class-image folder resolved."""
+    name: str
+    dir: Path
+    instance_prompt: str
+    class_prompt: str | None
+    class_dir: Path
+    num_class_images: int
+    weight: float
+
+
+def resolve_subjects(cfg: Config, need_class_prompt: bool | None = None) -> list[Subject]:
+    """The run's subjects with prompts merged from dataset_info.json; refuses duplicate instance prompts."""
+    need_class_prompt = cfg.with_prior_preservation if need_class_prompt is None else need_class_prompt
+    several = bool(cfg.subjects)
+    out, names = [], set()
+    for i, s in enumerate(subjects_of(cfg)):
+        where = f"subjects[{i}]" if several else "data"
+        instance, klass = resolve_prompts(s.dir, s.instance_prompt, s.class_prompt)
+        if need_class_prompt and not klass:
+            raise UserError(f"prior preservation needs a class prompt for {s.dir}: add \"class_prompt\" to its "
+                            f"{INFO_FILE} or set {where}.class_prompt (e.g. 'a photo of a dog')")
+        name = Path(s.dir).name or f"subject{i}"
+        name = name if name not in names else f"{name}-{i}"
+        names.add(name)
+        class_dir = Path(s.class_data_dir) if s.class_data_dir else Path(s.dir) / "class_data_dir"
+        out.append(Subject(name, Path(s.dir), instance, klass, class_dir.expanduser(),
+                           s.num_class_images or cfg.num_class_images, s.weight))
+    for i, a in enumerate(out):
+        for b in out[i + 1:]:
+            if a.instance_prompt == b.instance_prompt:
+                raise UserError(f"subjects {a.dir} and {b.dir} share the instance prompt {a.instance_prompt!r}: give "
+                                "each subject its own identifier (e.g. 'a photo of sks dog', 'a photo of zwx cat')")
+        for b in out:
+            if a is not b and a.instance_prompt in b.instance_prompt:
+                logger.warning("instance prompt %r (%s) is part of %r (%s): the subjects may blend; use distinct "
+                               "identifiers", a.instance_prompt, a.dir, b.instance_prompt, b.dir)
+    return out
+
+
+def subject_schedule(weights: list[float], start: int, count: int) -> list[int]:
+    """Subjects of batches start..start+count-1: smooth weighted round-robin, so each subject's share of any
+    stretch of batches is within one of its weight's proportion (equal weights give plain round-robin)."""
+    total, credit, picks = sum(weights), [0.0] * len(weights), []
+    for _ in range(start + count):
+        credit = [c + w for c, w in zip(credit, weights)]
+        best = max(range(len(weights)), key=lambda k: (credit[k], -k))
+        credit[best] -= total
+        picks.append(best)
+    return picks[start:]
+
+
+class MultiSubjectDataset(torch.utils.data.Dataset):
+    """Several subjects' datasets; each batch comes from one subject, subjects taking turns by weight.
+
+    Index j means item j // n (wrapping) of subject j % n, so every batch is a list of plain indices."""
+
+    def __init__(self, datasets: list[DreamBoothDataset], weights: list[float], batch_size: int):
+        self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
+        # An epoch has as many batches as the subjects would have one after the other.
+        self.batches_per_epoch = sum(math.ceil(len(d) / batch_size) for d in self.datasets)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.datasets)
+        return self.datasets[index % n][index // n]
+
+    def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
+        """The batches of EPOCH as index lists, drawn from (seed, epoch) so any position can be reproduced."""
+        n, bs = len(self.datasets), self.batch_size
+        picks = subject_schedule(self.weights, epoch * self.batches_per_epoch, self.batches_per_epoch)
+        streams = []
+        for k, d in enumerate(self.datasets):
+            need, order, rep = picks.count(k) * bs, [], 0
+            while len(order) < need:  # shuffled passes over the subject, as many as its share needs
+                g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + k * 10_007 + rep)
+                # Item numbers past len(d) pick the same images with fresh crops (the item seed sees them).
+                order += [rep * len(d) + i for i in torch.randperm(len(d), generator=g).tolist()]
+                rep += 1
+            streams.append(iter(order))
+        return [[next(streams[k]) * n + k for _ in range(bs)] for k in picks]
