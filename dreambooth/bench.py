@@ -1,0 +1,457 @@
+"""Benchmark: the real Trainer on the SD 2.1 base architecture (random weights, no download) for a baseline and
+each memory profile, with and without prior preservation; plus class-image sampling throughput. JSON + table."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import logging
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "dreambooth-bench/1"
+# 16gb and 12gb are the default profile's settings, so the matrix runs them once, as default.
+ROWS = ("baseline", "default", "8gb", "6gb", "24gb", "lora")  # the targets' rows first, should time run out
+# What diffusers' train_dreambooth.py does: VAE and text encoder every step, fp32 weights, AdamW, checkpointing.
+BASELINE = {"memory_profile": "default", "cache_latents": False, "optimizer": "adamw",
+            "gradient_checkpointing": True, "prior_mode": "concat"}
+FLOPS_NOTE = ("model FLOPs = UNet forward + backward of one step's images (torch.utils.flop_counter, counted once, "
+              "no recomputation); VAE/text encoding and checkpoint recomputation are overhead, so MFU compares "
+              "useful work across rows")
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None         # builtin:sd21 on CUDA, builtin:sd21/4 on CPU
+    resolution: int | None = None    # 512 on CUDA, 128 on CPU
+    steps: int | None = None         # timed steps per row (median reported)
+    warmup: int | None = None        # untimed steps first
+    repeats: int | None = None       # passes over the whole matrix, interleaved (noise on a shared CPU)
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    prior: str = "both"              # on, off or both
+    sampling: bool = True
+    out: str | None = None           # JSON path
+    workdir: str | None = None
+    quiet: bool = True
+
+    def resolved(self) -> "BenchOptions":
+        cuda = torch.cuda.is_available()
+        o = copy.copy(self)
+        o.model = o.model or ("builtin:sd21" if cuda else "builtin:sd21/4")
+        o.resolution = o.resolution or (512 if cuda else 128)
+        o.steps = o.steps or (10 if cuda else 4)
+        o.warmup = o.warmup if o.warmup is not None else (3 if cuda else 1)
+        o.repeats = o.repeats or (1 if cuda else 2)
+        if o.prior not in ("on", "off", "both"):
+            raise UserError(f"--prior must be on, off or both (got {o.prior})")
+        return o
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak(collect: bool = True) -> bool:
+    """Start a fresh peak-memory window; False when the CPU peak cannot be reset (then it is the process's)."""
+    if collect:
+        gc.collect()
+        try:  # hand freed heap back to the OS, so the next row's RSS starts low (glibc keeps it otherwise)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
+        return True
+    except OSError:
+        return False
+
+
+def _rss() -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def read_peak() -> dict:
+    peak = {}
+    if torch.cuda.is_available():
+        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        peak["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        hwm = next(line for line in status if line.startswith("VmHWM"))
+        peak["cpu_peak_rss_bytes"] = int(hwm.split()[1]) * 1024
+    except (OSError, StopIteration):
+        peak["cpu_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
+
+
+def bf16_matmul_peak_tflops(device: torch.device) -> float:
+    """bf16 matrix-product throughput measured here and now: the MFU denominator."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device, autocast_dtype) -> int:
+    """FLOPs of one UNet forward + backward on `images` latents (no checkpointing, so no recomputation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    unet = copy.deepcopy(unet).to(device).train()
+    side = resolution // vae_scale
+    latents = torch.randn(images, unet.config.in_channels, side, side, device=device)
+    embeds = torch.randn(images, 77, unet.config.cross_attention_dim, device=device)
+    t = torch.randint(0, 1000, (images,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = unet(latents, t, embeds).sample
+        out.float().square().mean().backward()
+    del unet
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------- one row
+
+def _write_data(root: Path, resolution: int) -> tuple[Path, Path]:
+    """A subject folder of 4:3 photos (so random crops differ, as with real photos) and square class images."""
+    from PIL import Image
+
+    from .demo import write_demo_dataset
+    subject = write_demo_dataset(root / "subject", n=4, size=resolution)
+    for path in subject.glob("*.png"):
+        Image.open(path).resize((resolution * 4 // 3, resolution)).save(path)
+    classes = write_demo_dataset(root / "classes", n=4, size=resolution, seed=1)
+    (classes / "dataset_info.json").unlink()
+    return subject, classes
+
+
+def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, out: Path):
+    from .config import config_from_dict
+    profile, _, extra = name.partition("+")
+    data = {"model": o.model, "output_dir": str(out), "data": {"dir": str(subject), "class_data_dir": str(classes)},
+            "resolution": o.resolution, "max_steps": o.warmup + o.steps, "batch_size": 1,
+            "with_prior_preservation": prior, "num_class_images": 4, "validation": {"enabled": False},
+            "quiet": o.quiet, "seed": 0}
+    if profile == "baseline":
+        data.update(BASELINE)
+    elif profile == "lora":
+        data.update(finetune="lora", memory_profile="default")
+    else:
+        data["memory_profile"] = profile
+    if extra == "compile":
+        data["compile"] = True
+    elif extra:
+        raise UserError(f"unknown benchmark row '{name}': rows are {', '.join(ROWS)}, optionally +compile")
+    return config_from_dict(data, f"benchmark row {name}")
+
+
+def fresh_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so the next Accelerator may use another mixed precision."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
+    """Set up the trainer, run warm-up and timed steps, fill in `row`; everything it made dies on return."""
+    from .train import Trainer
+    rss_start = _rss()  # the process's own footprint (prebuilt model, libraries) before the row
+    fresh_accelerate_state()  # rows differ in mixed precision; one process runs them all
+    start = time.perf_counter()
+    trainer = Trainer(cfg).setup()
+    try:
+        if name == "baseline":  # encode prompts every step too: text encoder back on the device, no cache
+            trainer.components.text_encoder.to(trainer.accelerator.device)
+            trainer.text_cache = {}
+        _sync()
+        row["setup_s"] = round(time.perf_counter() - start, 3)
+        batches, times = trainer.batches(), []
+        for _ in range(o.warmup + o.steps):
+            _sync()
+            t0 = time.perf_counter()
+            logs = trainer.train_step(batches)
+            _sync()
+            times.append(time.perf_counter() - t0)
+        row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
+        row["step_times_s"] = [round(t, 5) for t in times[o.warmup:]]
+        row["s_per_step"] = statistics.median(times[o.warmup:])
+        row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)
+        row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
+        row["final_loss"] = logs["loss"]
+        row["settings"] = {"memory": trainer.memory.describe(), "mixed_precision": trainer.precision,
+                           "optimizer": trainer.optimizer_name, "gradient_checkpointing": cfg.gradient_checkpointing,
+                           "prior_mode": cfg.prior_mode, "latents_cached": trainer.latent_cache is not None,
+                           "prompts_cached": bool(trainer.text_cache), "finetune": cfg.finetune,
+                           "compile": cfg.compile}
+    finally:
+        trainer.runlog.close(None)
+
+
+def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, workdir: Path) -> dict:
+    """One cell of the matrix; a failure becomes the row's status (skipped, oom, error), never the bench's end."""
+    row = {"name": name, "prior": prior, "status": "ok", "reason": None}
+    try:
+        cfg = row_config(name, prior, o, subject, classes, workdir / f"{name}-{'prior' if prior else 'plain'}")
+        row["cpu_peak_is_per_row"] = reset_peak()
+        _measure(name, prior, o, cfg, row)
+    except UserError as e:
+        row.update(status="skipped", reason=str(e))
+    except torch.OutOfMemoryError as e:
+        row.update(status="oom", reason=str(e).splitlines()[0])
+    except Exception as e:  # a broken row must not lose the others' numbers
+        log.exception("benchmark row %s failed", name)
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    reset_peak()  # the trainer is gone by now: hand its memory back before the next row
+    return row
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+def sampling_throughput(o: BenchOptions, subject: Path, workdir: Path) -> dict:
+    """Class-image sampling: our settings (class_sampler, its steps, default batch) vs PNDM 50 steps batch 1."""
+    from .config import config_from_dict
+    from .generate import set_scheduler
+    from .prior import default_batch_size, load_sampler, sampling_steps
+    cfg = config_from_dict({"model": o.model, "data": {"dir": str(subject)}, "output_dir": str(workdir / "s"),
+                            "resolution": o.resolution})
+    pipe = load_sampler(cfg)
+    ours = {"scheduler": cfg.class_sampler, "steps": sampling_steps(cfg), "batch": default_batch_size()}
+    pndm = {"scheduler": "pndm", "steps": 50, "batch": 1}
+    out = {}
+    try:
+        for key, s in (("ours", ours), ("pndm50_batch1", pndm)):
+            set_scheduler(pipe, s["scheduler"])
+
+            def sample(steps):
+                with torch.inference_mode():
+                    pipe(prompt=["a photo of a toy"] * s["batch"], height=o.resolution, width=o.resolution,
+                         num_inference_steps=steps, guidance_scale=7.5,
+                         generator=torch.Generator(pipe.device).manual_seed(0))
+            sample(2)  # warm-up: kernels, allocator
+            _sync()
+            start = time.perf_counter()
+            sample(s["steps"])
+            _sync()
+            seconds = time.perf_counter() - start
+            out[key] = {**s, "seconds": round(seconds, 4), "images_per_s": s["batch"] / seconds}
+    finally:
+        del pipe
+        reset_peak()
+    out["speedup"] = out["ours"]["images_per_s"] / out["pndm50_batch1"]["images_per_s"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+def _describe_model(o: BenchOptions) -> tuple[str, bool]:
+    if o.model.startswith("builtin:sd21"):
+        from .models import builtin_sd21_scale
+        scale = builtin_sd21_scale(o.model)
+        note = "SD 2.1 base architecture, random weights" + ("" if scale == 1 else f", channel widths x{scale:g}")
+        return note, scale < 1 or o.resolution < 512
+    if o.model == "builtin:tiny":
+        return "tiny SD 2.1-shaped test model, random weights", True
+    return f"{o.model}", o.resolution < 512
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Run the matrix and return the results (also written to options.out as JSON when set)."""
+    import accelerate
+    import diffusers
+    import transformers
+
+    from .config import Config
+    from .models import build_builtin_sd21, forget_builtin, load_components
+    o = options.resolved()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    note, scaled = _describe_model(o)
+    started = time.time()
+    result = {
+        "schema": SCHEMA, "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads)", "device_type": device.type, "model": o.model, "model_note": note,
+        "resolution": o.resolution, "scaled_down": scaled,
+        "scaled_note": ("scaled down from SD 2.1 base at 512 px for this device: numbers are not GPU numbers"
+                        if scaled else "full SD 2.1 base at 512 px"),
+        "batch": "1 instance (+1 class with prior)", "warmup_steps": o.warmup, "timed_steps": o.steps,
+        "repeats": o.repeats,
+        "statistic": "median", "flops_note": FLOPS_NOTE, "complete": False,
+        "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+    }
+    tmp = tempfile.TemporaryDirectory(prefix="dreambooth-bench-") if o.workdir is None else None
+    workdir = Path(o.workdir or tmp.name)
+    try:
+        subject, classes = _write_data(workdir / "data", o.resolution)
+        if o.model.startswith("builtin:sd21"):
+            build_builtin_sd21(o.model, remember=True)  # built once, copied for every row
+        result["bf16_matmul_peak_tflops"] = bf16_matmul_peak_tflops(device)
+        parts = load_components(Config(model=o.model))
+        vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        priors = {"on": [True], "off": [False], "both": [True, False]}[o.prior]  # the targets have prior on
+        result["model_flops_per_step"] = {
+            ("prior" if p else "no_prior"): count_unet_flops(parts.unet, 2 if p else 1, o.resolution, vae_scale,
+                                                             device, torch.float16 if cuda else None)
+            for p in priors}
+        del parts
+        runs: dict[tuple[str, bool], list[dict]] = {}
+        for r in range(o.repeats):  # each pass runs every row once, so slow spells of a shared machine spread out
+            for name in o.rows:
+                for prior in priors:
+                    log.info("benchmark row %s%s (pass %d/%d)", name, " + prior" if prior else "", r + 1, o.repeats)
+                    runs.setdefault((name, prior), []).append(run_row(name, prior, o, subject, classes, workdir))
+                    _finish_rows(result, runs)
+                    _write(result, o.out)  # partial results survive a timeout
+        if o.sampling:
+            try:
+                result["sampling"] = sampling_throughput(o, subject, workdir)
+            except Exception as e:
+                log.exception("sampling benchmark failed")
+                result["sampling"] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+    finally:
+        forget_builtin()
+        if tmp is not None:
+            tmp.cleanup()
+    result["wall_s"] = round(time.time() - started, 1)
+    result["complete"] = True
+    _write(result, o.out)
+    return result
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
+def _finish_rows(result: dict, runs: dict) -> None:
+    """Merge each row's passes so far and add its FLOP rates and the default-vs-baseline ratios."""
+    rows = [merge_runs(parts) for parts in runs.values()]
+    for row in rows:
+        if row["status"] == "ok":
+            flops = result["model_flops_per_step"]["prior" if row["prior"] else "no_prior"]
+            row["model_flops_per_step"] = flops
+            row["achieved_tflops"] = flops / row["s_per_step"] / 1e12
+            row["mfu"] = row["achieved_tflops"] / result["bf16_matmul_peak_tflops"]
+    result["rows"] = rows
+    result["default_vs_baseline"] = _ratios(rows)
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """One row from its passes: the median over all timed steps, the highest peak memory, the first failure."""
+    bad = next((p for p in parts if p["status"] != "ok"), None)
+    if bad is not None:
+        return bad
+    row = dict(parts[-1])
+    row["step_times_s"] = [t for p in parts for t in p["step_times_s"]]
+    row["s_per_step"] = statistics.median(row["step_times_s"])
+    row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
+    row["setup_s"] = statistics.median(p["setup_s"] for p in parts)
+    row["peak_memory"] = {k: max((p["peak_memory"][k] for p in parts), key=lambda v: v or 0)
+                          for k in parts[0]["peak_memory"]}
+    row["passes"] = len(parts)
+    return row
+
+
+def _ratios(rows: list[dict]) -> dict:
+    """Throughput of the default profile over the baseline's, per prior setting."""
+    ok = {(r["name"], r["prior"]): r for r in rows if r["status"] == "ok"}
+    return {("prior" if p else "no_prior"): ok[("baseline", p)]["s_per_step"] / ok[("default", p)]["s_per_step"]
+            for p in (False, True) if ("baseline", p) in ok and ("default", p) in ok}
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f}" if n is not None else "-"
+
+
+def format_table(r: dict) -> str:
+    """A short Markdown table of the result."""
+    cuda = r["device_type"] == "cuda"
+    lines = [f"device: {r['device']} | model: {r['model']} ({r['model_note']}) | {r['resolution']} px | "
+             f"batch {r['batch']} | median of {r['timed_steps']} steps (after {r['warmup_steps']} warm-up) x "
+             f"{r['repeats']} interleaved passes",
+             f"bf16 matmul peak measured: {r['bf16_matmul_peak_tflops']:.2f} TFLOP/s; {r['scaled_note']}", "",
+             "| row | prior | s/step | images/s | " + ("peak alloc GiB | peak reserved GiB" if cuda else
+                                                      "peak RSS GiB") + " | TFLOP/s | MFU |",
+             "|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|"]
+    for row in r["rows"]:
+        prior = "on" if row["prior"] else "off"
+        if row["status"] != "ok":
+            lines.append(f"| {row['name']} | {prior} | {row['status']}: {row['reason'][:80]} |")
+            continue
+        pm = row["peak_memory"]
+        mem = (f"{_gib(pm['cuda_max_allocated_bytes'])} | {_gib(pm['cuda_max_reserved_bytes'])}" if cuda
+               else _gib(pm["cpu_peak_rss_bytes"]))
+        lines.append(f"| {row['name']} | {prior} | {row['s_per_step']:.3f} | {row['images_per_s']:.2f} | {mem} | "
+                     f"{row['achieved_tflops']:.3f} | {row['mfu']:.1%} |")
+    for k, v in r.get("default_vs_baseline", {}).items():
+        lines.append(f"\ndefault profile vs baseline ({k.replace('_', ' ')}): {v:.2f}x the throughput")
+    s = r.get("sampling")
+    if s and "ours" in s:
+        lines.append(f"class-image sampling: ours ({s['ours']['scheduler']}, {s['ours']['steps']} steps, batch "
+                     f"{s['ours']['batch']}) {s['ours']['images_per_s']:.3f} img/s vs PNDM 50 steps batch 1 "
+                     f"{s['pndm50_batch1']['images_per_s']:.3f} img/s: {s['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
+    p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
+    p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=int, help="interleaved passes over the matrix (default 1 on CUDA, 2 on CPU)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; "
+                   "append +compile to a row to torch.compile its UNet")
+    p.add_argument("--prior", default="both", choices=["on", "off", "both"])
+    p.add_argument("--no-sampling", action="store_true", help="skip the class-image sampling measurement")
+    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
+
+
+def bench_from_args(args) -> int:
+    options = BenchOptions(model=args.model, resolution=args.resolution, steps=args.steps, warmup=args.warmup,
+                           repeats=args.repeats,
+                           rows=[r.strip() for r in args.rows.split(",") if r.strip()], prior=args.prior,
+                           sampling=not args.no_sampling, out=args.out, workdir=args.workdir)
+    result = run_bench(options)
+    table = format_table(result)
+    print(table)
+    if args.table:
+        Path(args.table).write_text(table + "\n")
+    print(f"results: {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python scripts/benchmark.py [options]`: the same as `dreambooth bench`."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])

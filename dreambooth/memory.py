@@ -1,0 +1,376 @@
+"""Memory profiles and the low-memory optimizer techniques they switch on.
+
+A profile names concrete settings (see PROFILES). The low end keeps trainable weights in bf16 and updates them
+through an fp32 view of one tensor at a time, written back with stochastic rounding or Kahan compensation (so a
+2e-6 step is not rounded away), and can run each tensor's optimizer step inside backward (so the full set of
+gradients never exists at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import Config
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one memory profile turns on; `None` leaves the config's own value (or its auto) in force."""
+    doc: str
+    gradient_checkpointing: bool = True
+    mixed_precision: str | None = None
+    prior_mode: str = "concat"
+    master_weights: str = "fp32"      # dtype of the trainable weights: fp32, or bf16 with `rounding`
+    rounding: str | None = None       # bf16 write-back of each update: "kahan" or "stochastic"
+    fused_backward: bool = False      # optimizer step per tensor inside backward; gradients freed at once
+
+
+_DEFAULT = Profile("fp32 master weights, 8-bit AdamW (optimizer auto), gradient checkpointing, fp16 autocast on "
+                   "CUDA, prior in one joined batch, latents and prompts cached, VAE and text encoder off the GPU")
+PROFILES: dict[str, Profile] = {
+    "24gb": Profile("as default but without gradient checkpointing: no recomputation, fastest; more activations",
+                    gradient_checkpointing=False),
+    "default": _DEFAULT,
+    "16gb": _DEFAULT,  # the default already fits 12 GB cards; larger cards gain nothing more from memory savings
+    "12gb": _DEFAULT,
+    "8gb": Profile("bf16 weights with Kahan-compensated AdamW updates, 8-bit states, optimizer step fused into "
+                   "backward, gradient checkpointing, bf16 autocast", mixed_precision="bf16",
+                   master_weights="bf16", rounding="kahan", fused_backward=True),
+    "6gb": Profile("as 8gb but stochastic rounding instead of the Kahan buffer (2 bytes/weight less) and the "
+                   "prior loss in a second forward/backward pass", mixed_precision="bf16", prior_mode="sequential",
+                   master_weights="bf16", rounding="stochastic", fused_backward=True),
+}
+ALIASES = {"16gb": "default", "12gb": "default"}
+# auto: the largest profile whose target fits the card (total memory in GiB, as CUDA reports it).
+AUTO_THRESHOLDS_GIB = ((22.0, "24gb"), (11.0, "default"), (7.5, "8gb"), (0.0, "6gb"))
+
+
+@dataclass
+class MemoryPlan:
+    """A profile resolved for this run and machine."""
+    profile: str
+    requested: str
+    master_weights: str = "fp32"
+    rounding: str | None = None
+    fused_backward: bool = False
+    backwards_per_step: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.master_weights == "bf16" else torch.float32
+
+    @property
+    def paramwise(self) -> bool:
+        """Whether the optimizer must be the per-tensor ParamwiseOptimizer."""
+        return self.fused_backward or self.master_weights == "bf16"
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def auto_profile(total_gib: float | None) -> str:
+    """The profile `auto` picks for a GPU with `total_gib` GiB (None: no GPU, the default profile)."""
+    if total_gib is None:
+        return "default"
+    return next(name for limit, name in AUTO_THRESHOLDS_GIB if total_gib >= limit)
+
+
+def _gpu_memory_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def apply_memory_profile(cfg: Config, total_gib: float | None = ..., num_processes: int | None = None,
+                         bf16_ok: bool | None = None) -> MemoryPlan:
+    """Resolve `cfg.memory_profile`, write its settings into `cfg` where the user set none, return the plan.
+
+    total_gib, num_processes and bf16_ok default to this machine's (tests pass them)."""
+    total_gib = _gpu_memory_gib() if total_gib is ... else total_gib
+    num_processes = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
+    if bf16_ok is None:
+        bf16_ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    requested = cfg.memory_profile
+    name = auto_profile(total_gib) if requested == "auto" else requested
+    notes = []
+    if requested == "auto" and PROFILES[name].master_weights == "bf16" and not bf16_ok:
+        notes.append(f"auto would pick {name}, which needs bf16 (Ampere or newer); using default")
+        name = "default"
+    name = ALIASES.get(name, name)
+    prof = PROFILES[name]
+    if prof.master_weights == "bf16" and not bf16_ok:
+        raise UserError(f"memory_profile: {name} keeps weights in bf16, which this GPU lacks (Ampere or newer "
+                        "needed): set memory_profile: default")
+    for key in ("gradient_checkpointing", "mixed_precision", "prior_mode"):
+        value = getattr(prof, key)
+        if value is not None and (key not in cfg.provided or getattr(cfg, key) == "auto"):
+            setattr(cfg, key, value)
+    plan = MemoryPlan(profile=name, requested=requested, master_weights=prof.master_weights,
+                      rounding=prof.rounding, fused_backward=prof.fused_backward, notes=notes)
+    if cfg.finetune == "lora" and plan.paramwise:
+        # Adapters are a few MB: bf16 weights or per-tensor steps would save nothing and cost speed.
+        plan.master_weights, plan.rounding, plan.fused_backward = "fp32", None, False
+        plan.notes.append("finetune: lora keeps fp32 adapter weights and a plain optimizer step")
+    if plan.master_weights == "bf16" and cfg.mixed_precision != "bf16":
+        raise UserError(f"memory_profile: {name} keeps weights in bf16, so it needs mixed_precision: bf16 "
+                        f"(got {cfg.mixed_precision}): remove mixed_precision or pick memory_profile: default")
+    if plan.fused_backward and cfg.mixed_precision == "fp16":
+        raise UserError(f"memory_profile: {name} steps the optimizer inside backward, where fp16 loss scaling "
+                        "cannot work: set mixed_precision: bf16 or memory_profile: default")
+    if plan.fused_backward and num_processes > 1:
+        # DDP reduces gradients after the per-tensor hooks would already have used them.
+        plan.fused_backward = False
+        plan.notes.append("several processes: optimizer step after backward (gradients are all-reduced first)")
+    sequential = cfg.with_prior_preservation and cfg.prior_mode == "sequential"
+    plan.backwards_per_step = cfg.gradient_accumulation_steps * (2 if sequential else 1)
+    for note in plan.notes:
+        log.info("memory_profile: %s", note)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ bf16 write-back
+
+def split_bf16_(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
+    """Store fp32 `x` exactly as bf16 `hi` (rounded to nearest) plus int16 `lo`, the rounding residual in units
+    of the fp32's last bit; `join_bf16(hi, lo)` gives `x` back bit for bit."""
+    bits = x.detach().float().contiguous().view(torch.int32)
+    hi_bits = (bits + 0x8000) & -65536  # round half up on the magnitude: the residual fits in int16
+    lo.copy_(bits - hi_bits)
+    hi.copy_(hi_bits.view(torch.float32))
+
+
+def join_bf16(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The fp32 value that `split_bf16_` stored as (hi, lo)."""
+    return (hi.float().view(torch.int32) + lo.to(torch.int32)).view(torch.float32)
+
+
+def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Write fp32 `x` into bf16 `out`, rounding up or down with probability by distance (unbiased).
+
+    bf16 is the top 16 bits of an fp32; adding uniform noise to the low 16 bits before truncating them rounds
+    up exactly with probability (low bits / 2^16). Works on the magnitude, so it is unbiased for either sign.
+    """
+    bits = x.detach().float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    out.copy_(((bits + noise) & -65536).view(torch.float32))  # low bits now zero: the cast is exact
+    return out
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+def _inner_optimizer(name: str, tensor: torch.Tensor, group: dict) -> torch.optim.Optimizer:
+    kw = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit([tensor], **kw)
+    return torch.optim.AdamW([tensor], foreach=False, fused=tensor.is_cuda or None, **kw)
+
+
+class ParamwiseOptimizer(torch.optim.Optimizer):
+    """AdamW (torch or 8-bit) stepped one tensor at a time, optionally with bf16 weights and inside backward.
+
+    bf16 weights: each step copies one tensor to fp32 (plus its Kahan compensation), runs the inner AdamW on that
+    copy, and writes it back with stochastic rounding or Kahan compensation; only one fp32 tensor exists at a time.
+    Fused backward: a post-accumulate-grad hook steps each tensor as soon as its gradient is complete and frees the
+    gradient. The full gradient never exists, so clipping uses the previous step's global norm.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 inner: str = "adamw", rounding: str | None = None, seed: int = 0):
+        if rounding not in (None, "kahan", "stochastic", "nearest"):
+            raise ValueError(f"unknown rounding {rounding!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.inner_name, self.rounding, self.seed = inner, rounding, seed
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._shadow, self._inner, self._comp = {}, {}, {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        for p in self._params:
+            low = p.dtype != torch.float32
+            if low and rounding is None:
+                raise ValueError("half-precision weights need rounding='kahan', 'stochastic' or 'nearest'")
+            # bf16 weights step through an fp32 stand-in whose data is swapped in only while it steps.
+            target = torch.nn.Parameter(torch.empty(0, device=p.device), requires_grad=False) if low else p
+            self._shadow[p] = target
+            self._inner[p] = _inner_optimizer(inner, target, self._group_of[p])
+            if low and rounding == "kahan":
+                self._comp[p] = torch.zeros_like(p, dtype=torch.int16)
+        self.fused = False
+        self.backwards_per_step, self.max_grad_norm = 1, None
+        self._handles, self._counts = [], {}
+        self._sq_norm = None                       # this step's summed squared gradient norm (device tensor)
+        self._clip_coef = None                     # from the previous step's norm; None: no clipping yet
+        self.last_grad_norm = float("nan")
+
+    # -------------------------------------------------------------------------------- one tensor
+    @torch.no_grad()
+    def step_param(self, p: torch.nn.Parameter) -> None:
+        """Apply the update of `p.grad` to `p` and free the gradient."""
+        if p.grad is None:
+            return
+        group, inner, target = self._group_of[p], self._inner[p], self._shadow[p]
+        ig = inner.param_groups[0]
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            ig[key] = group[key]
+        if target is p:
+            inner.step()
+            p.grad = None
+            return
+        target.data = join_bf16(p, self._comp[p]) if p in self._comp else p.float()
+        target.grad = p.grad.float()
+        p.grad = None
+        inner.step()
+        new = target.data
+        if p in self._comp:
+            split_bf16_(p, self._comp[p], new)  # what rounding lost is kept and added back next step
+        elif self.rounding == "stochastic":
+            stochastic_round_(p, new, self._generator(p.device))
+        else:
+            p.copy_(new)  # round to nearest
+        target.grad = None
+        target.data = torch.empty(0, device=p.device)
+
+    @torch.no_grad()
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 value of `p` that training holds: with Kahan compensation, more exact than bf16 `p` itself."""
+        return join_bf16(p, self._comp[p]) if p in self._comp else p.detach().float()
+
+    @torch.no_grad()
+    def export_master_weights_(self) -> None:
+        """Make every weight its fp32 training value (Kahan compensation folded in); for export, not training on."""
+        for p, comp in self._comp.items():
+            p.data = join_bf16(p.data, comp.to(p.device))
+            comp.zero_()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 1_000_003)
+        return self._generators[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step every tensor that still holds a gradient; with fused backward, this closes the step."""
+        loss = closure() if closure is not None else None
+        if self.fused:
+            self.close_step()
+        else:
+            for p in self._params:
+                self.step_param(p)
+        return loss
+
+    # -------------------------------------------------------------------------------- fused backward
+    def fuse_into_backward(self, backwards_per_step: int = 1, max_grad_norm: float | None = None) -> None:
+        """Step each tensor in backward once its gradient has accumulated over `backwards_per_step` passes."""
+        self.fused, self.backwards_per_step, self.max_grad_norm = True, backwards_per_step, max_grad_norm
+        # The hooks reach the optimizer through a weak reference: a strong one would make a cycle through the
+        # tensors' hook tables, which the garbage collector does not see, and the weights would never be freed.
+        ref = weakref.ref(self)
+
+        def hook(p: torch.Tensor) -> None:
+            optimizer = ref()
+            if optimizer is not None:
+                optimizer._hook(p)
+        for p in self._params:
+            self._handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def unfuse(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self.fused = [], False
+
+    def _hook(self, p: torch.Tensor) -> None:
+        n = self._counts.get(p, 0) + 1
+        self._counts[p] = n
+        if n >= self.backwards_per_step:  # the last backward pass of this step has reached p
+            self._finish(p)
+
+    @torch.no_grad()
+    def _finish(self, p: torch.Tensor) -> None:
+        """Count p's gradient into the step's norm, clip it by the previous step's norm, step p, free it."""
+        self._counts[p] = 0
+        grad = p.grad
+        sq = grad.float().square().sum()
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+        # A non-finite gradient would be applied before the trainer could skip the step: zero it instead (the
+        # step's norm above stays non-finite, so the trainer still counts the step as bad).
+        torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        if self._clip_coef is not None:
+            grad.mul_(self._clip_coef.to(grad.device, grad.dtype))
+        self.step_param(p)
+
+    @torch.no_grad()
+    def close_step(self) -> float:
+        """End a fused step: step any tensor whose hook did not fire, return the global gradient norm (before
+        clipping) and keep its clip coefficient for the next step. Idempotent."""
+        for p in self._params:
+            if p.grad is not None:
+                self._finish(p)
+        self._counts = {}
+        if self._sq_norm is not None:
+            norm = self._sq_norm.sqrt()
+            self.last_grad_norm = float(norm)
+            if self.max_grad_norm is not None and math.isfinite(self.last_grad_norm):
+                self._clip_coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            self._sq_norm = None
+        return self.last_grad_norm
+
+    # -------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """torch layout: {"state": {index: tensors}, "param_groups": [...]}; each index is one tensor."""
+        state = {}
+        for i, p in enumerate(self._params):
+            inner = self._inner[p].state_dict()["state"].get(0, {})
+            entry = dict(inner)
+            if p in self._comp:
+                entry["kahan_comp"] = self._comp[p]
+            if entry:
+                state[i] = entry
+        index = {p: i for i, p in enumerate(self._params)}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        rounding = {str(d): g.get_state() for d, g in self._generators.items()}  # stochastic rounding's stream
+        return {"state": state, "param_groups": groups, "rounding_generators": rounding,
+                "fused": {"clip_coef": None if self._clip_coef is None else float(self._clip_coef)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for i, p in enumerate(self._params):
+            entry = dict(state_dict["state"].get(i, state_dict["state"].get(str(i), {})))
+            comp = entry.pop("kahan_comp", None)
+            if comp is not None and p in self._comp:
+                self._comp[p].copy_(comp)
+            inner = self._inner[p]
+            inner.load_state_dict({"state": {0: entry} if entry else {},
+                                   "param_groups": inner.state_dict()["param_groups"]})
+        coef = (state_dict.get("fused") or {}).get("clip_coef")
+        self._clip_coef = None if coef is None else torch.tensor(coef)
+        for device, state in (state_dict.get("rounding_generators") or {}).items():
+            self._generator(torch.device(device)).set_state(state.cpu())
+
+
+def make_paramwise_optimizer(params, cfg: Config, inner: str, plan: MemoryPlan,
+                             lr: float | None = None) -> ParamwiseOptimizer:
+    """The ParamwiseOptimizer a plan asks for, with JumpStart's AdamW hyperparameters."""
+    params = list(params)
+    on_cuda = any(t.is_cuda for g in params for t in (g["params"] if isinstance(g, dict) else [g]))
+    if plan.master_weights == "bf16" and inner != "adamw8bit" and on_cuda:
+        log.warning("memory_profile %s expects 8-bit AdamW states (pip install bitsandbytes, optimizer: auto); "
+                    "fp32 states take 8 bytes per weight, about 5 GB more on SD 2.1", plan.profile)
+    opt = ParamwiseOptimizer(params, lr=cfg.learning_rate if lr is None else lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                             weight_decay=cfg.adam_weight_decay, inner=inner,
+                             rounding=plan.rounding if plan.master_weights == "bf16" else None, seed=cfg.seed)
+    if plan.fused_backward:
+        opt.fuse_into_backward(plan.backwards_per_step, cfg.max_grad_norm)
+    return opt

@@ -1,0 +1,89 @@
+"""Latent cache: one latent distribution per image (or per fixed augmented view), sampled every step."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import cuda
+
+from dreambooth import cache as cache_module
+from dreambooth.cache import CachedViews, pixel_key, should_cache
+from dreambooth.errors import UserError
+from dreambooth.train import Trainer
+
+
+def _run(make_cfg, tmp_path, name, **overrides):
+    trainer = Trainer(make_cfg(output_dir=str(tmp_path / name), max_steps=3, **overrides)).setup()
+    trainer.train()
+    return trainer
+
+
+def test_cached_training_matches_uncached_with_deterministic_transforms(make_cfg, tmp_path, monkeypatch):
+    # Encoding one image per VAE call, as the batch-1 uncached run does, removes batch-size-dependent rounding.
+    monkeypatch.setattr(cache_module, "ENCODE_BATCH", 1)
+    cached = _run(make_cfg, tmp_path, "cached", cache_latents=True)
+    plain = _run(make_cfg, tmp_path, "plain", cache_latents=False)
+    assert cached.latent_cache is not None and len(cached.latent_cache) == 4  # one entry per image
+    assert plain.latent_cache is None
+    assert cached.losses == plain.losses  # same seed, same draws: the same run
+    for a, b in zip(cached.params, plain.params):
+        assert torch.equal(a, b)
+
+
+def test_random_transforms_cache_fixed_views_from_the_seed(make_cfg, tmp_path):
+    def setup(name):
+        return Trainer(make_cfg(output_dir=str(tmp_path / name), center_crop=False, random_flip=True,
+                                latent_cache_views=3)).setup()
+    a, b = setup("a"), setup("b")
+    assert isinstance(a.dataset.transform, CachedViews)
+    assert 4 < len(a.latent_cache) <= 4 * 3  # several views per image; identical ones share an entry
+    torch.testing.assert_close(a.latent_cache.mean, b.latent_cache.mean)  # the views are fixed by the seed
+    batches = a.batches()
+    for _ in range(6):
+        a.encode_images(next(batches)["pixel_values"])
+    assert a.latent_cache.misses == 0  # every crop the data loader produced was a cached view
+
+
+def test_latents_are_sampled_each_step_from_the_cached_distribution(make_cfg):
+    trainer = Trainer(make_cfg()).setup()
+    cache = trainer.latent_cache
+    pixels = next(trainer.batches())["pixel_values"][:1]
+    first, second = trainer.encode_images(pixels), trainer.encode_images(pixels)
+    assert not torch.equal(first, second)  # not one frozen sample
+    row = cache.rows[pixel_key(pixels[0])]
+    draws = torch.stack([trainer.encode_images(pixels)[0] for _ in range(400)])
+    torch.testing.assert_close(draws.mean(0), cache.mean[row] * cache.scaling, atol=0.05, rtol=0)
+    torch.testing.assert_close(draws.std(0), cache.std[row] * cache.scaling, atol=0.05, rtol=0.1)
+
+
+def test_an_image_missing_from_the_cache_is_encoded_on_the_fly(make_cfg, caplog):
+    trainer = Trainer(make_cfg()).setup()
+    before = len(trainer.latent_cache)
+    stranger = torch.rand(1, 3, 32, 32) * 2 - 1
+    with caplog.at_level(logging.WARNING):
+        trainer.encode_images(stranger)
+    assert len(trainer.latent_cache) == before + 1 and trainer.latent_cache.misses == 1
+    assert "not in the latent cache" in caplog.text
+    with torch.no_grad():
+        mean = trainer.components.vae.encode(stranger).latent_dist.mean
+    torch.testing.assert_close(trainer.latent_cache.mean[-1:], mean, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_setting_validity():
+    assert should_cache("auto", True, [])[0] and not should_cache(False, True, [])[0]
+    assert not should_cache("auto", True, None)[0]  # unknown dataset layout: auto quietly skips
+    with pytest.raises(UserError, match="cache_latents"):
+        should_cache(True, False, [])
+
+
+@cuda
+@pytest.mark.gpu
+def test_vae_leaves_the_gpu_after_caching(make_cfg):
+    trainer = Trainer(make_cfg()).setup()
+    assert trainer.latent_cache is not None
+    assert next(trainer.components.vae.parameters()).device.type == "cpu"
+    assert next(trainer.components.text_encoder.parameters()).device.type == "cpu"
+    logs = trainer.train_step(trainer.batches())
+    assert torch.isfinite(torch.tensor(logs["loss"]))

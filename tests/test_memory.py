@@ -1,0 +1,286 @@
+"""Memory profiles and the low-memory optimizer techniques: bf16 weights with stochastic rounding or Kahan
+compensation, and the optimizer step fused into backward."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth.bench import fresh_accelerate_state
+from dreambooth.errors import UserError
+from dreambooth.memory import (ParamwiseOptimizer, apply_memory_profile, auto_profile, join_bf16, split_bf16_,
+                               stochastic_round_)
+from dreambooth.train import Trainer, run_training
+
+from conftest import cuda
+
+LR = 2e-6  # JumpStart's learning rate: far below bf16's resolution for weights of ordinary size
+
+
+# --- profiles -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gib, name", [(None, "default"), (79.6, "24gb"), (23.6, "24gb"), (15.7, "default"),
+                                       (11.7, "default"), (7.8, "8gb"), (5.8, "6gb")])
+def test_auto_profile_by_gpu_memory(gib, name):
+    assert auto_profile(gib) == name
+
+
+def test_profile_fills_only_unset_keys(make_cfg):
+    cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True)
+    plan = apply_memory_profile(cfg, total_gib=None, num_processes=1, bf16_ok=True)
+    assert (cfg.mixed_precision, cfg.prior_mode) == ("bf16", "sequential")
+    assert cfg.gradient_checkpointing is False  # make_cfg sets it: the user's choice wins
+    assert (plan.master_weights, plan.rounding, plan.fused_backward) == ("bf16", "stochastic", True)
+    assert plan.backwards_per_step == 2  # sequential prior: two backward passes per step
+    plan = apply_memory_profile(make_cfg(memory_profile="8gb", gradient_accumulation_steps=3), total_gib=None,
+                                num_processes=2, bf16_ok=True)
+    assert plan.rounding == "kahan" and not plan.fused_backward and plan.backwards_per_step == 3
+
+
+def test_auto_profile_on_a_small_gpu_and_conflicts(make_cfg):
+    plan = apply_memory_profile(make_cfg(), total_gib=7.8, num_processes=1, bf16_ok=True)
+    assert plan.profile == "8gb"
+    plan = apply_memory_profile(make_cfg(), total_gib=7.8, num_processes=1, bf16_ok=False)
+    assert plan.profile == "default" and plan.notes
+    with pytest.raises(UserError, match="mixed_precision"):
+        apply_memory_profile(make_cfg(memory_profile="8gb", mixed_precision="no"), None, 1, True)
+    with pytest.raises(UserError, match="bf16"):
+        apply_memory_profile(make_cfg(memory_profile="6gb"), None, 1, bf16_ok=False)
+    lora = apply_memory_profile(make_cfg(memory_profile="6gb", finetune="lora"), None, 1, True)
+    assert lora.master_weights == "fp32" and not lora.fused_backward
+
+
+# --- bf16 write-back ----------------------------------------------------------------------------------------
+
+def test_split_bf16_is_exact_and_rounds_to_nearest():
+    x = torch.randn(10_000) * torch.logspace(-6, 2, 10_000)
+    hi, lo = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape, dtype=torch.int16)
+    split_bf16_(hi, lo, x)
+    assert torch.equal(join_bf16(hi, lo), x)
+    assert ((hi.float() - x).abs() <= (x.bfloat16().float() - x).abs() * 1.0001 + 1e-30).all()
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way from bf16's 1 to its next value, 1 + 2^-7
+    lo, hi = torch.tensor(1.0), torch.tensor(1.0 + 2**-7)
+    out = stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), x, torch.Generator().manual_seed(0))
+    assert set(out.float().unique().tolist()) <= {lo.item(), hi.item()}
+    assert out.float().mean().item() == pytest.approx(x[0].item(), abs=2e-5)  # nearest would give 1.0 always
+    negative = stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), -x, torch.Generator().manual_seed(1))
+    assert negative.float().mean().item() == pytest.approx(-x[0].item(), abs=2e-5)
+
+
+def _regression(kind: str, steps: int = 200, n: int = 128):
+    """AdamW at lr 2e-6 on least squares (n x n weights of size ~0.3); returns (loss per step, fp32 weights)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, n, generator=g)
+    y = x @ (torch.randn(n, n, generator=g) * 0.3)
+    w0 = (torch.randn(n, n, generator=g) * 0.3).bfloat16()  # bf16 values, so every run starts identical
+    w = torch.nn.Parameter(w0.float() if kind == "fp32" else w0.clone())
+    if kind in ("fp32", "plain-bf16"):
+        opt = torch.optim.AdamW([w], lr=LR, weight_decay=0.01)
+    else:
+        opt = ParamwiseOptimizer([w], lr=LR, weight_decay=0.01, rounding=kind, seed=0)
+    losses = []
+    for step in range(steps + 1):
+        loss = ((x @ w.float() - y) ** 2).mean()
+        losses.append(loss.item())
+        if step == steps:
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    master = opt.master_weight(w) if isinstance(opt, ParamwiseOptimizer) else w.detach().float()
+    return torch.tensor(losses, dtype=torch.float64), master - w0.float()
+
+
+def test_bf16_adamw_at_2e6_needs_stochastic_rounding_or_kahan():
+    """Tolerances: stochastic rounding's loss decrease within 10% of fp32 AdamW's at every step from 50 to 200
+    (3% at step 200); Kahan's fp32 weights move within 5% (relative L2) of fp32 AdamW's; plain bf16 AdamW keeps
+    under 2% of the decrease, because a 2e-6 update is below half a bf16 step (2^-9 at 0.3) and rounds away."""
+    ref_losses, ref_move = _regression("fp32")
+    ref_drop = ref_losses[0] - ref_losses
+    assert ref_drop[-1] > 0
+
+    sr_losses, _ = _regression("stochastic")
+    sr_drop = sr_losses[0] - sr_losses
+    assert ((sr_drop - ref_drop).abs()[50:] / ref_drop[50:]).max() < 0.10
+    assert sr_drop[-1] / ref_drop[-1] == pytest.approx(1.0, abs=0.03)
+
+    _, kahan_move = _regression("kahan")
+    assert (kahan_move - ref_move).norm() / ref_move.norm() < 0.05
+
+    plain_losses, plain_move = _regression("plain-bf16")
+    assert (plain_losses[0] - plain_losses[-1]) / ref_drop[-1] < 0.02
+    assert (plain_move != 0).float().mean() < 0.01  # only weights near zero, where bf16 is fine, moved at all
+
+
+# --- fused backward -----------------------------------------------------------------------------------------
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dtype)
+
+
+def _train(model, opt, passes: int, steps: int = 3, fused: bool = False):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for _ in range(passes):  # gradient accumulation (or instance + prior passes)
+            x, y = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
+            ((model(x.to(next(model.parameters()).dtype)).float() - y) ** 2).mean().backward()
+        if fused:
+            opt.close_step()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, None), (torch.bfloat16, "kahan")])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_fused_backward_equals_the_separate_step(dtype, rounding, passes):
+    a, b = _mlp(dtype), _mlp(dtype)
+    separate = ParamwiseOptimizer(a.parameters(), lr=1e-2, weight_decay=0.01, rounding=rounding)
+    fused = ParamwiseOptimizer(b.parameters(), lr=1e-2, weight_decay=0.01, rounding=rounding)
+    fused.fuse_into_backward(backwards_per_step=passes)
+    for x, y in zip(_train(a, separate, passes), _train(b, fused, passes, fused=True)):
+        assert torch.equal(x, y)
+    if dtype == torch.float32:  # and the per-tensor steps are torch's AdamW
+        c = _mlp()
+        reference = _train(c, torch.optim.AdamW(c.parameters(), lr=1e-2, weight_decay=0.01), passes)
+        for x, y in zip(reference, a.parameters()):
+            torch.testing.assert_close(x, y.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_backward_frees_gradients_and_clips_by_the_last_norm():
+    model = _mlp()
+    opt = ParamwiseOptimizer(model.parameters(), lr=1e-2)
+    opt.fuse_into_backward(max_grad_norm=1e-3)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+    ((reference(x) - y) ** 2).mean().backward()
+    true_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+    ((model(x) - y) ** 2).mean().backward()
+    assert all(p.grad is None for p in model.parameters())  # each gradient freed as soon as it was used
+    assert opt.close_step() == pytest.approx(true_norm, rel=1e-5)
+    assert opt._clip_coef.item() == pytest.approx(1e-3 / true_norm, rel=1e-4)
+
+
+def test_paramwise_state_dict_resumes_exactly():
+    whole, half = _mlp(torch.bfloat16), _mlp(torch.bfloat16)
+    opt = ParamwiseOptimizer(whole.parameters(), lr=1e-2, rounding="kahan")
+    expected = _train(whole, opt, 1, steps=4)
+    opt2 = ParamwiseOptimizer(half.parameters(), lr=1e-2, rounding="kahan")
+    _train(half, opt2, 1, steps=2)
+    state, weights = copy.deepcopy(opt2.state_dict()), copy.deepcopy(half.state_dict())
+    resumed = _mlp(torch.bfloat16)
+    resumed.load_state_dict(weights)
+    opt3 = ParamwiseOptimizer(resumed.parameters(), lr=1e-2, rounding="kahan")
+    opt3.load_state_dict(state)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the two steps the first run already took: same data stream position
+        torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
+    for _ in range(2):
+        x, y = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
+        ((resumed(x.bfloat16()).float() - y) ** 2).mean().backward()
+        opt3.step()
+        opt3.zero_grad()
+    for x, y in zip(expected, resumed.parameters()):
+        assert torch.equal(x, y.detach())
+
+
+def test_8bit_inner_optimizer_is_bitsandbytes(monkeypatch):
+    """Without CUDA, bitsandbytes stands in as a module whose AdamW8bit is torch's AdamW: the plumbing is tested."""
+    made = []
+
+    class FakeAdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            made.append(kw)
+            super().__init__(params, **kw)
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=FakeAdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    model = _mlp(torch.bfloat16)
+    opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, inner="adamw8bit", rounding="stochastic")
+    opt.fuse_into_backward()
+    assert len(made) == 4 and made[0]["lr"] == 1e-2
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 1, steps=1, fused=True)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_accelerate():
+    """These trainers use bf16 autocast; accelerate keeps one mixed precision per process unless reset."""
+    fresh_accelerate_state()
+    yield
+    fresh_accelerate_state()
+
+
+@pytest.mark.parametrize("profile", ["6gb", "8gb"])
+def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile, fresh_accelerate):
+    trainer = Trainer(make_cfg(memory_profile=profile, max_steps=2, learning_rate=1e-3)).setup()
+    assert trainer.paramwise is not None and trainer.paramwise.fused
+    assert all(p.dtype == torch.bfloat16 for p in trainer.params)
+    before = [p.detach().clone() for p in trainer.params]
+    summary = trainer.train()
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(trainer.losses)).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    unet = trainer.pipeline().unet
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+
+
+def test_6gb_profile_with_sequential_prior_steps_once_per_step(make_cfg, fresh_accelerate):
+    cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True, num_class_images=2, class_sampling_steps=2,
+                   sample_batch_size=2, max_steps=1)
+    trainer = Trainer(cfg).setup()
+    assert cfg.prior_mode == "sequential" and trainer.paramwise.backwards_per_step == 2
+    logs = trainer.train_step(trainer.batches())
+    assert {"prior_loss", "instance_loss"} <= set(logs) and logs["grad_norm"] > 0
+    steps = {int(s["step"]) for s in (o.state_dict()["state"].get(0, {}) for o in trainer.paramwise._inner.values())
+             if "step" in s}
+    assert steps == {1}  # every tensor stepped exactly once, after the second (prior) backward pass
+
+
+@pytest.mark.parametrize("profile", ["6gb", "8gb"])
+def test_low_memory_profiles_resume_exactly(make_cfg, tmp_path, profile, fresh_accelerate):
+    extra = dict(memory_profile=profile, center_crop=False, random_flip=True, learning_rate=1e-3)
+    run_training(make_cfg(output_dir=str(tmp_path / "straight"), max_steps=4, **extra))
+    run_training(make_cfg(output_dir=str(tmp_path / "split"), max_steps=2, checkpoint_steps=2, **extra))
+    fresh_accelerate_state()
+    # Only max_steps differs, and the constant schedule does not depend on it.
+    run_training(make_cfg(output_dir=str(tmp_path / "split"), max_steps=4, resume="latest", resume_force=True,
+                          **extra))
+    name = "unet/diffusion_pytorch_model.safetensors"
+    straight, split = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+@cuda
+@pytest.mark.gpu
+def test_bf16_paramwise_adamw_on_cuda_matches_cpu():
+    a, b = _mlp(torch.bfloat16), _mlp(torch.bfloat16).cuda()
+    cpu = _train(a, ParamwiseOptimizer(a.parameters(), lr=1e-2, rounding="kahan"), 1)
+    gpu = _train(b, ParamwiseOptimizer(b.parameters(), lr=1e-2, rounding="kahan"), 1)
+    for x, y in zip(cpu, gpu):
+        torch.testing.assert_close(x, y.cpu(), rtol=2e-2, atol=2e-3)
+
+
+@cuda
+@pytest.mark.gpu
+def test_8bit_paramwise_fused_on_cuda():
+    pytest.importorskip("bitsandbytes")
+    model = torch.nn.Linear(256, 256).cuda().to(torch.bfloat16)  # > 4096 elements: 8-bit states
+    opt = ParamwiseOptimizer(model.parameters(), lr=1e-3, inner="adamw8bit", rounding="stochastic")
+    opt.fuse_into_backward()
+    before = model.weight.detach().clone()
+    model(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)).float().pow(2).mean().backward()
+    opt.close_step()
+    assert not torch.equal(before, model.weight) and model.weight.grad is None
+    state = opt.state_dict()["state"][0]
+    assert state["state1"].dtype == torch.uint8
