@@ -1,0 +1,342 @@
+"""Exports for the usual UIs: one-file checkpoints in the original SD 2.x key layout (with the v2 inference YAML
+beside them), kohya-layout LoRA files, and the training metadata both carry in their safetensors header.
+
+diffusers ships only the original -> diffusers direction (loaders/single_file_utils.py); the inverse maps here
+are ours, and tests check them by loading our files back with `from_single_file` (exact equality)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__
+from .errors import UserError
+
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
+CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
+SINGLE_FILE, KOHYA_FILE = "model.safetensors", "lora-kohya.safetensors"
+
+
+# ------------------------------------------------------------------------------------- diffusers -> original
+def _rename(key: str, pairs: list[tuple[str, str]], inner: dict[str, list[tuple[str, str]]]) -> str:
+    """Swap the longest matching prefix, then rename the part after it with that prefix's kind of sub-names."""
+    for old, new, kind in pairs:  # longest first
+        if key.startswith(old):
+            rest = key[len(old):]
+            for a, b in inner.get(kind, []):
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            return new + rest
+    raise ValueError(f"no original-layout name for weight '{key}'")
+
+
+_UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
+                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+_VAE_RESNET = [("conv_shortcut.", "nin_shortcut.")]
+_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def unet_to_original(state: dict, config) -> dict:
+    """UNet2DConditionModel weights -> `model.diffusion_model.*` (SD 1.x/2.x openaimodel layout)."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    pairs = [("time_embedding.linear_1.", "time_embed.0.", ""), ("time_embedding.linear_2.", "time_embed.2.", ""),
+             ("conv_in.", "input_blocks.0.0.", ""), ("conv_norm_out.", "out.0.", ""), ("conv_out.", "out.2.", ""),
+             ("mid_block.resnets.0.", "middle_block.0.", "res"), ("mid_block.attentions.0.", "middle_block.1.", ""),
+             ("mid_block.resnets.1.", "middle_block.2.", "res")]
+    for i in range(n):
+        for j in range(per):  # input_blocks: [resnet, attention] per layer, then the downsampler
+            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * (per + 1) + j}.0.", "res"),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{1 + i * (per + 1) + j}.1.", "")]
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (per + 1)}.0.op.", ""))
+        for j in range(per + 1):  # output_blocks: one more layer per block; the upsampler sits after attention
+            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (per + 1) + j}.0.", "res"),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (per + 1) + j}.1.", "")]
+        slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
+        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (per + 1) + per}.{slot}.", ""))
+    pairs.sort(key=lambda p: -len(p[0]))
+    return {UNET + _rename(k, pairs, {"res": _UNET_RESNET}): v for k, v in state.items()}
+
+
+def vae_to_original(state: dict, config) -> dict:
+    """AutoencoderKL weights -> `first_stage_model.*`; attention projections become 1x1 convolutions."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    pairs = [(p, p, "") for p in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.",
+                                  "quant_conv.", "post_quant_conv.")]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_norm_out.", f"{part}.norm_out.", ""),
+                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", "res"),
+                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", "res"),
+                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", "attn")]
+    for i in range(n):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", "res") for j in range(per)]
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", ""))
+        up = n - 1 - i  # the original decoder counts its blocks from the lowest resolution up
+        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{up}.block.{j}.", "res") for j in range(per + 1)]
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample.", ""))
+    pairs.sort(key=lambda p: -len(p[0]))
+    out = {}
+    for k, v in state.items():
+        new = _rename(k, pairs, {"res": _VAE_RESNET, "attn": _VAE_ATTN})
+        if ".mid.attn_1." in new and new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            v = v.reshape(*v.shape, 1, 1)
+        out[VAE + new] = v
+    return out
+
+
+_TEXT_LAYER = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+               ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def text_encoder_to_original(state: dict) -> dict:
+    """CLIPTextModel (SD 2.x's OpenCLIP ViT-H text tower) -> `cond_stage_model.model.*`, q/k/v fused as in OpenCLIP."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {TEXT + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           TEXT + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           TEXT + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           TEXT + "ln_final.bias": state.pop("final_layer_norm.bias")}
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{TEXT}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat([state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for a, b in _TEXT_LAYER:
+            for kind in ("weight", "bias"):
+                out[dst + b + kind] = state.pop(src + a + kind)
+    if state:
+        raise ValueError(f"no original-layout name for text encoder weights {sorted(state)[:3]}")
+    hidden = out[TEXT + "ln_final.weight"].shape[0]
+    # SD 2.x conditions on hidden states, never on the projection; OpenCLIP loaders still expect the tensor, and
+    # diffusers reads its first dimension as the width when it splits in_proj back into q/k/v.
+    out[TEXT + "text_projection"] = torch.eye(hidden, dtype=out[TEXT + "ln_final.weight"].dtype)
+    return out
+
+
+def pipeline_to_original(pipe) -> dict:
+    """One state dict of the whole pipeline in the original SD 2.x layout."""
+    out = unet_to_original(pipe.unet.state_dict(), pipe.unet.config)
+    out.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
+    out.update(text_encoder_to_original(pipe.text_encoder.state_dict()))
+    return out
+
+
+# ------------------------------------------------------------------------------------- YAML and metadata
+def inference_yaml(pipe) -> dict:
+    """The ldm `v2-inference` config that describes this pipeline (what A1111 reads beside a checkpoint)."""
+    u, v, s = pipe.unet.config, pipe.vae.config, pipe.scheduler.config
+    heads = list(u["attention_head_dim"]) if isinstance(u["attention_head_dim"], (list, tuple)) \
+        else [u["attention_head_dim"]] * len(u["block_out_channels"])
+    base = u["block_out_channels"][0]
+    unet_params = {
+        "use_checkpoint": True, "use_fp16": True, "image_size": 32, "in_channels": u["in_channels"],
+        "out_channels": u["out_channels"], "model_channels": base,
+        "attention_resolutions": [2 ** i for i, t in enumerate(u["down_block_types"]) if "CrossAttn" in t][::-1],
+        "num_res_blocks": u["layers_per_block"], "channel_mult": [c // base for c in u["block_out_channels"]],
+        # diffusers' SD 2 config lists heads per block (its "attention_head_dim"); ldm wants channels per head.
+        "num_head_channels": base // heads[0], "use_linear_in_transformer": bool(u["use_linear_projection"]),
+        "transformer_depth": u["transformer_layers_per_block"], "context_dim": u["cross_attention_dim"],
+        "legacy": False}
+    vae_params = {"embed_dim": v["latent_channels"], "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
+                  "ddconfig": {"double_z": True, "z_channels": v["latent_channels"], "resolution": v["sample_size"],
+                               "in_channels": v["in_channels"], "out_ch": v["out_channels"], "ch": v["block_out_channels"][0],
+                               "ch_mult": [c // v["block_out_channels"][0] for c in v["block_out_channels"]],
+                               "num_res_blocks": v["layers_per_block"], "attn_resolutions": [], "dropout": 0.0}}
+    params = {"linear_start": s["beta_start"], "linear_end": s["beta_end"], "num_timesteps_cond": 1,
+              "log_every_t": 200, "timesteps": s["num_train_timesteps"], "first_stage_key": "jpg",
+              "cond_stage_key": "txt", "image_size": u["sample_size"], "channels": u["in_channels"],
+              "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+              "scale_factor": v["scaling_factor"], "use_ema": False,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
+              "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                    "params": {"freeze": True, "layer": "penultimate"}}}
+    if s.get("prediction_type") == "v_prediction":
+        params = {"parameterization": "v", **params}
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
+
+
+def _architecture(pipe) -> str:
+    v = pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+
+
+def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None) -> dict[str, str]:
+    """Header entries (all strings) naming the base model, prompts, steps and training settings of a run."""
+    from .config import NON_TRAINING_KEYS, config_to_dict, load_config, subjects_of
+    from .data import resolve_prompts
+    run_dir = Path(run_dir) if run_dir else None
+    meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.date": datetime.date.today().isoformat()}
+    if run_dir is not None:
+        meta["modelspec.title"] = run_dir.resolve().name
+    if cfg is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        try:
+            cfg = load_config(run_dir / "config.yaml")
+        except UserError:
+            cfg = None  # an old or hand-edited config: export the weights without its settings
+    if summary is None and run_dir is not None and (run_dir / "train_summary.json").is_file():
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+    if cfg is not None:
+        prompts = []
+        for s in subjects_of(cfg):
+            try:
+                prompts.append(resolve_prompts(s.dir, s.instance_prompt, s.class_prompt)[0])
+            except UserError:  # the images moved since training: use what the config says
+                if s.instance_prompt:
+                    prompts.append(s.instance_prompt)
+        settings = {k: v for k, v in config_to_dict(cfg).items()
+                    if k not in NON_TRAINING_KEYS | {"model", "revision", "variant", "data", "subjects"}}
+        meta.update({"dreambooth.base_model": cfg.model, "dreambooth.instance_prompt": " | ".join(prompts),
+                     "dreambooth.training": json.dumps(settings)})
+    if summary and summary.get("steps") is not None:
+        meta["dreambooth.steps"] = str(summary["steps"])
+    return meta
+
+
+# ------------------------------------------------------------------------------------- writing files
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str], half: bool) -> Path:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def save_single_file(pipe, out: str | Path, half: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Write `pipe` as one original-layout .safetensors checkpoint plus the matching inference YAML beside it."""
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors (the only format written)")
+    configs = {name: dict(getattr(pipe, name).config) for name in ("unet", "vae", "scheduler")}
+    configs["text_encoder"] = pipe.text_encoder.config.to_dict()
+    meta = {**(metadata or {}), "modelspec.architecture": _architecture(pipe),
+            CONFIGS_KEY: json.dumps(configs, default=list)}
+    _atomic_save(pipeline_to_original(pipe), out, meta, half)
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(inference_yaml(pipe), sort_keys=False))
+    return out
+
+
+# ------------------------------------------------------------------------------------- kohya LoRA layout
+def save_kohya(lora_file: str | Path, out: str | Path, half: bool = False) -> Path:
+    """Convert our LoRA file to the kohya layout A1111 and ComfyUI load natively, keeping the header."""
+    from .lora import peft_to_kohya, read_lora
+    tensors, header, alphas = read_lora(lora_file)
+    meta = {k: v for k, v in header.items() if k not in ("lora_adapter_metadata", "format")}
+    rank = next(v.shape[0] for k, v in tensors.items() if ".lora_A." in k)
+    # kohya's own keys, which A1111 reads to show the LoRA's base model and size.
+    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_v2": "True",
+                 "ss_network_alpha": str(alphas.get("unet", rank)), "ss_base_model_version": "sd_v2",
+                 "modelspec.architecture": "stable-diffusion-v2-512/lora"})
+    return _atomic_save(peft_to_kohya(tensors, alphas), Path(out), meta, half)
+
+
+# ------------------------------------------------------------------------------------- runs and the CLI
+def base_pipeline(cfg):
+    """The run's base model (cfg.model) as a full fp32 pipeline on the CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import load_components
+    c = load_components(cfg)
+    return StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def formats_of(cfg) -> list[str]:
+    """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged
+    full pipeline (diffusers) only when the user listed diffusers: the default must not add a 5 GB copy."""
+    formats = list(dict.fromkeys(cfg.export_formats))
+    if cfg.finetune != "lora":
+        return formats
+    if "export_formats" not in cfg.provided:
+        formats = []
+    return ["lora"] + [f for f in formats if f != "lora"]
+
+
+def export_run(trainer, summary: dict | None):
+    """Write a finished run's exports into output_dir; returns the pipeline to save in diffusers layout, or None."""
+    from .lora import LORA_FILE, merged_pipeline, save_lora
+    cfg, out, formats = trainer.cfg, trainer.out, formats_of(trainer.cfg)
+    meta = training_metadata(out, cfg, summary)
+    if cfg.finetune == "lora":
+        unwrap = trainer.accelerator.unwrap_model
+        save_lora(out / LORA_FILE, unwrap(trainer.unet), unwrap(trainer.components.text_encoder), cfg,
+                  {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
+        if "kohya" in formats:
+            save_kohya(out / LORA_FILE, out / KOHYA_FILE)
+    if "diffusers" not in formats and "single-file" not in formats:
+        return None
+    # The LoRA run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
+    pipe = merged_pipeline(base_pipeline(cfg), out / LORA_FILE) if cfg.finetune == "lora" else trainer.pipeline()
+    if "single-file" in formats:
+        save_single_file(pipe, out / SINGLE_FILE, metadata=meta)
+    return pipe if "diffusers" in formats else None
+
+
+def _load_for_export(model: Path, allow_pickle: bool):
+    """A full pipeline from a trained folder, a LoRA run folder (merged into its base) or a single file."""
+    from diffusers import StableDiffusionPipeline
+
+    from .config import load_config
+    from .lora import LORA_FILE, merged_pipeline
+    if model.is_dir() and (model / "model_index.json").is_file():
+        try:
+            return StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
+                                                           use_safetensors=None if allow_pickle else True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load pipeline {model}: {str(e).strip().splitlines()[0]}") from None
+    if model.is_dir() and (model / LORA_FILE).is_file():
+        if not (model / "config.yaml").is_file():
+            raise UserError(f"{model} holds a LoRA but no config.yaml naming its base model: export from the "
+                            "run's output folder, or merge with `dreambooth generate BASE --lora FILE`")
+        return merged_pipeline(base_pipeline(load_config(model / "config.yaml")), model / LORA_FILE)
+    if model.is_file():
+        from .single_file import load_single_file
+        return load_single_file(model, allow_pickle=allow_pickle)
+    raise UserError(f"{model} is not a trained output folder (model_index.json or {LORA_FILE}) or a checkpoint "
+                    "file: pass the output_dir of a training run")
+
+
+def _is_input(out: Path, source: Path) -> bool:
+    """True when writing `out` would overwrite what the export reads (the file, a run's LoRA, a pipeline part)."""
+    from .lora import LORA_FILE
+    if not out.exists():
+        return False
+    out, source = out.resolve(), source.resolve()
+    if source.is_file():
+        return out == source
+    return out == source / LORA_FILE or (source in out.parents and out.parent != source)
+
+
+def export_model(model: str | Path, fmt: str, out: str | Path | None = None, half: bool = False,
+                 allow_pickle: bool = False) -> Path:
+    """`dreambooth export`: write MODEL as one single-file checkpoint (+ YAML) or its LoRA in kohya layout."""
+    from .lora import resolve_lora_file
+    model = Path(model).expanduser()
+    if not model.exists():
+        raise UserError(f"{model} does not exist: pass a training run's output folder")
+    run_dir = model if model.is_dir() else None
+    if fmt == "kohya":
+        source = resolve_lora_file(model)
+        out = Path(out) if out else source.parent / KOHYA_FILE
+    elif fmt == "single-file":
+        source, out = model, Path(out) if out else (model if model.is_dir() else model.parent) / SINGLE_FILE
+    else:
+        raise UserError(f"unknown export format '{fmt}': choose single-file or kohya")
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors (the only format written)")
+    if _is_input(out, source):
+        raise UserError(f"--out {out} is a file being exported from: choose another name")
+    if fmt == "kohya":
+        return save_kohya(source, out, half)
+    pipe = _load_for_export(model, allow_pickle)
+    return save_single_file(pipe, out, half, training_metadata(run_dir))

@@ -1,0 +1,191 @@
+"""LoRA: only adapter weights train, the saved file reproduces the trained model, kohya layout round trip, resume."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dreambooth.cli import main
+from dreambooth.config import config_from_dict
+from dreambooth.errors import UserError
+from dreambooth.export import save_kohya
+from dreambooth.lora import (LORA_FILE, _kohya_to_path, add_lora_layers, apply_lora, kohya_to_peft, learning_rate,
+                             peft_to_kohya, read_lora, save_lora)
+from dreambooth.tiny import build_sd21_components, build_tiny_pipeline
+from dreambooth.train import Trainer, run_training
+
+LORA = {"finetune": "lora", "lora.text_encoder": True}
+
+
+def image(pipe, seed: int = 0) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.eval(), pipe.text_encoder.eval()
+    return pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def snapshot(*modules) -> dict:
+    return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+
+
+def random_lora_pipeline(alpha: float = 8.0):
+    """A tiny pipeline with LoRA layers whose B matrices are random (a fresh LoRA is the identity)."""
+    cfg = config_from_dict({"model": "builtin:tiny", "data": {"dir": "x"}, "finetune": "lora",
+                            "lora": {"text_encoder": True, "alpha": alpha}})
+    pipe = build_tiny_pipeline()
+    add_lora_layers(pipe, cfg, "cpu", torch.float32)
+    with torch.no_grad():
+        for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return pipe, cfg
+
+
+def test_lora_training_changes_only_lora_weights(make_cfg):
+    cfg = make_cfg(gradient_checkpointing=True, **LORA)  # checkpointed blocks must still pass LoRA gradients
+    trainer = Trainer(cfg).setup()
+    c = trainer.components
+    assert trainer.params and all(".lora_" in n for m in (c.unet, c.text_encoder)
+                                  for n, p in m.named_parameters() if p.requires_grad)
+    before = snapshot(c.unet, c.text_encoder)
+    trainer.train()
+    after = snapshot(c.unet, c.text_encoder)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert {k for k in before if ".lora_B." in k} <= changed  # every adapter, UNet and text encoder, learned
+    assert any(k.startswith("1.") for k in changed)
+
+
+def test_lora_learning_rate_default_only_when_unset():
+    base = {"model": "builtin:tiny", "data": {"dir": "x"}}
+    assert learning_rate(config_from_dict({**base, "finetune": "lora"})) == 1e-4
+    assert learning_rate(config_from_dict({**base, "finetune": "lora", "learning_rate": 3e-5})) == 3e-5
+    assert learning_rate(config_from_dict(base)) == 2e-6  # JumpStart's for full fine-tuning
+
+
+def test_lora_file_reproduces_trained_pipeline(make_cfg, tmp_path):
+    cfg = make_cfg(**LORA)
+    trainer = Trainer(cfg).setup()
+    trainer.save(trainer.train())
+    out = Path(cfg.output_dir)
+    lora_file = out / LORA_FILE
+    assert lora_file.is_file() and not (out / "model_index.json").exists()  # default: no merged full copy
+    trained = image(trainer.pipeline())
+
+    fresh = build_tiny_pipeline()
+    base = image(fresh)
+    apply_lora(fresh, lora_file)
+    assert np.abs(trained - base).max() > 1e-4  # the LoRA does change the images
+    assert np.abs(image(fresh) - trained).max() <= 1e-6
+
+    with safe_open(str(lora_file), "pt") as f:
+        header = f.metadata()
+    assert header["dreambooth.base_model"] == "builtin:tiny" and header["dreambooth.steps"] == "4"
+    assert header["dreambooth.instance_prompt"]
+    # The CLI takes the run folder itself: its base model plus its LoRA.
+    assert main(["generate", str(out), "--prompt", "a photo of sks dog", "--width", "32", "--height", "32",
+                 "--num-inference-steps", "2", "--seed", "0", "--out-dir", str(tmp_path / "png"), "--quiet"]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 1
+    assert main(["export", str(out), "--format", "single-file", "--out", str(lora_file)]) == 2
+    assert main(["export", str(out), "--format", "kohya", "--out", str(lora_file)]) == 2
+    assert load_file(lora_file).keys() == read_lora(lora_file)[0].keys()  # still the LoRA
+
+
+def test_kohya_layout_round_trip(tmp_path):
+    pipe, cfg = random_lora_pipeline(alpha=8.0)
+    ours = save_lora(tmp_path / LORA_FILE, pipe.unet, pipe.text_encoder, cfg)
+    kohya = load_file(save_kohya(ours, tmp_path / "kohya.safetensors"))
+    linears = {**{f"lora_unet_{n.replace('.', '_')}": m for n, m in pipe.unet.named_modules()
+                  if hasattr(m, "base_layer")},
+               **{f"lora_te_text_model_{n.replace('.', '_')}": m for n, m in pipe.text_encoder.named_modules()
+                  if hasattr(m, "base_layer")}}
+    names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in kohya}
+    assert names == set(linears)
+    for name, module in linears.items():
+        out_f, in_f = module.base_layer.weight.shape
+        assert kohya[f"{name}.lora_down.weight"].shape == (4, in_f)
+        assert kohya[f"{name}.lora_up.weight"].shape == (out_f, 4)
+        assert kohya[f"{name}.alpha"].item() == 8.0
+    assert all(re.fullmatch(r"lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in kohya)
+
+    tensors, _, alphas = read_lora(ours)
+    back, back_alphas = kohya_to_peft(kohya)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert back_alphas == alphas == {"unet": 8.0, "text_encoder": 8.0}
+    assert peft_to_kohya(back, back_alphas).keys() == kohya.keys()
+
+    # diffusers' own kohya reader (the A1111 convention) gives the same model as our diffusers-layout file.
+    want = image(pipe)
+    via_kohya = build_tiny_pipeline()
+    apply_lora(via_kohya, tmp_path / "kohya.safetensors")
+    assert np.abs(image(via_kohya) - want).max() <= 1e-6
+    off = build_tiny_pipeline()
+    apply_lora(off, ours, scale=0.0)  # --lora-scale 0: the base model's images
+    assert np.abs(image(off) - image(build_tiny_pipeline())).max() == 0.0
+
+
+def test_kohya_names_cover_full_size_sd21():
+    models = build_sd21_components(device="meta", parts=("unet", "text_encoder"))
+    for model in models.values():
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        assert names and all(_kohya_to_path(n.replace(".", "_")) == n for n in names)
+
+
+def test_lora_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
+    from dreambooth import checkpoint
+    exact = {**LORA, "max_steps": 5, "random_flip": True, "lr_scheduler": "cosine"}
+    run_training(make_cfg(output_dir=str(tmp_path / "straight"), **exact))
+
+    stopped = make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, **exact)
+    monkeypatch.setattr(Trainer, "_stop_requested", lambda self, stop: self.global_step == 3)
+    with pytest.raises(checkpoint.Interrupted):
+        run_training(stopped)
+    monkeypatch.undo()
+    run_training(make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, resume="latest", **exact))
+    a, b = (load_file(tmp_path / d / LORA_FILE) for d in ("straight", "stopped"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_lora_mistakes_are_one_line_errors(make_cfg, tmp_path):
+    with pytest.raises(UserError, match="lora.target_modules"):
+        Trainer(make_cfg(finetune="lora", **{"lora.target_modules": ["no_such_layer"]})).setup()
+    with pytest.raises(UserError, match="finetune: lora"):
+        make_cfg(export_formats=["diffusers", "kohya"])
+    pipe = build_tiny_pipeline()
+    with pytest.raises(UserError, match="does not exist"):
+        apply_lora(pipe, tmp_path / "missing.safetensors")
+    (tmp_path / "lora.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not .safetensors"):
+        apply_lora(pipe, tmp_path / "lora.bin")
+    save_file({"unet.nothing.here.lora_A.weight": torch.zeros(4, 8)}, tmp_path / "other.safetensors")
+    with pytest.raises(UserError):
+        apply_lora(pipe, tmp_path / "other.safetensors")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lora_fp16_on_cuda_keeps_base_half_and_adapters_fp32(make_cfg):
+    cfg = make_cfg(mixed_precision="fp16", optimizer="adamw", **LORA)
+    trainer = Trainer(cfg).setup()
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert unet.conv_in.weight.dtype == torch.float16  # the frozen base stays in compute precision
+    before = snapshot(unet)
+    trainer.save(trainer.train())
+    changed = {k for k, v in snapshot(unet).items() if not torch.equal(before[k].cpu(), v.cpu())}
+    assert changed and all(".lora_" in k for k in changed)
+    assert (Path(cfg.output_dir) / LORA_FILE).stat().st_size < 1_000_000
+
+
+def test_rank4_lora_of_full_size_sd21_is_a_few_mb():
+    from peft import inject_adapter_in_model
+
+    from dreambooth.lora import lora_config
+    unet = build_sd21_components(device="meta", parts=("unet",))["unet"]
+    inject_adapter_in_model(lora_config(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"]), unet)
+    n = sum(p.numel() for name, p in unet.named_parameters() if ".lora_" in name)
+    assert n == 829_952  # 3.3 MB in fp32, the dtype the LoRA file is written in
