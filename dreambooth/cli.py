@@ -25,15 +25,38 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import Interrupted
     from .config import load_config
     from .train import run_training
 
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    except Interrupted as e:
+        import shlex
+        kept = f"checkpoint written: {e.path}" if e.path else "no checkpoint could be written"
+        again = [shlex.quote(a) for a in args.items if not a.startswith("resume=")] + ["resume=latest"]
+        print(f"{e.signal_name}: stopped after step {e.step}; {kept}", file=sys.stderr)
+        print(f"resume with: dreambooth train {' '.join(again)}", file=sys.stderr)
+        return 130
     print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}")
-    print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
-          f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
+    from .export import formats_of
+    if "diffusers" in formats_of(cfg):
+        print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
+              f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
+    if cfg.finetune == "lora":
+        print(f"LoRA: {Path(cfg.output_dir) / 'pytorch_lora_weights.safetensors'}  (`dreambooth generate "
+              f"{cfg.output_dir} --prompt ...` applies it to {cfg.model})")
+    return 0
+
+
+def cmd_classes(args) -> int:
+    from .config import load_config
+    from .prior import class_report
+
+    config, overrides = _split_config_args(args.items)
+    class_report(load_config(config, overrides))
     return 0
 
 
@@ -59,15 +82,27 @@ def cmd_generate(args) -> int:
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     request = Request(**fields).check()
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    if args.lora:
-        from .lora import apply_lora  # LoRA issue
-        apply_lora(pipe, args.lora, args.lora_scale)
+    from .lora import apply_lora, split_lora_run
+    model, lora = split_lora_run(args.model, args.lora)  # a LoRA run's folder means its base model plus its LoRA
+    pipe = load_pipeline(model, allow_pickle=args.allow_pickle)
+    if lora:
+        apply_lora(pipe, lora, args.lora_scale)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     for path in generate(pipe, request, args.out_dir, quiet=args.quiet):
         print(path)
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+    print(export_model(args.model, args.format, args.out, half=args.half, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_from_args
+    return bench_from_args(args)
 
 
 def cmd_demo(args) -> int:
@@ -85,17 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("classes", help="only sample the class images for prior preservation, to review them",
+                       description="dreambooth classes CONFIG.yaml [key=value ...]: tops up each class_data_dir to "
+                                   "num_class_images and prints where they are; delete bad ones, training tops up")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=cmd_classes)
+
     p = sub.add_parser("generate", help="generate images from a trained model folder")
     p.add_argument("model", help="trained output folder, diffusers folder or hub id")
     add_request_args(p)
     p.add_argument("--payload", help="a JumpStart JSON request file; command-line options override it")
     p.add_argument("--scheduler", help="dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc")
     p.add_argument("--out-dir", default="generated", help="where PNGs are written (default: ./generated)")
-    p.add_argument("--lora", help="a LoRA .safetensors file to apply to the model")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora", help="a LoRA .safetensors file (ours or kohya/A1111 layout) to apply to the model")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a trained model as one .safetensors file or a LoRA for A1111/ComfyUI",
+                       description="dreambooth export MODEL_DIR --format single-file|kohya [--out FILE] [--half]")
+    p.add_argument("model", help="a training run's output folder (full or LoRA run), or a .safetensors file")
+    p.add_argument("--format", required=True, choices=["single-file", "kohya"],
+                   help="single-file: one original-layout SD 2.x checkpoint plus its .yaml; kohya: the LoRA in "
+                        "kohya layout")
+    p.add_argument("--out", help="output .safetensors (default: model.safetensors or lora-kohya.safetensors in "
+                                 "MODEL_DIR)")
+    p.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
+    p.set_defaults(func=cmd_export)
+
+    from .bench import add_bench_args
+    p = sub.add_parser("bench", help="benchmark speed and memory of the baseline and each memory profile",
+                       description="dreambooth bench [options]: SD 2.1 base architecture with random weights (scaled "
+                                   "down on CPU), baseline and profiles, with and without prior; JSON + table")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")

@@ -329,6 +329,8 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.keep_last is None or cfg.keep_last >= 1, f"'keep_last' must be >= 1 or None (got {cfg.keep_last})")
     need(cfg.sample_batch_size is None or cfg.sample_batch_size >= 1,
          f"'sample_batch_size' must be >= 1 (got {cfg.sample_batch_size})")
+    need(cfg.class_sampling_steps is None or cfg.class_sampling_steps >= 1,
+         f"'class_sampling_steps' must be >= 1 (got {cfg.class_sampling_steps})")
     need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
@@ -347,6 +349,12 @@ def validate(cfg: Config) -> list[str]:
     need(v.every_n_steps is None or v.every_n_steps >= 1, f"'validation.every_n_steps' must be >= 1")
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
+    lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]
+    need(cfg.finetune == "lora" or not lora_only,
+         f"'export_formats' {lora_only} need a LoRA: set finetune: lora, or drop them for a full fine-tune")
+    need(cfg.lora.alpha > 0, f"'lora.alpha' must be > 0 (got {cfg.lora.alpha})")
+    need(bool(cfg.export_formats) or cfg.finetune == "lora",
+         "'export_formats' is empty, so training would write no model: list at least diffusers")
     return p
 
 

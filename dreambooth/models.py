@@ -18,6 +18,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_SD21 = "builtin:sd21"  # exact SD 2.1 base architecture, random weights; "builtin:sd21/4": widths / 4
+_BUILTIN_MEMO: dict[str, dict] = {}  # model name -> prebuilt components, copied per load (benchmarks)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
@@ -35,6 +37,9 @@ class Components:
 def model_kind(model: str, allow_pickle: bool = False) -> str:
     """Classify `model` as 'builtin', 'folder', 'single-file' or 'hub'; refuse paths that cannot work."""
     if model == BUILTIN_TINY:
+        return "builtin"
+    if model.startswith("builtin:"):
+        builtin_sd21_scale(model)  # refuses unknown names
         return "builtin"
     path = Path(model).expanduser()
     if path.is_dir():
@@ -101,6 +106,8 @@ def _scheduler_from(cfg: Config):
 def load_pipeline_source(cfg: Config):
     """A full StableDiffusionPipeline for the single-file and built-in cases, else None."""
     kind = model_kind(cfg.model, cfg.allow_pickle)
+    if kind == "builtin" and cfg.model != BUILTIN_TINY:
+        return build_builtin_sd21(cfg.model)
     if kind == "builtin":
         from .tiny import build_tiny_pipeline
         return build_tiny_pipeline(seed=0)
@@ -108,6 +115,51 @@ def load_pipeline_source(cfg: Config):
         from .single_file import load_single_file  # SD 2.x .safetensors checkpoints (export issue)
         return load_single_file(cfg.model, allow_pickle=cfg.allow_pickle)
     return None
+
+
+def builtin_sd21_scale(model: str) -> float:
+    """Width scale of a `builtin:sd21` or `builtin:sd21/N` name (N = 1, 2, 4, 8 ...)."""
+    name, _, div = model.partition("/")
+    if name == BUILTIN_SD21 and (not div or (div.isdigit() and int(div) >= 1)):
+        return 1.0 / int(div or 1)
+    raise UserError(f"unknown built-in model '{model}': use builtin:tiny, builtin:sd21 (SD 2.1 base architecture, "
+                    "random weights) or builtin:sd21/N (widths divided by N, e.g. builtin:sd21/4)")
+
+
+def _build_sd21_parts(model: str) -> dict:
+    from .tiny import build_sd21_components
+    # Built on the GPU when there is one (initialising 1.3 B parameters on a CPU takes long), kept on the CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
+        torch.manual_seed(0)
+        parts = build_sd21_components(scale=builtin_sd21_scale(model), device=device)
+    return {k: torch.nn.Module.to(m, "cpu") for k, m in parts.items()}
+
+
+def build_builtin_sd21(model: str, remember: bool = False):
+    """A StableDiffusionPipeline of the SD 2.1 base architecture with random weights (seed 0), built offline.
+
+    remember=True keeps the built parts so later loads of the same name copy them instead of rebuilding."""
+    import copy
+
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from .tiny import _load_tokenizer, asset_path
+    parts = _BUILTIN_MEMO.get(model)
+    if parts is None:
+        parts = _build_sd21_parts(model)
+        if remember:
+            _BUILTIN_MEMO[model] = parts
+    parts = {k: copy.deepcopy(m) for k, m in parts.items()} if model in _BUILTIN_MEMO else parts
+    scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(asset_path("sd21-base") / "scheduler"))
+    return StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"].eval(),
+                                   tokenizer=_load_tokenizer(), unet=parts["unet"], scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def forget_builtin() -> None:
+    """Drop the parts kept by build_builtin_sd21(remember=True)."""
+    _BUILTIN_MEMO.clear()
 
 
 def load_components(cfg: Config) -> Components:
@@ -168,9 +220,14 @@ def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
     return cfg.optimizer
 
 
-def make_optimizer(params, cfg: Config, name: str, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused on CUDA)."""
+def make_optimizer(params, cfg: Config, name: str, lr: float | None = None, plan=None) -> torch.optim.Optimizer:
+    """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused on CUDA).
+
+    A memory plan (memory.py) with bf16 weights or a fused backward gets the per-tensor ParamwiseOptimizer."""
     params = list(params)
+    if plan is not None and plan.paramwise:
+        from .memory import make_paramwise_optimizer
+        return make_paramwise_optimizer(params, cfg, name, plan, lr)
     kw = dict(lr=cfg.learning_rate if lr is None else lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if name == "adamw8bit":

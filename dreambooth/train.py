@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,12 +16,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import Config, save_config, subjects_of
-from .data import DreamBoothDataset, ImageTransform, collate, load_images, resolve_prompts
+from . import __version__, checkpoint
+from .config import Config, save_config
+from .data import (DreamBoothDataset, ImageTransform, MultiSubjectDataset, collate, load_image_files, load_images,
+                   resolve_subjects)
 from .errors import UserError
-from .loss import add_noise, dreambooth_loss, training_target
-from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision
+from .lora import add_lora_layers, learning_rate, trains_text_encoder_lora
+from .loss import add_noise, dreambooth_loss, mse, training_target
+from .cache import build_latent_cache
+from .memory import apply_memory_profile
+from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision, trainable_dtype_fix
+from .runlog import RunLog, tracker_kwargs
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,15 @@ def check_output_dir(path: str) -> Path:
     parent = out
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        raise UserError(f"output_dir {out} is inside {parent}, which is a file: choose a folder path for output_dir")
+    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try a real, unnamed file
+        writable = os.access(parent, os.W_OK)
+        if writable:
+            tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        writable = False
+    if not writable:
         raise UserError(f"output_dir {out} cannot be written ({parent} is read-only): choose a writable output_dir")
     return out
 
@@ -51,7 +66,15 @@ class Trainer:
         self.out = check_output_dir(cfg.output_dir)
         self.global_step = 0
         self.epoch = 0
+        self.batch_in_epoch = 0  # batches of `epoch` already used: with (seed, epoch) it fixes the data position
+        self.bad_steps = 0  # consecutive steps skipped for non-finite loss or gradients
         self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step: int | None = None
+        # The memory profile fills in its settings first, so checkpoints see the same resolved config.
+        self.memory = apply_memory_profile(cfg)
+        # Checked before anything is written: a bad resume (or old checkpoints in a fresh run) leaves no trace.
+        self.resume_from = checkpoint.resolve_resume(cfg, self.out)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -61,59 +84,102 @@ class Trainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg)
         self.optimizer_name = resolve_optimizer(cfg)
-        if cfg.with_prior_preservation:
-            raise UserError("with_prior_preservation: true is not supported yet: set it to false")
-        self.dataset = self._build_dataset()
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
+        self.dataset = self._build_dataset()  # samples missing class images first, then frees the sampler
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
+                                       **tracker_kwargs(cfg, self.out))
         set_seed(cfg.seed)
         c = self.components = load_components(cfg)
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
         save_config(cfg, self.out / "config.yaml")
+        self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 
         device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         c.vae.requires_grad_(False).eval().to(device, self.weight_dtype)
         c.text_encoder.requires_grad_(cfg.train_text_encoder)
-        c.text_encoder.to(device, torch.float32 if cfg.train_text_encoder else self.weight_dtype)
-        c.unet.requires_grad_(True).train().to(device)
+        c.text_encoder.to(device, self.memory.master_dtype if cfg.train_text_encoder else self.weight_dtype)
+        # Cast on the way to the device (bf16 profiles), so no fp32 copy of the UNet ever sits on the GPU;
+        # nn.Module.to, because diffusers' own .to warns on every dtype cast.
+        torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, self.memory.master_dtype)
+        if cfg.finetune == "lora":  # frozen base in compute precision; only the LoRA layers train (lora.py)
+            add_lora_layers(c, cfg, device, self.weight_dtype)
         if cfg.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 c.text_encoder.gradient_checkpointing_enable()
         if torch.cuda.is_available() and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if torch.cuda.is_available() and not (self.memory.fused_backward or torch.backends.cudnn.deterministic):
+            torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
+        if cfg.compile:
+            c.unet.compile()  # in place: parameter names (checkpoints, export) stay as they are
 
-        self.text_cache = {} if cfg.train_text_encoder else self._encode_prompts_once()
+        self.text_cache = {} if self.trains_text_encoder else self._encode_prompts_once()
+        self.latent_cache = build_latent_cache(self.dataset, c.vae, device, self.weight_dtype, cfg.seed,
+                                               cfg.latent_cache_views, cfg.cache_latents, quiet=cfg.quiet)
+        for module in self._trainable() if self.memory.master_weights == "fp32" else []:
+            if trainable_dtype_fix(module):  # half-precision master weights: the fp16 scaler cannot unscale them
+                log.info("upcast the trainable half-precision weights of %s to fp32", type(module).__name__)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
         self.params = params
-        optimizer = make_optimizer(params, cfg, self.optimizer_name)
+        optimizer = make_optimizer(params, cfg, self.optimizer_name, lr=learning_rate(cfg),  # LoRA: 1e-4 default
+                                   plan=self.memory)
+        self.paramwise = optimizer if self.memory.paramwise else None  # bf16 weights and/or steps inside backward
         self.total_steps = self._total_steps()
         from diffusers.optimization import get_scheduler
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
         prepared = self.accelerator.prepare(*self._trainable(), optimizer)
         self.unet, self.optimizer = prepared[0], prepared[-1]
-        if cfg.train_text_encoder:
+        if self.trains_text_encoder:
             c.text_encoder = prepared[1]
         # Noise and timesteps come from our own generator so a checkpoint can restore the stream exactly.
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + self.accelerator.process_index)
         self.alphas_cumprod = c.noise_scheduler.alphas_cumprod.to(device)
+        if self.resume_from is not None:  # last, so everything it restores (RNG streams above all) stays put
+            checkpoint.restore(self, self.resume_from)
+        self.validator = Validator(self) if cfg.validation.enabled else None
+        self.runlog.start()
         return self
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """The text encoder trains: fully (train_text_encoder) or through LoRA layers (finetune: lora)."""
+        return self.cfg.train_text_encoder or trains_text_encoder_lora(self.cfg)
 
     def _trainable(self) -> list[torch.nn.Module]:
         c = self.components
-        return [c.unet, c.text_encoder] if self.cfg.train_text_encoder else [c.unet]
+        return [c.unet, c.text_encoder] if self.trains_text_encoder else [c.unet]
 
-    def _build_dataset(self) -> DreamBoothDataset:
+    def _build_dataset(self) -> DreamBoothDataset | MultiSubjectDataset:
+        """Each subject's instance images, paired with its own class images under prior preservation."""
         cfg = self.cfg
-        subject = subjects_of(cfg)[0]
-        instance_prompt, class_prompt = resolve_prompts(subject.dir, subject.instance_prompt, subject.class_prompt)
-        images, _ = load_images(subject.dir, cfg.resolution)
-        self.prompts = [instance_prompt]
+        subjects = resolve_subjects(cfg)
+        class_paths = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
         transform = ImageTransform(cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-        return DreamBoothDataset(images, instance_prompt, transform, seed=cfg.seed)
+        datasets, self.prompts = [], []  # every prompt, class prompts included, for the text-embedding cache
+        for i, (s, paths) in enumerate(zip(subjects, class_paths)):
+            images, _ = load_images(s.dir, cfg.resolution)
+            class_images = load_image_files(paths, cfg.resolution, s.class_dir)[0] if paths else None
+            datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, class_images,
+                                              s.class_prompt if paths else None, seed=cfg.seed + i, name=s.name))
+            self.prompts += [s.instance_prompt] + ([s.class_prompt] if paths else [])
+        self.subject_stats = {s.name: {"batches": 0, "loss": 0.0, "prior_loss": 0.0, "last": None} for s in subjects}
+        if len(datasets) == 1:
+            return datasets[0]
+        weights = [s.weight for s in subjects] if cfg.subject_sampling == "weighted" else [1.0] * len(subjects)
+        return MultiSubjectDataset(datasets, weights, cfg.batch_size)
+
+    def _class_images(self, subjects) -> list[list[Path]]:
+        """Top up the class folders (main process first under accelerate launch); the sampler is freed after."""
+        from .prior import ensure_class_images
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+            with PartialState().main_process_first():
+                return ensure_class_images(self.cfg, subjects)
+        return ensure_class_images(self.cfg, subjects)
 
     def _total_steps(self) -> int:
         micro_per_epoch = math.ceil(len(self._shard(list(range(len(self.dataset))))) / self.cfg.batch_size)
@@ -141,6 +207,8 @@ class Trainer:
         return self.components.text_encoder(self._tokens(prompts))[0]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.latent_cache is not None:
+            return self.latent_cache.sample(pixels, self.gen)
         vae = self.components.vae
         with torch.no_grad():
             dist = vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
@@ -156,62 +224,162 @@ class Trainer:
             self.dataset.set_epoch(self.epoch)
             g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
             order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())
-            for i in range(0, len(order), self.cfg.batch_size):
-                yield collate([self.dataset[j] for j in order[i:i + self.cfg.batch_size]])
+            groups = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+            if isinstance(self.dataset, MultiSubjectDataset):  # one subject per batch, subjects taking turns
+                groups = self._shard(self.dataset.epoch_batches(self.epoch, self.cfg.seed))
+            # A resumed run starts mid-epoch: skip the batches its checkpoint had already used.
+            while self.batch_in_epoch < len(groups):
+                group = groups[self.batch_in_epoch]
+                self.batch_in_epoch += 1  # counted before the yield: the consumer owns the batch from here
+                yield collate([self.dataset[j] for j in group])
             self.epoch += 1
+            self.batch_in_epoch = 0
 
-    def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Noise the batch's latents at random timesteps and score the UNet's prediction."""
-        latents = self.encode_images(batch["pixel_values"])
-        embeds = self.encode_prompts(batch["prompts"])
+    def _noised(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents of `pixels` with their noise and timesteps, drawn in this order from the trainer's generator.
+
+        Instances are drawn before class images, so a prior run's instance part sees a no-prior run's draws."""
+        latents = self.encode_images(pixels)
         noise = torch.randn(latents.shape, generator=self.gen, device=latents.device)
         t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=self.gen,
                           device=latents.device)
+        return latents, noise, t
+
+    def _predict(self, latents, noise, t, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction for the noised latents, and its training target."""
+        embeds = self.encode_prompts(prompts)
         noisy = add_noise(latents, noise, t, self.alphas_cumprod)
         with self.accelerator.autocast():
             pred = self.unet(noisy, t, embeds.to(self.weight_dtype if not self.cfg.train_text_encoder else embeds.dtype)).sample
         target = training_target(latents, noise, t, self.alphas_cumprod,
                                  self.components.noise_scheduler.config.prediction_type)
+        return pred, target
+
+    def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Score the UNet on the batch's noised latents, class images joined to the instances in one forward."""
+        parts = [self._noised(batch["pixel_values"])]
+        prompts = list(batch["prompts"])
+        if batch.get("has_class"):
+            parts.append(self._noised(batch["class_pixel_values"]))
+            prompts += batch["class_prompts"]
+        latents, noise, t = (torch.cat(x) for x in zip(*parts))
+        pred, target = self._predict(latents, noise, t, prompts)
         total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight)
         return {"loss": total, "instance_loss": instance, **({"prior_loss": prior} if prior is not None else {})}
+
+    def sequential_backward(self, batch: dict, scale: float) -> dict[str, torch.Tensor]:
+        """prior_mode sequential: instance and class passes backpropagate one after the other into the same
+        gradients, so activations of only one half are alive at a time; same gradient as forward_loss."""
+        instance_part, class_part = self._noised(batch["pixel_values"]), self._noised(batch["class_pixel_values"])
+        with self.accelerator.no_sync(self.unet):  # gradients sync once, after the second pass
+            instance = mse(*self._predict(*instance_part, batch["prompts"]))
+            self.accelerator.backward(instance * scale)
+        prior = mse(*self._predict(*class_part, batch["class_prompts"]))
+        self.accelerator.backward(prior * (self.cfg.prior_loss_weight * scale))
+        instance, prior = instance.detach(), prior.detach()
+        return {"loss": instance + self.cfg.prior_loss_weight * prior, "instance_loss": instance, "prior_loss": prior}
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule."""
         accum = self.cfg.gradient_accumulation_steps
         logs: dict[str, float] = {}
+        step_subjects: dict[str, list[float]] = {}  # subject -> its micro-batch losses in this step
         for i in range(accum):
             # Only the last micro-batch syncs gradients across processes.
             ctx = nullcontext() if i == accum - 1 else self.accelerator.no_sync(self.unet)
             with ctx:
-                losses = self.forward_loss(next(batches))
-                self.accelerator.backward(losses["loss"] / accum)
+                batch = next(batches)
+                if batch.get("has_class") and self.cfg.prior_mode == "sequential":
+                    losses = self.sequential_backward(batch, 1 / accum)
+                else:
+                    losses = self.forward_loss(batch)
+                    self.accelerator.backward(losses["loss"] / accum)
             for k, v in losses.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / accum
-        logs["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        self.optimizer.step()
-        self.lr_scheduler.step()
+            self._track_subject(batch, losses, step_subjects)
+        if len(self.subject_stats) > 1:
+            logs.update({f"loss/{name}": sum(v) / len(v) for name, v in step_subjects.items()})
+        logs["grad_norm"] = self.clip_gradients()
+        finite = math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])
+        if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
+            self.optimizer.step()
+        skipped = not finite or self.accelerator.optimizer_step_was_skipped
+        if not skipped:  # a skipped step leaves weights, moments and the schedule where they were
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        logs["skipped"] = float(skipped)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
+
+    def clip_gradients(self) -> float:
+        """Clip to max_grad_norm and return the global norm. With the step fused into backward the update is done:
+        this closes the step (its norm clips the next step's gradients)."""
+        if self.paramwise is not None and self.paramwise.fused:
+            return self.paramwise.close_step()
+        return float(self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
 
     def train(self) -> dict:
         cfg = self.cfg
         start, batches = time.time(), self.batches()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="training", unit="step",
                    disable=cfg.quiet or not self.accelerator.is_local_main_process)
-        while self.global_step < self.total_steps:
-            logs = self.train_step(batches)
-            self.global_step += 1
-            self.after_step(logs)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            bar.update(1)
-        bar.close()
+        # Ctrl-C / SIGTERM: finish the step, write a checkpoint, stop (a second one aborts at once).
+        with checkpoint.StopSignals() as stop, bar:
+            while self.global_step < self.total_steps:
+                logs = self.train_step(batches)
+                self.global_step += 1
+                self.bad_steps = self.bad_steps + 1 if logs.get("skipped") else 0
+                self.after_step(logs)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                bar.update(1)
+                if self.bad_steps >= cfg.nan_patience:
+                    self._stop_non_finite()
+                if self._stop_requested(stop):
+                    saved = self.last_checkpoint_step == self.global_step
+                    path = self.last_checkpoint if saved else checkpoint.save(self)
+                    raise checkpoint.Interrupted(self.global_step, path, stop.requested or "SIGINT")
+        checkpoint.assert_finite(self, "final model")  # never hand NaN weights to save()
+        self.end_of_training()
         self.wall_time = time.time() - start
         return self.summary()
+
+    def _stop_requested(self, stop: checkpoint.StopSignals) -> bool:
+        flag = stop.requested is not None
+        if self.accelerator.num_processes > 1:  # every process must stop after the same step
+            t = torch.tensor([float(flag)], device=self.accelerator.device)
+            flag = bool(self.accelerator.reduce(t, "max").item())
+        return flag
+
+    def _stop_non_finite(self) -> None:
+        kept = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint
+                else "no checkpoint was written")
+        raise UserError(f"stopped at step {self.global_step}: loss or gradients were NaN/inf for "
+                        f"{self.bad_steps} steps in a row (nan_patience: {self.cfg.nan_patience}); train with "
+                        f"mixed_precision: bf16 or a lower learning_rate (now {self.cfg.learning_rate:g}); {kept}")
 
     def after_step(self, logs: dict[str, float]) -> None:
         """Bookkeeping after each optimisation step (checkpoints, validation and logging hook in here)."""
         self.losses.append(logs["loss"])
+        # A checkpoint only after a good step, so the newest one is never inside a NaN streak.
+        if self.cfg.checkpoint_steps and self.global_step % self.cfg.checkpoint_steps == 0 and not self.bad_steps:
+            checkpoint.save(self)
+        self.runlog.step(self.global_step, logs)
+        self.validate_if_due()
+
+    def validate_if_due(self) -> None:
+        """Validation images at the scheduled steps (validation.steps / every_n_steps)."""
+        if self.validator is not None and self.validator.due(self.global_step):
+            if self.cfg.validation.keep_checkpoints:  # exempt from keep_last, so any validated step can be exported
+                checkpoint.save(self, keep=True)
+            start = time.time()
+            images = self.validator.run(self.global_step)
+            self.runlog.validated(self.global_step, images, time.time() - start)
+
+    def end_of_training(self) -> None:
+        """The final sweep grid and the loss history the report draws."""
+        if self.validator is not None:
+            self.validator.finish()
+        self.runlog.write_history()
 
     # ------------------------------------------------------------------------------------------ output
     def summary(self) -> dict:
@@ -233,9 +401,34 @@ class Trainer:
             "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "mixed_precision": self.precision,
             "optimizer": self.optimizer_name,
+            "subjects": self.subject_summary(),
             "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "accelerate": accelerate.__version__},
         }
+
+    def _track_subject(self, batch: dict, losses: dict, step_subjects: dict) -> None:
+        """Count the batch and its loss for its subject (every batch holds one subject)."""
+        name = batch.get("subjects", [None])[0]
+        stats = self.subject_stats.get(name)
+        if stats is None:
+            return
+        loss = losses["loss"].item()
+        stats["batches"] += 1
+        stats["loss"] += loss
+        stats["last"] = loss
+        stats["prior_loss"] += losses["prior_loss"].item() if "prior_loss" in losses else 0.0
+        step_subjects.setdefault(name, []).append(loss)
+
+    def subject_summary(self) -> dict:
+        """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""
+        out = {}
+        for name, s in self.subject_stats.items():
+            n = s["batches"]
+            out[name] = {"steps": round(n / self.cfg.gradient_accumulation_steps, 3),
+                         "mean_loss": s["loss"] / n if n else None, "final_loss": s["last"]}
+            if self.cfg.with_prior_preservation:
+                out[name]["mean_prior_loss"] = s["prior_loss"] / n if n else None
+        return out
 
     def pipeline(self):
         """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
@@ -243,26 +436,33 @@ class Trainer:
 
         from .models import load_frozen
         c, unwrap = self.components, self.accelerator.unwrap_model
-        text_encoder = unwrap(c.text_encoder) if self.cfg.train_text_encoder else None
+        text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
         vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
+        unet = unwrap(self.unet).to("cpu", torch.float32)
+        if self.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
+            self.paramwise.export_master_weights_()
         return StableDiffusionPipeline(
             vae=vae.to("cpu"), text_encoder=(text_encoder or base_te).to("cpu", torch.float32),
-            tokenizer=c.tokenizer, unet=unwrap(self.unet).to("cpu", torch.float32), scheduler=c.scheduler,
+            tokenizer=c.tokenizer, unet=unet, scheduler=c.scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def save(self, summary: dict | None = None) -> Path:
-        """Write the pipeline (safetensors) beside config.yaml and train_summary.json; swap in when complete."""
+        """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (safetensors, swapped
+        in when complete), a LoRA run's LoRA file, single-file and kohya exports (export.py)."""
         if not self.accelerator.is_main_process:
             return self.out
-        tmp = self.out / ".saving"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.pipeline().save_pretrained(tmp, safe_serialization=True)
-        for item in tmp.iterdir():
-            target = self.out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
+        from .export import export_run
+        pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
+        if pipe is not None:
+            tmp = self.out / ".saving"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for item in tmp.iterdir():
+                target = self.out / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            tmp.rmdir()
         if summary is not None:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return self.out
@@ -274,8 +474,18 @@ def _peak_rss() -> int:
 
 
 def run_training(cfg: Config) -> dict:
-    """setup -> train -> save; returns the summary."""
+    """setup -> train -> save -> report.html; returns the summary."""
     trainer = Trainer(cfg).setup()
-    summary = trainer.train()
-    trainer.save(summary)
+    error = None
+    try:
+        summary = trainer.train()
+        trainer.save(summary)
+        if trainer.accelerator.is_main_process:
+            from .report import write_report
+            write_report(trainer.out)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        trainer.runlog.close(error)  # the log file says how the run ended
     return summary
