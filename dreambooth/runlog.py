@@ -172,3 +172,73 @@ class RunLog:
 def _eta(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class SubjectStats:
+    """Batches and losses of each subject (every batch holds one), for per-subject logs and the summary."""
+
+    def __init__(self, names: list[str], cfg: Config):
+        self.cfg = cfg
+        self.stats = {n: {"batches": 0, "loss": 0.0, "prior_loss": 0.0, "last": None} for n in names}
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    def track(self, batch: dict, losses: dict, step_subjects: dict) -> None:
+        """Count the batch and its loss for its subject; `step_subjects` collects this step's losses by subject."""
+        name = batch.get("subjects", [None])[0]
+        stats = self.stats.get(name)
+        if stats is None:
+            return
+        loss = losses["loss"].item()
+        stats["batches"] += 1
+        stats["loss"] += loss
+        stats["last"] = loss
+        stats["prior_loss"] += losses["prior_loss"].item() if "prior_loss" in losses else 0.0
+        step_subjects.setdefault(name, []).append(loss)
+
+    def summary(self) -> dict:
+        """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""
+        out = {}
+        for name, s in self.stats.items():
+            n = s["batches"]
+            out[name] = {"steps": round(n / self.cfg.gradient_accumulation_steps, 3),
+                         "mean_loss": s["loss"] / n if n else None, "final_loss": s["last"]}
+            if self.cfg.with_prior_preservation:
+                out[name]["mean_prior_loss"] = s["prior_loss"] / n if n else None
+        return out
+
+
+def run_summary(t) -> dict:
+    """train_summary.json of a finished Trainer: steps, losses, time, throughput, peak memory, device, versions."""
+    import platform
+
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+    cuda = torch.cuda.is_available()
+    samples = t.global_step * t.cfg.batch_size * t.cfg.gradient_accumulation_steps
+    return {
+        "steps": t.global_step,
+        "epochs": round(t.global_step / t.steps_per_epoch, 3),
+        "final_loss": t.losses[-1] if t.losses else None,
+        "mean_loss": sum(t.losses) / len(t.losses) if t.losses else None,
+        "wall_time_s": round(t.wall_time, 3),
+        "samples_per_s": round(samples / t.wall_time, 4) if t.wall_time else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _peak_rss(),
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "mixed_precision": t.precision,
+        "optimizer": t.optimizer_name,
+        "subjects": t.subject_stats.summary(),
+        "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+    }
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

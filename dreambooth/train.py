@@ -6,9 +6,6 @@ import json
 import logging
 import math
 import os
-import platform
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint
+from . import checkpoint
 from .config import Config, save_config
 from .data import (DreamBoothDataset, ImageTransform, MultiSubjectDataset, collate, load_image_files, load_images,
                    resolve_subjects)
@@ -26,37 +23,11 @@ from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
 from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision, trainable_dtype_fix
-from .runlog import RunLog, tracker_kwargs
+from .output import check_output_dir, mark_output_dir, write_pipeline
+from .runlog import RunLog, SubjectStats, run_summary, tracker_kwargs
 from .validation import Validator
 
 log = logging.getLogger(__name__)
-
-MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
-
-
-def check_output_dir(path: str) -> Path:
-    """Refuse a non-empty foreign folder or an unwritable place, before anything is written."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file: choose a folder path for output_dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise UserError(f"output_dir {out} is not empty and was not written by dreambooth: "
-                        "choose a new output_dir or empty that folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"output_dir {out} is inside {parent}, which is a file: choose a folder path for output_dir")
-    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try a real, unnamed file
-        writable = os.access(parent, os.W_OK)
-        if writable:
-            tempfile.TemporaryFile(dir=parent).close()
-    except OSError:
-        writable = False
-    if not writable:
-        raise UserError(f"output_dir {out} cannot be written ({parent} is read-only): choose a writable output_dir")
-    return out
-
 
 class Trainer:
     """DreamBooth fine-tuning of one SD pipeline: setup() -> train() -> save()."""
@@ -90,8 +61,7 @@ class Trainer:
         set_seed(cfg.seed)
         c = self.components = load_components(cfg)
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
+        mark_output_dir(self.out)
         save_config(cfg, self.out / "config.yaml")
         self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 
@@ -166,7 +136,7 @@ class Trainer:
             datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, class_images,
                                               s.class_prompt if paths else None, seed=cfg.seed + i, name=s.name))
             self.prompts += [s.instance_prompt] + ([s.class_prompt] if paths else [])
-        self.subject_stats = {s.name: {"batches": 0, "loss": 0.0, "prior_loss": 0.0, "last": None} for s in subjects}
+        self.subject_stats = SubjectStats([s.name for s in subjects], cfg)
         if len(datasets) == 1:
             return datasets[0]
         weights = [s.weight for s in subjects] if cfg.subject_sampling == "weighted" else [1.0] * len(subjects)
@@ -250,7 +220,9 @@ class Trainer:
         embeds = self.encode_prompts(prompts)
         noisy = add_noise(latents, noise, t, self.alphas_cumprod)
         with self.accelerator.autocast():
-            pred = self.unet(noisy, t, embeds.to(self.weight_dtype if not self.cfg.train_text_encoder else embeds.dtype)).sample
+            # A trained text encoder's fp32 output keeps its precision into the UNet; cached ones use the compute dtype.
+            embeds = embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
+            pred = self.unet(noisy, t, embeds).sample
         target = training_target(latents, noise, t, self.alphas_cumprod,
                                  self.components.noise_scheduler.config.prediction_type)
         return pred, target
@@ -296,7 +268,7 @@ class Trainer:
                     self.accelerator.backward(losses["loss"] / accum)
             for k, v in losses.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / accum
-            self._track_subject(batch, losses, step_subjects)
+            self.subject_stats.track(batch, losses, step_subjects)
         if len(self.subject_stats) > 1:
             logs.update({f"loss/{name}": sum(v) / len(v) for name, v in step_subjects.items()})
         logs["grad_norm"] = self.clip_gradients()
@@ -383,52 +355,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ output
     def summary(self) -> dict:
-        import accelerate
-        import diffusers
-        import transformers
-
-        cuda = torch.cuda.is_available()
-        samples = self.global_step * self.cfg.batch_size * self.cfg.gradient_accumulation_steps
-        return {
-            "steps": self.global_step,
-            "epochs": round(self.global_step / self.steps_per_epoch, 3),
-            "final_loss": self.losses[-1] if self.losses else None,
-            "mean_loss": sum(self.losses) / len(self.losses) if self.losses else None,
-            "wall_time_s": round(self.wall_time, 3),
-            "samples_per_s": round(samples / self.wall_time, 4) if self.wall_time else None,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _peak_rss(),
-            "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
-            "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-            "mixed_precision": self.precision,
-            "optimizer": self.optimizer_name,
-            "subjects": self.subject_summary(),
-            "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-        }
-
-    def _track_subject(self, batch: dict, losses: dict, step_subjects: dict) -> None:
-        """Count the batch and its loss for its subject (every batch holds one subject)."""
-        name = batch.get("subjects", [None])[0]
-        stats = self.subject_stats.get(name)
-        if stats is None:
-            return
-        loss = losses["loss"].item()
-        stats["batches"] += 1
-        stats["loss"] += loss
-        stats["last"] = loss
-        stats["prior_loss"] += losses["prior_loss"].item() if "prior_loss" in losses else 0.0
-        step_subjects.setdefault(name, []).append(loss)
-
-    def subject_summary(self) -> dict:
-        """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""
-        out = {}
-        for name, s in self.subject_stats.items():
-            n = s["batches"]
-            out[name] = {"steps": round(n / self.cfg.gradient_accumulation_steps, 3),
-                         "mean_loss": s["loss"] / n if n else None, "final_loss": s["last"]}
-            if self.cfg.with_prior_preservation:
-                out[name]["mean_prior_loss"] = s["prior_loss"] / n if n else None
-        return out
+        return run_summary(self)
 
     def pipeline(self):
         """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
@@ -454,23 +381,10 @@ class Trainer:
         from .export import export_run
         pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
         if pipe is not None:
-            tmp = self.out / ".saving"
-            shutil.rmtree(tmp, ignore_errors=True)
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            for item in tmp.iterdir():
-                target = self.out / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(item, target)
-            tmp.rmdir()
+            write_pipeline(pipe, self.out)
         if summary is not None:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return self.out
-
-
-def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_training(cfg: Config) -> dict:
