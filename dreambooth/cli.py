@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_bars() -> None:
+    """Hide the libraries' weight loading/saving bars; ours (training, sampling, generation) stay."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # The libraries' own info and warnings (weight loading, dtype notes) drown our one-line messages.
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        _quiet_library_bars()
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -62,6 +62,7 @@ def run_demo(out: Path, quiet: bool = False) -> dict:
           f"loss {summary['mean_loss']:.4f} mean, {summary['final_loss']:.4f} last")
     print(f"demo: data   {data}")
     print(f"demo: model  {out / 'model'}  (a diffusers StableDiffusionPipeline folder)")
+    print(f"demo: report {out / 'model' / 'report.html'}  (validation sweep, loss curve; open in a browser)")
     for p in images:
         print(f"demo: image  {p}")
     return {"summary": summary, "images": images, "model": out / "model"}

@@ -108,11 +108,11 @@ def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -
     request.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=quiet, leave=False)
     base_seed = request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
     device = pipe.device.type
     paths, k = [], 0
-    for prompt in request.prompt:
+    for n, prompt in enumerate(request.prompt, 1):
+        pipe.set_progress_bar_config(disable=quiet, leave=False, desc=f"generating {n}/{len(request.prompt)}")
         seeds = [base_seed + k + i for i in range(request.num_images_per_prompt)]
         gens = [torch.Generator(device).manual_seed(s) for s in seeds]
         images = pipe(prompt, negative_prompt=request.negative_prompt, width=request.width, height=request.height,
