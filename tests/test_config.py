@@ -97,3 +97,9 @@ def test_every_option_is_documented():
     rows = schema_rows(Config)
     assert len(rows) > 50
     assert all(doc for _, _, doc in rows)
+
+
+def test_readme_documents_every_option():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key, _, _ in schema_rows(Config) if f"| `{key}` |" not in readme]
+    assert not missing, f"README's option table lacks {missing}: rerun scripts/config_table.py"
