@@ -20,6 +20,13 @@ DEFAULT_LORA_LR = 1e-4  # LoRA updates few, small matrices: 1e-4 is the common D
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
 
 
+def require_peft() -> None:
+    """LoRA layers come from peft, an optional dependency: say how to get it instead of failing on import."""
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("LoRA needs the peft package: pip install peft (or pip install -e '.[lora]')")
+
+
 def lora_config(rank: int, alpha: float, targets: list[str]):
     """A peft LoraConfig; gaussian init of A with B = 0, so the wrapped model starts equal to the base."""
     from peft import LoraConfig
@@ -125,6 +132,7 @@ def resolve_lora_file(path: str | Path) -> Path:
 def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
     """Load a LoRA (our diffusers file or kohya/A1111 layout) into `pipe` at strength `scale`."""
     path = resolve_lora_file(path)
+    require_peft()
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as e:  # diffusers' many ways to fail

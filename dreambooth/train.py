@@ -18,7 +18,7 @@ from .config import Config, save_config
 from .data import (DreamBoothDataset, ImageTransform, MultiSubjectDataset, collate, load_image_files, load_images,
                    resolve_subjects)
 from .errors import UserError
-from .lora import add_lora_layers, learning_rate, trains_text_encoder_lora
+from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
@@ -44,6 +44,8 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
         # The memory profile fills in its settings first, so checkpoints see the same resolved config.
         self.memory = apply_memory_profile(cfg)
+        if cfg.finetune == "lora":
+            require_peft()
         # Checked before anything is written: a bad resume (or old checkpoints in a fresh run) leaves no trace.
         self.resume_from = checkpoint.resolve_resume(cfg, self.out)
 

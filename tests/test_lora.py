@@ -189,3 +189,13 @@ def test_rank4_lora_of_full_size_sd21_is_a_few_mb():
     inject_adapter_in_model(lora_config(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"]), unet)
     n = sum(p.numel() for name, p in unet.named_parameters() if ".lora_" in name)
     assert n == 829_952  # 3.3 MB in fp32, the dtype the LoRA file is written in
+
+
+def test_lora_without_peft_is_one_clear_error(make_cfg, monkeypatch):
+    import importlib.util
+
+    from dreambooth.errors import UserError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(UserError, match="pip install peft"):
+        Trainer(make_cfg(finetune="lora"))
