@@ -1,0 +1,66 @@
+"""Loading the base model the way real runs do: a local diffusers folder (the hub-id path), v-prediction
+models, pickle refusal, and the machine checks for precision and optimizer."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dreambooth.errors import UserError
+from dreambooth.models import load_components, model_kind, resolve_optimizer, resolve_precision
+from dreambooth.train import Trainer, run_training
+
+
+def test_trains_from_a_local_diffusers_folder(make_cfg, tiny_model_dir):
+    cfg = make_cfg(model=str(tiny_model_dir), max_steps=2)
+    assert model_kind(cfg.model) == "folder"
+    run_training(cfg)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    out = StableDiffusionPipeline.from_pretrained(cfg.output_dir)
+    assert type(out.scheduler).__name__ == type(base.scheduler).__name__ == "PNDMScheduler"
+    assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), out.unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(base.vae.state_dict().values(), out.vae.state_dict().values()))
+
+
+def test_v_prediction_model_trains_on_the_velocity(make_cfg, tiny_model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "v-model"
+    shutil.copytree(tiny_model_dir, folder)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    cfg = make_cfg(model=str(folder), max_steps=1)
+    assert load_components(cfg).noise_scheduler.config.prediction_type == "v_prediction"
+    seen = []
+    import dreambooth.train as train_module
+    real = train_module.training_target
+    monkeypatch.setattr(train_module, "training_target", lambda *a: seen.append(a[-1]) or real(*a))
+    Trainer(cfg).setup().train()
+    assert seen == ["v_prediction"]
+
+
+def test_pickle_only_folder_is_refused_unless_allowed(make_cfg, tiny_model_dir, tmp_path):
+    folder = tmp_path / "bin-model"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(UserError, match="allow_pickle"):
+        load_components(make_cfg(model=str(folder)))
+    with pytest.raises(UserError, match="pickle file"):
+        model_kind(str(tmp_path / "model.ckpt"))
+
+
+def test_not_a_diffusers_folder(tmp_path):
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(UserError, match="no model_index.json"):
+        model_kind(str(tmp_path / "weights"))
+
+
+def test_machine_choices(make_cfg):
+    cfg = make_cfg()
+    assert resolve_precision(cfg, cuda=True) == "fp16" and resolve_precision(cfg, cuda=False) == "no"
+    assert resolve_optimizer(cfg, cuda=False) == "adamw"
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        resolve_precision(make_cfg(mixed_precision="fp16"), cuda=False)
+    with pytest.raises(UserError, match="adamw8bit needs a CUDA GPU"):
+        resolve_optimizer(make_cfg(optimizer="adamw8bit"), cuda=False)
