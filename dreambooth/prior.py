@@ -105,13 +105,18 @@ def _usable(path: Path) -> bool:
 def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool) -> Plan:
     """Count the usable images of FOLDER, reconcile its manifest, and choose the image indices to sample."""
     folder.mkdir(parents=True, exist_ok=True)
+    recorded = (folder / MANIFEST).is_file()  # written below before any sampling, so sampled files have one
     manifest = _read_manifest(folder)
     images = manifest["images"]
     for tmp in folder.glob(".class-*.tmp.png"):
         tmp.unlink()  # a write cut short by an interruption
-    for path in folder.iterdir():
-        m = NAME.match(path.name)
-        if m and path.name not in images and int(m.group(1)) >= manifest["next_index"]:
+    numbered = [(path, int(m.group(1))) for path in folder.iterdir() if (m := NAME.match(path.name))]
+    if not recorded:
+        # No manifest (copied-in folder, or the user deleted it): every class-NNNNN.png is the user's own image,
+        # never deleted, and its number is never reused.
+        manifest["next_index"] = max((k for _, k in numbered), default=-1) + 1
+    for path, k in numbered:
+        if recorded and path.name not in images and k >= manifest["next_index"]:
             path.unlink()  # sampled, but the run stopped before the manifest recorded it: sampled again below
     gone = [name for name in images if not (folder / name).is_file()]
     for name in gone:

@@ -113,6 +113,18 @@ def test_interrupted_sampling_resumes_with_the_same_images(make_cfg, tmp_path, m
     assert manifest(tmp_path / "whole")["images"] == manifest(tmp_path / "cut")["images"]
 
 
+def test_images_named_like_ours_without_a_manifest_are_the_users(make_cfg, subject_dir):
+    """A copied-in class folder (or one whose manifest the user deleted) loses nothing and keeps its numbers."""
+    folder = subject_dir / "class_data_dir"
+    for i, path in enumerate(user_images(folder, 3)):
+        path.rename(folder / f"class-{i:05d}.png")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    paths = prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=4))[0]
+    assert len(paths) == 4
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert sorted(manifest(folder)["images"]) == ["class-00003.png"]  # the one sampled image takes a new number
+
+
 def test_changed_class_prompt_is_refused_unless_regenerating(make_cfg, subject_dir, caplog):
     folder = subject_dir / "class_data_dir"
     mine = user_images(folder, 1)
