@@ -52,12 +52,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg)
         self.optimizer_name = resolve_optimizer(cfg)
         self.dataset = self._build_dataset()  # samples missing class images first, then frees the sampler
+        # accelerate keeps one mixed precision per process; a later run in the same process may use another.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
                                        **tracker_kwargs(cfg, self.out))
         set_seed(cfg.seed)

@@ -131,8 +131,9 @@ def _train(model, opt, passes: int, steps: int = 3, fused: bool = False):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for _ in range(passes):  # gradient accumulation (or instance + prior passes)
-            x, y = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
-            ((model(x.to(next(model.parameters()).dtype)).float() - y) ** 2).mean().backward()
+            x, y = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)  # the same draws on any device
+            p = next(model.parameters())
+            ((model(x.to(p.device, p.dtype)).float() - y.to(p.device)) ** 2).mean().backward()
         if fused:
             opt.close_step()
         opt.step()
@@ -282,5 +283,8 @@ def test_8bit_paramwise_fused_on_cuda():
     model(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)).float().pow(2).mean().backward()
     opt.close_step()
     assert not torch.equal(before, model.weight) and model.weight.grad is None
-    state = opt.state_dict()["state"][0]
-    assert state["state1"].dtype == torch.uint8
+    def tensors(node):  # bitsandbytes nests its quantised state differently across versions
+        if isinstance(node, dict):
+            return [t for v in node.values() for t in tensors(v)]
+        return [node] if torch.is_tensor(node) else []
+    assert any(t.dtype == torch.uint8 for t in tensors(opt.state_dict()["state"][0]))  # 8-bit moments

@@ -100,3 +100,10 @@ def test_refuses_foreign_nonempty_output_dir(make_cfg, tmp_path):
     with pytest.raises(UserError, match="not empty and was not written by dreambooth"):
         Trainer(make_cfg(output_dir=str(foreign)))
     assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
+
+
+def test_runs_with_different_precision_in_one_process(make_cfg, tmp_path):
+    # accelerate keeps one mixed precision per process; the trainer must not inherit the previous run's.
+    run_training(make_cfg(output_dir=str(tmp_path / "fp32"), max_steps=1, mixed_precision="no"))
+    summary = run_training(make_cfg(output_dir=str(tmp_path / "bf16"), max_steps=1, mixed_precision="bf16"))
+    assert summary["mixed_precision"] == "bf16"
