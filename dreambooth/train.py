@@ -46,6 +46,9 @@ class Trainer:
         self.memory = apply_memory_profile(cfg)
         if cfg.finetune == "lora":
             require_peft()
+            # The resolved rate (1e-4 when unset) goes into the config, so config.yaml, logs and exports tell the truth.
+            cfg.learning_rate = learning_rate(cfg)
+            cfg.provided.add("learning_rate")
         # Checked before anything is written: a bad resume (or old checkpoints in a fresh run) leaves no trace.
         self.resume_from = checkpoint.resolve_resume(cfg, self.out)
 
@@ -104,7 +107,10 @@ class Trainer:
         self.paramwise = optimizer if self.memory.paramwise else None  # bf16 weights and/or steps inside backward
         self.total_steps = self._total_steps()
         from diffusers.optimization import get_scheduler
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        schedule = cfg.lr_scheduler
+        if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up
+            schedule = "constant_with_warmup"
+        self.lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
         prepared = self.accelerator.prepare(*self._trainable(), optimizer)
         self.unet, self.optimizer = prepared[0], prepared[-1]

@@ -199,3 +199,16 @@ def test_lora_without_peft_is_one_clear_error(make_cfg, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(UserError, match="pip install peft"):
         Trainer(make_cfg(finetune="lora"))
+
+
+def test_resolved_lora_rate_is_what_config_yaml_records(make_cfg, tmp_path):
+    import yaml
+
+    from dreambooth.config import config_from_dict, config_to_dict, load_config
+    data = config_to_dict(make_cfg(finetune="lora", max_steps=1))
+    del data["learning_rate"]  # left unset: LoRA's default applies
+    trainer = Trainer(config_from_dict(data)).setup()
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-4
+    saved = Path(data["output_dir"]) / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["learning_rate"] == 1e-4
+    assert load_config(saved).learning_rate == 1e-4  # rerunning the saved config trains at the same rate

@@ -107,3 +107,9 @@ def test_runs_with_different_precision_in_one_process(make_cfg, tmp_path):
     run_training(make_cfg(output_dir=str(tmp_path / "fp32"), max_steps=1, mixed_precision="no"))
     summary = run_training(make_cfg(output_dir=str(tmp_path / "bf16"), max_steps=1, mixed_precision="bf16"))
     assert summary["mixed_precision"] == "bf16"
+
+
+def test_warmup_applies_to_the_default_constant_schedule(make_cfg):
+    trainer = Trainer(make_cfg(lr_warmup_steps=4, max_steps=2)).setup()  # learning_rate 1e-3
+    lrs = [trainer.train_step(trainer.batches())["lr"] for _ in range(2)]
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3])  # the rate for the next step: 1/4, then 2/4 of the way up
