@@ -50,9 +50,37 @@ def write_pipeline(pipe, out: Path) -> None:
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    prefix_text_encoder_keys(tmp / "text_encoder")
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+
+
+def prefix_text_encoder_keys(folder: Path) -> None:
+    """Write CLIPTextModel weights under `text_model.`, as the published SD 2.x files have them.
+
+    transformers 5 saves them without the prefix; transformers 4 would then silently start from random weights
+    (it loads both forms; 5 loads both too)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = folder / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("architectures") != ["CLIPTextModel"]:
+        return
+    index = folder / "model.safetensors.index.json"
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+        tensors = load_file(str(path))
+        if all(k.startswith("text_model.") for k in tensors):
+            continue
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
+                  str(path), metadata=metadata)
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
+                              for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))

@@ -113,3 +113,11 @@ def test_warmup_applies_to_the_default_constant_schedule(make_cfg):
     trainer = Trainer(make_cfg(lr_warmup_steps=4, max_steps=2)).setup()  # learning_rate 1e-3
     lrs = [trainer.train_step(trainer.batches())["lr"] for _ in range(2)]
     assert lrs == pytest.approx([0.25e-3, 0.5e-3])  # the rate for the next step: 1/4, then 2/4 of the way up
+
+
+def test_text_encoder_saved_in_the_published_key_layout(trained):
+    from safetensors import safe_open
+    cfg, _, _ = trained
+    with safe_open(f"{cfg.output_dir}/text_encoder/model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)  # what transformers 4 expects too
