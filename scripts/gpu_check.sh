@@ -50,7 +50,7 @@ fi
 tail -n 40 "$OUT/bench.log"
 
 # torch.compile of the UNet: measured, not assumed; compilation takes a minute or two, so only with time left.
-if [ "${COMPILE_ROW:-1}" = 1 ] && [ "$(left)" -gt 180 ]; then
+if [ "${COMPILE_ROW:-1}" = 1 ] && [ "$(left)" -gt 150 ]; then
   # shellcheck disable=SC2086
   timeout "$(left)" python3 -m dreambooth.cli bench --rows default,default+compile --prior on --no-sampling \
     --out "$OUT/bench-compile.json" --table "$OUT/bench-compile.md" ${BENCH_ARGS:-} >"$OUT/bench-compile.log" 2>&1
