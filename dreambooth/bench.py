@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,10 @@ def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Pat
     except UserError as e:
         row.update(status="skipped", reason=str(e))
     except torch.OutOfMemoryError as e:
-        row.update(status="oom", reason=str(e).splitlines()[0])
+        row.update(status="oom", reason=first_line(e))
     except Exception as e:  # a broken row must not lose the others' numbers
         log.exception("benchmark row %s failed", name)
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
     reset_peak()  # the trainer is gone by now: hand its memory back before the next row
     return row
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -242,7 +242,7 @@ def _read_file(path: Path) -> dict:
         text = path.read_text()
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
     if data is None:
         return {}

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
@@ -293,7 +293,7 @@ def _load_for_export(model: Path, allow_pickle: bool):
             return StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
                                                            use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load pipeline {model}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"cannot load pipeline {model}: {first_line(e)}") from None
     if model.is_dir() and (model / LORA_FILE).is_file():
         if not (model / "config.yaml").is_file():
             raise UserError(f"{model} holds a LoRA but no config.yaml naming its base model: export from the "

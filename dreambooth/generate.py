@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # Short names users know from the UIs, mapped to diffusers scheduler classes.
 SCHEDULERS = {
@@ -93,12 +93,13 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
             pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                            use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load pipeline '{model}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
     return pipe.to(device)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
+def slug(text: str, length: int = 48) -> str:
+    """A prompt as a short file-name part: lower-case letters and digits joined by dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
 
 
 def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -> list[Path]:
@@ -123,7 +124,7 @@ def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -
             settings = {**asdict(request), "prompt": prompt, "seed": seed,
                         "scheduler": type(pipe.scheduler).__name__}
             info.add_text("parameters", json.dumps(settings))
-            path = out / f"{len(paths):04d}-{_slug(prompt)}-seed{seed}.png"
+            path = out / f"{len(paths):04d}-{slug(prompt)}-seed{seed}.png"
             image.save(path, pnginfo=info)
             paths.append(path)
         k += len(seeds)

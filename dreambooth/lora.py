@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
@@ -55,7 +55,7 @@ def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
             # transformers' add_adapter insists on a newer peft than diffusers needs; peft's injector is enough.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise UserError(f"'{key}' {sorted(config.target_modules)} matched no layer of the {what} ({first}): use "
                         "attention projection names such as to_q, to_k, to_v, to_out.0") from None
 
@@ -136,7 +136,7 @@ def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as e:  # diffusers' many ways to fail
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"cannot apply LoRA {path}: {first} (is it an SD 2.x LoRA for this base model?)") from None
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
         raise UserError(f"LoRA {path} has no layer that matches this model: is it an SD 2.x LoRA for this base model?")

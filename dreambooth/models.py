@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _hub_call(cfg: Config, what: str, fn):
     try:
         return fn()
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = ("HF_HUB_OFFLINE is set, so it must already be in the Hugging Face cache"
                 if offline else "check the hub id or pass a local diffusers folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import CONFIGS_KEY
 from .models import PICKLE_SUFFIXES
 
@@ -30,7 +30,7 @@ def _header_and_keys(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
         with safe_open(str(path), "pt") as f:
             return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise UserError(f"model file {path} is not a readable .safetensors file ({str(e).splitlines()[0]}): "
+        raise UserError(f"model file {path} is not a readable .safetensors file ({first_line(e)}): "
                         "re-download or re-export it") from None
 
 
@@ -118,6 +118,6 @@ def load_single_file(path: str | Path, allow_pickle: bool = False, dtype: torch.
                 str(path), config=tmp, local_files_only=True, tokenizer=tokenizer, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False, dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"cannot load model file {path} as an SD 2.x checkpoint: {first}") from None
     return pipe

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ValidationConfig, subjects_of
 from .data import resolve_prompts
+from .generate import slug
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
@@ -165,10 +166,6 @@ def on_device(module: torch.nn.Module, device: torch.device):
         module.to(before)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
-
-
 # ----------------------------------------------------------------------------------------------- validator
 
 class Validator:
@@ -266,7 +263,7 @@ class Validator:
                 info = PngInfo()
                 info.add_text("parameters", json.dumps({"prompt": prompt, "seed": seed, "step": step,
                                                         **self._settings()}))
-                path = folder / f"{p:02d}-{_slug(prompt)}-seed{seed}.png"
+                path = folder / f"{p:02d}-{slug(prompt, 40)}-seed{seed}.png"
                 image.save(path, pnginfo=info)
                 rel[-1].append(path.relative_to(self.t.out).as_posix())
         grid = folder / "grid.png"
