@@ -16,6 +16,7 @@ import yaml
 
 from . import __version__
 from .errors import UserError, first_line
+from .models import base_pipeline
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
@@ -240,16 +241,6 @@ def save_kohya(lora_file: str | Path, out: str | Path, half: bool = False) -> Pa
 
 
 # ------------------------------------------------------------------------------------- runs and the CLI
-def base_pipeline(cfg):
-    """The run's base model (cfg.model) as a full fp32 pipeline on the CPU."""
-    from diffusers import StableDiffusionPipeline
-
-    from .models import load_components
-    c = load_components(cfg)
-    return StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
 
 def formats_of(cfg) -> list[str]:
     """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged

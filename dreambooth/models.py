@@ -142,7 +142,7 @@ def build_builtin_sd21(model: str, remember: bool = False):
     remember=True keeps the built parts so later loads of the same name copy them instead of rebuilding."""
     import copy
 
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
 
     from .tiny import _load_tokenizer, asset_path
     parts = _BUILTIN_MEMO.get(model)
@@ -152,14 +152,26 @@ def build_builtin_sd21(model: str, remember: bool = False):
             _BUILTIN_MEMO[model] = parts
     parts = {k: copy.deepcopy(m) for k, m in parts.items()} if model in _BUILTIN_MEMO else parts
     scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(asset_path("sd21-base") / "scheduler"))
-    return StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"].eval(),
-                                   tokenizer=_load_tokenizer(), unet=parts["unet"], scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return sd_pipeline(parts["vae"], parts["text_encoder"].eval(), _load_tokenizer(), parts["unet"], scheduler)
 
 
 def forget_builtin() -> None:
     """Drop the parts kept by build_builtin_sd21(remember=True)."""
     _BUILTIN_MEMO.clear()
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline of these parts, without the safety checker (it blacks out ordinary images)."""
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def base_pipeline(cfg: Config):
+    """The run's base model (cfg.model, however named) as a full fp32 pipeline on the CPU."""
+    c = load_components(cfg)
+    return sd_pipeline(c.vae, c.text_encoder, c.tokenizer, c.unet, c.scheduler)
 
 
 def load_components(cfg: Config) -> Components:

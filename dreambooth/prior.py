@@ -155,15 +155,10 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool) -> 
 
 def load_sampler(cfg: Config):
     """The base model as a StableDiffusionPipeline for sampling: fp16 on CUDA, no safety checker."""
-    from diffusers import StableDiffusionPipeline
-
     from .generate import set_scheduler
-    from .models import load_components
+    from .models import base_pipeline
 
-    c = load_components(cfg)
-    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = base_pipeline(cfg)
     if torch.cuda.is_available():
         pipe = pipe.to(device="cuda", dtype=torch.float16)  # load_components gives fp32; sampling needs no more
     set_scheduler(pipe, cfg.class_sampler)

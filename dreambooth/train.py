@@ -370,19 +370,15 @@ class Trainer:
 
     def pipeline(self):
         """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
-        from diffusers import StableDiffusionPipeline
-
-        from .models import load_frozen
+        from .models import load_frozen, sd_pipeline
         c, unwrap = self.components, self.accelerator.unwrap_model
         text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
         vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
         unet = unwrap(self.unet).to("cpu", torch.float32)
         if self.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
             self.paramwise.export_master_weights_()
-        return StableDiffusionPipeline(
-            vae=vae.to("cpu"), text_encoder=(text_encoder or base_te).to("cpu", torch.float32),
-            tokenizer=c.tokenizer, unet=unet, scheduler=c.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
+                           c.scheduler)
 
     def save(self, summary: dict | None = None) -> Path:
         """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (safetensors, swapped

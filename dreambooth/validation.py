@@ -211,12 +211,12 @@ class Validator:
     def _pipeline(self, unet, text_encoder, vae):
         """A StableDiffusionPipeline around the live modules (no copies), with its own DPM++ scheduler
         (good at ~25 steps) so the trainer's scheduler objects are untouched."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DPMSolverMultistepScheduler
+
+        from .models import sd_pipeline
         c = self.t.components
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=c.tokenizer, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = sd_pipeline(vae, text_encoder, c.tokenizer, unet,
+                           DPMSolverMultistepScheduler.from_config(c.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
