@@ -46,12 +46,16 @@ def mark_output_dir(out: Path) -> None:
 
 
 def write_pipeline(pipe, out: Path) -> None:
-    """save_pretrained into out/.saving (safetensors), then move each part over the old one."""
+    """save_pretrained into out/.saving (safetensors), then move each part over the old one.
+
+    model_index.json, which makes the folder loadable, goes first and comes back last: a crash mid-swap leaves
+    a folder that refuses to load rather than one that loads a mix of two models."""
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder")
-    for item in tmp.iterdir():
+    (out / "model_index.json").unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / item.name
         if target.is_dir():
             shutil.rmtree(target)
