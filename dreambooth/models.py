@@ -34,6 +34,13 @@ class Components:
     scheduler: Any  # the model's own inference scheduler, saved with the output unchanged
 
 
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """A pickle-based weight file can run code when loaded: refuse it unless the user opted in."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(f"model {path} is a pickle file, which can run code when loaded: convert it to "
+                        ".safetensors, or set allow_pickle: true if you trust it")
+
+
 def model_kind(model: str, allow_pickle: bool = False) -> str:
     """Classify `model` as 'builtin', 'folder', 'single-file' or 'hub'; refuse paths that cannot work."""
     if model == BUILTIN_TINY:
@@ -47,9 +54,7 @@ def model_kind(model: str, allow_pickle: bool = False) -> str:
             raise UserError(f"model folder {path} is not a diffusers pipeline folder (no model_index.json): "
                             "pass the folder that holds model_index.json, unet/, vae/, text_encoder/")
         return "folder"
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise UserError(f"model {path} is a pickle file, which can run code when loaded: convert it to "
-                        ".safetensors, or set allow_pickle: true if you trust it")
+    refuse_pickle(path, allow_pickle)
     if path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
         if not path.is_file():
             raise UserError(f"model file {path} does not exist: check the path")

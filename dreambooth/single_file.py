@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserError, first_line
 from .export import CONFIGS_KEY
-from .models import PICKLE_SUFFIXES
+from .models import PICKLE_SUFFIXES, refuse_pickle
 
 
 SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP: SD 2.x
@@ -98,9 +98,7 @@ def load_single_file(path: str | Path, allow_pickle: bool = False, dtype: torch.
     if not path.is_file():
         raise UserError(f"model file {path} does not exist: check the path")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise UserError(f"model {path} is a pickle file, which can run code when loaded: convert it to "
-                            ".safetensors, or set allow_pickle: true if you trust it")
+        refuse_pickle(path, allow_pickle)
         header, shapes = {}, None  # no cheap look inside a pickle; from_single_file reads it (weights only)
     elif path.suffix.lower() == ".safetensors":
         header, shapes = _header_and_keys(path)
