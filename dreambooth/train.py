@@ -22,7 +22,7 @@ from .lora import add_lora_layers, learning_rate, require_peft, trains_text_enco
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision, trainable_dtype_fix
+from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision
 from .output import check_output_dir, mark_output_dir, write_pipeline
 from .runlog import RunLog, SubjectStats, run_summary, tracker_kwargs
 from .validation import Validator
@@ -78,7 +78,8 @@ class Trainer:
         c.vae.requires_grad_(False).eval().to(device, self.weight_dtype)
         c.text_encoder.requires_grad_(cfg.train_text_encoder)
         c.text_encoder.to(device, self.memory.master_dtype if cfg.train_text_encoder else self.weight_dtype)
-        # Cast on the way to the device (bf16 profiles), so no fp32 copy of the UNet ever sits on the GPU;
+        # Trainable weights take the master dtype on the way to the device: fp32 (half-precision weights would
+        # break the fp16 grad scaler), or bf16 in the low profiles without an fp32 copy ever on the GPU.
         # nn.Module.to, because diffusers' own .to warns on every dtype cast.
         torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, self.memory.master_dtype)
         if cfg.finetune == "lora":  # frozen base in compute precision; only the LoRA layers train (lora.py)
@@ -97,9 +98,6 @@ class Trainer:
         self.text_cache = {} if self.trains_text_encoder else self._encode_prompts_once()
         self.latent_cache = build_latent_cache(self.dataset, c.vae, device, self.weight_dtype, cfg.seed,
                                                cfg.latent_cache_views, cfg.cache_latents, quiet=cfg.quiet)
-        for module in self._trainable() if self.memory.master_weights == "fp32" else []:
-            if trainable_dtype_fix(module):  # half-precision master weights: the fp16 scaler cannot unscale them
-                log.info("upcast the trainable half-precision weights of %s to fp32", type(module).__name__)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
         self.params = params
         optimizer = make_optimizer(params, cfg, self.optimizer_name, lr=learning_rate(cfg),  # LoRA: 1e-4 default
