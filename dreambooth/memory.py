@@ -169,11 +169,9 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 # ------------------------------------------------------------------------------------------ optimizer
 
 def _inner_optimizer(name: str, tensor: torch.Tensor, group: dict) -> torch.optim.Optimizer:
-    kw = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit([tensor], **kw)
-    return torch.optim.AdamW([tensor], foreach=False, fused=tensor.is_cuda or None, **kw)
+    from .models import adamw
+    return adamw([tensor], name, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                 weight_decay=group["weight_decay"])
 
 
 class ParamwiseOptimizer(torch.optim.Optimizer):
@@ -359,17 +357,14 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
             self._generator(torch.device(device)).set_state(state.cpu())
 
 
-def make_paramwise_optimizer(params, cfg: Config, inner: str, plan: MemoryPlan,
-                             lr: float | None = None) -> ParamwiseOptimizer:
-    """The ParamwiseOptimizer a plan asks for, with JumpStart's AdamW hyperparameters."""
+def make_paramwise_optimizer(params, cfg: Config, inner: str, plan: MemoryPlan, hparams: dict) -> ParamwiseOptimizer:
+    """The ParamwiseOptimizer a plan asks for, with the AdamW hyperparameters make_optimizer chose."""
     params = list(params)
     on_cuda = any(t.is_cuda for g in params for t in (g["params"] if isinstance(g, dict) else [g]))
     if plan.master_weights == "bf16" and inner != "adamw8bit" and on_cuda:
         log.warning("memory_profile %s expects 8-bit AdamW states (pip install bitsandbytes, optimizer: auto); "
                     "fp32 states take 8 bytes per weight, about 5 GB more on SD 2.1", plan.profile)
-    opt = ParamwiseOptimizer(params, lr=cfg.learning_rate if lr is None else lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                             weight_decay=cfg.adam_weight_decay, inner=inner,
+    opt = ParamwiseOptimizer(params, **hparams, inner=inner,
                              rounding=plan.rounding if plan.master_weights == "bf16" else None, seed=cfg.seed)
     if plan.fused_backward:
         opt.fuse_into_backward(plan.backwards_per_step, cfg.max_grad_norm)

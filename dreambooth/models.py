@@ -237,22 +237,27 @@ def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
     return cfg.optimizer
 
 
+def adamw(params, name: str, **hparams) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (name adamw8bit), or torch's AdamW, fused when every tensor is on CUDA."""
+    params = list(params)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, **hparams)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    return torch.optim.AdamW(params, fused=on_cuda or None, **hparams)
+
+
 def make_optimizer(params, cfg: Config, name: str, lr: float | None = None, plan=None) -> torch.optim.Optimizer:
     """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused on CUDA).
 
     A memory plan (memory.py) with bf16 weights or a fused backward gets the per-tensor ParamwiseOptimizer."""
-    params = list(params)
+    hparams = dict(lr=cfg.learning_rate if lr is None else lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if plan is not None and plan.paramwise:
         from .memory import make_paramwise_optimizer
-        return make_paramwise_optimizer(params, cfg, name, plan, lr)
-    kw = dict(lr=cfg.learning_rate if lr is None else lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, **kw)
-    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-    return torch.optim.AdamW(params, fused=on_cuda or None, **kw)
+        return make_paramwise_optimizer(params, cfg, name, plan, hparams)
+    return adamw(params, name, **hparams)
 
 
 def trainable_dtype_fix(module: torch.nn.Module) -> int:
