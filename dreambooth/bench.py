@@ -10,7 +10,6 @@ import gc
 import json
 import logging
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 
 from . import __version__
 from .errors import UserError, first_line
+from .runlog import peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ def reset_peak(collect: bool = True) -> bool:
         return False
 
 
-def _rss() -> int | None:
+def _status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak); None off Linux."""
     try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
         return int(line.split()[1]) * 1024
     except (OSError, StopIteration):
         return None
@@ -100,12 +101,7 @@ def read_peak() -> dict:
     if torch.cuda.is_available():
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         peak["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        hwm = next(line for line in status if line.startswith("VmHWM"))
-        peak["cpu_peak_rss_bytes"] = int(hwm.split()[1]) * 1024
-    except (OSError, StopIteration):
-        peak["cpu_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak["cpu_peak_rss_bytes"] = _status_bytes("VmHWM") or peak_rss()
     return peak
 
 
@@ -124,9 +120,11 @@ def bf16_matmul_peak_tflops(device: torch.device) -> float:
 
 
 def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device, autocast_dtype) -> int:
-    """FLOPs of one UNet forward + backward on `images` latents (no checkpointing, so no recomputation)."""
+    """FLOPs of one UNet forward + backward on `images` latents (no checkpointing, so no recomputation).
+
+    Moves `unet` to `device` and leaves gradients on it: pass a copy you will discard."""
     from torch.utils.flop_counter import FlopCounterMode
-    unet = copy.deepcopy(unet).to(device).train()
+    unet = unet.to(device).train()
     side = resolution // vae_scale
     latents = torch.randn(images, unet.config.in_channels, side, side, device=device)
     embeds = torch.randn(images, 77, unet.config.cross_attention_dim, device=device)
@@ -135,7 +133,6 @@ def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device,
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = unet(latents, t, embeds).sample
         out.float().square().mean().backward()
-    del unet
     return counter.get_total_flops()
 
 
@@ -174,17 +171,10 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
     return config_from_dict(data, f"benchmark row {name}")
 
 
-def fresh_accelerate_state() -> None:
-    """Forget accelerate's process-wide state, so the next Accelerator may use another mixed precision."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
     """Set up the trainer, run warm-up and timed steps, fill in `row`; everything it made dies on return."""
     from .train import Trainer
-    rss_start = _rss()  # the process's own footprint (prebuilt model, libraries) before the row
-    fresh_accelerate_state()  # rows differ in mixed precision; one process runs them all
+    rss_start = _status_bytes("VmRSS")  # the process's own footprint (prebuilt model, libraries) before the row
     start = time.perf_counter()
     trainer = Trainer(cfg).setup()
     try:

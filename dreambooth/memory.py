@@ -40,8 +40,6 @@ PROFILES: dict[str, Profile] = {
     "24gb": Profile("as default but without gradient checkpointing: no recomputation, fastest; more activations",
                     gradient_checkpointing=False),
     "default": _DEFAULT,
-    "16gb": _DEFAULT,  # the default already fits 12 GB cards; larger cards gain nothing more from memory savings
-    "12gb": _DEFAULT,
     "8gb": Profile("bf16 weights with Kahan-compensated AdamW updates, 8-bit states, optimizer step fused into "
                    "backward, gradient checkpointing, bf16 autocast", mixed_precision="bf16",
                    master_weights="bf16", rounding="kahan", fused_backward=True),
@@ -49,6 +47,7 @@ PROFILES: dict[str, Profile] = {
                    "prior loss in a second forward/backward pass", mixed_precision="bf16", prior_mode="sequential",
                    master_weights="bf16", rounding="stochastic", fused_backward=True),
 }
+# The default already fits 12 GB cards; larger cards gain nothing more from memory savings.
 ALIASES = {"16gb": "default", "12gb": "default"}
 # auto: the largest profile whose target fits the card (total memory in GiB, as CUDA reports it).
 AUTO_THRESHOLDS_GIB = ((22.0, "24gb"), (11.0, "default"), (7.5, "8gb"), (0.0, "6gb"))

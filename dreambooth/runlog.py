@@ -228,7 +228,7 @@ def run_summary(t) -> dict:
         "mean_loss": sum(t.losses) / len(t.losses) if t.losses else None,
         "wall_time_s": round(t.wall_time, 3),
         "samples_per_s": round(samples / t.wall_time, 4) if t.wall_time else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _peak_rss(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss(),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "mixed_precision": t.precision,
@@ -239,6 +239,6 @@ def run_summary(t) -> dict:
     }
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

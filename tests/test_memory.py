@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.bench import fresh_accelerate_state
 from dreambooth.errors import UserError
 from dreambooth.memory import (ParamwiseOptimizer, apply_memory_profile, auto_profile, join_bf16, split_bf16_,
                                stochastic_round_)
@@ -215,16 +214,8 @@ def test_8bit_inner_optimizer_is_bitsandbytes(monkeypatch):
 
 # --- the trainer ----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def fresh_accelerate():
-    """These trainers use bf16 autocast; accelerate keeps one mixed precision per process unless reset."""
-    fresh_accelerate_state()
-    yield
-    fresh_accelerate_state()
-
-
 @pytest.mark.parametrize("profile", ["6gb", "8gb"])
-def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile, fresh_accelerate):
+def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile):
     trainer = Trainer(make_cfg(memory_profile=profile, max_steps=2, learning_rate=1e-3)).setup()
     assert trainer.paramwise is not None and trainer.paramwise.fused
     assert all(p.dtype == torch.bfloat16 for p in trainer.params)
@@ -236,7 +227,7 @@ def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile, fresh_acce
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
 
-def test_6gb_profile_with_sequential_prior_steps_once_per_step(make_cfg, fresh_accelerate):
+def test_6gb_profile_with_sequential_prior_steps_once_per_step(make_cfg):
     cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True, num_class_images=2, class_sampling_steps=2,
                    sample_batch_size=2, max_steps=1)
     trainer = Trainer(cfg).setup()
@@ -249,11 +240,10 @@ def test_6gb_profile_with_sequential_prior_steps_once_per_step(make_cfg, fresh_a
 
 
 @pytest.mark.parametrize("profile", ["6gb", "8gb"])
-def test_low_memory_profiles_resume_exactly(make_cfg, tmp_path, profile, fresh_accelerate):
+def test_low_memory_profiles_resume_exactly(make_cfg, tmp_path, profile):
     extra = dict(memory_profile=profile, center_crop=False, random_flip=True, learning_rate=1e-3)
     run_training(make_cfg(output_dir=str(tmp_path / "straight"), max_steps=4, **extra))
     run_training(make_cfg(output_dir=str(tmp_path / "split"), max_steps=2, checkpoint_steps=2, **extra))
-    fresh_accelerate_state()
     # Only max_steps differs, and the constant schedule does not depend on it.
     run_training(make_cfg(output_dir=str(tmp_path / "split"), max_steps=4, resume="latest", resume_force=True,
                           **extra))
