@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import NON_TRAINING_KEYS, Config, config_to_dict
+from .config import NON_TRAINING_KEYS, Config, flatten_config
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,7 @@ class Interrupted(KeyboardInterrupt):
 
 def training_settings(cfg: Config) -> dict[str, Any]:
     """The config's training-relevant keys, dotted and JSON-normalised; NON_TRAINING_KEYS may differ on resume."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str):
-        for key, value in node.items():
-            if not prefix and key in NON_TRAINING_KEYS:
-                continue
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value
-    walk(config_to_dict(cfg), "")
-    return json.loads(json.dumps(flat))
+    return json.loads(json.dumps(flatten_config(cfg, NON_TRAINING_KEYS)))
 
 
 def settings_differences(saved: dict, current: dict) -> list[str]:

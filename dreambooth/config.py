@@ -374,6 +374,22 @@ def config_to_dict(cfg: Config) -> dict:
     return out
 
 
+def flatten_config(cfg: Config, skip: set[str] = frozenset()) -> dict[str, Any]:
+    """The config as {dotted key: value}, leaving out the top-level keys in `skip`."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if not prefix and key in skip:
+                continue
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

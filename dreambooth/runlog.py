@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, config_to_dict
+from .config import Config, flatten_config
 from .errors import UserError
 
 log = logging.getLogger("dreambooth")
@@ -35,16 +35,7 @@ def tracker_kwargs(cfg: Config, out: Path) -> dict:
 
 def _hparams(cfg: Config) -> dict:
     """The config flattened to the scalar values TensorBoard's hparams accept."""
-    flat = {}
-
-    def walk(d: dict, prefix: str):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    walk(config_to_dict(cfg), "")
-    return flat
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten_config(cfg).items()}
 
 
 class RunLog:
