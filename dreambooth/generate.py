@@ -97,6 +97,15 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
     return pipe.to(device)
 
 
+def save_png(image, path: Path, settings: dict) -> Path:
+    """Save a PNG with the settings that made it as JSON in its `parameters` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
 def slug(text: str, length: int = 48) -> str:
     """A prompt as a short file-name part: lower-case letters and digits joined by dashes."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
@@ -104,8 +113,6 @@ def slug(text: str, length: int = 48) -> str:
 
 def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -> list[Path]:
     """Generate every prompt's images, one seed per image (seed, seed+1, ...), and save them as PNG."""
-    from PIL.PngImagePlugin import PngInfo
-
     request.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,12 +127,8 @@ def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -
                       num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                       num_images_per_prompt=len(seeds), generator=gens).images
         for image, seed in zip(images, seeds):
-            info = PngInfo()
             settings = {**asdict(request), "prompt": prompt, "seed": seed,
                         "scheduler": type(pipe.scheduler).__name__}
-            info.add_text("parameters", json.dumps(settings))
-            path = out / f"{len(paths):04d}-{slug(prompt)}-seed{seed}.png"
-            image.save(path, pnginfo=info)
-            paths.append(path)
+            paths.append(save_png(image, out / f"{len(paths):04d}-{slug(prompt)}-seed{seed}.png", settings))
         k += len(seeds)
     return paths

@@ -169,7 +169,7 @@ def load_sampler(cfg: Config):
 
 def _sample(plans: list[Plan], cfg: Config) -> None:
     """Sample every plan's missing images in batches, recording each batch in the manifest as it lands."""
-    from PIL.PngImagePlugin import PngInfo
+    from .generate import save_png
 
     todo = sum(len(p.indices) for p in plans)
     batch_size = cfg.sample_batch_size or default_batch_size()
@@ -191,10 +191,7 @@ def _sample(plans: list[Plan], cfg: Config) -> None:
                                   generator=[torch.Generator(pipe.device).manual_seed(x) for x in seeds]).images
                 for k, seed, image in zip(indices, seeds, images):
                     name, record = f"class-{k:05d}.png", {**s, "seed": seed, "index": k}
-                    info = PngInfo()
-                    info.add_text("parameters", json.dumps(record))
-                    tmp = plan.folder / f".class-{k:05d}.tmp.png"
-                    image.save(tmp, pnginfo=info)
+                    tmp = save_png(image, plan.folder / f".class-{k:05d}.tmp.png", record)
                     os.replace(tmp, plan.folder / name)
                     plan.manifest["images"][name] = record
                     plan.usable.append(plan.folder / name)

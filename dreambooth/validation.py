@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, ValidationConfig, subjects_of
 from .data import resolve_prompts
-from .generate import slug
+from .generate import save_png, slug
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
@@ -252,19 +252,14 @@ class Validator:
         return images
 
     def _write(self, step: int, images: dict[str, list[Image.Image]], seconds: float) -> None:
-        from PIL.PngImagePlugin import PngInfo
-
         folder = self.dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         rel = []
         for p, prompt in enumerate(self.prompts):
             rel.append([])
             for image, seed in zip(images[prompt], self.seeds):
-                info = PngInfo()
-                info.add_text("parameters", json.dumps({"prompt": prompt, "seed": seed, "step": step,
-                                                        **self._settings()}))
-                path = folder / f"{p:02d}-{slug(prompt, 40)}-seed{seed}.png"
-                image.save(path, pnginfo=info)
+                path = save_png(image, folder / f"{p:02d}-{slug(prompt, 40)}-seed{seed}.png",
+                                {"prompt": prompt, "seed": seed, "step": step, **self._settings()})
                 rel[-1].append(path.relative_to(self.t.out).as_posix())
         grid = folder / "grid.png"
         make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
