@@ -171,22 +171,29 @@ class SubjectStats:
     def __init__(self, names: list[str], cfg: Config):
         self.cfg = cfg
         self.stats = {n: {"batches": 0, "loss": 0.0, "prior_loss": 0.0, "last": None} for n in names}
+        self.this_step: dict[str, list[float]] = {}  # subject -> its micro-batch losses in the current step
 
     def __len__(self) -> int:
         return len(self.stats)
 
-    def track(self, batch: dict, losses: dict, step_subjects: dict) -> None:
-        """Count the batch and its loss for its subject; `step_subjects` collects this step's losses by subject."""
+    def track(self, batch: dict, losses: dict[str, float]) -> None:
+        """Count the batch and its loss (plain numbers) for its subject."""
         name = batch.get("subjects", [None])[0]
         stats = self.stats.get(name)
         if stats is None:
             return
-        loss = losses["loss"].item()
+        loss = losses["loss"]
         stats["batches"] += 1
         stats["loss"] += loss
         stats["last"] = loss
-        stats["prior_loss"] += losses["prior_loss"].item() if "prior_loss" in losses else 0.0
-        step_subjects.setdefault(name, []).append(loss)
+        stats["prior_loss"] += losses.get("prior_loss", 0.0)
+        self.this_step.setdefault(name, []).append(loss)
+
+    def step_means(self) -> dict[str, float]:
+        """`loss/<subject>` of the step just finished (only with several subjects); starts the next step."""
+        means = {f"loss/{n}": sum(v) / len(v) for n, v in self.this_step.items()} if len(self.stats) > 1 else {}
+        self.this_step = {}
+        return means
 
     def summary(self) -> dict:
         """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""

@@ -264,7 +264,6 @@ class Trainer:
         """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule."""
         accum = self.cfg.gradient_accumulation_steps
         logs: dict[str, float] = {}
-        step_subjects: dict[str, list[float]] = {}  # subject -> its micro-batch losses in this step
         for i in range(accum):
             # Only the last micro-batch syncs gradients across processes.
             ctx = nullcontext() if i == accum - 1 else self.accelerator.no_sync(self.unet)
@@ -275,11 +274,11 @@ class Trainer:
                 else:
                     losses = self.forward_loss(batch)
                     self.accelerator.backward(losses["loss"] / accum)
-            for k, v in losses.items():
-                logs[k] = logs.get(k, 0.0) + v.item() / accum
-            self.subject_stats.track(batch, losses, step_subjects)
-        if len(self.subject_stats) > 1:
-            logs.update({f"loss/{name}": sum(v) / len(v) for name, v in step_subjects.items()})
+            values = {k: v.item() for k, v in losses.items()}  # one device sync per loss
+            for k, v in values.items():
+                logs[k] = logs.get(k, 0.0) + v / accum
+            self.subject_stats.track(batch, values)
+        logs.update(self.subject_stats.step_means())
         logs["grad_norm"] = self.clip_gradients()
         finite = math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
