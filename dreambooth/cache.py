@@ -91,6 +91,7 @@ class LatentCache:
         self.vae, self.device, self.dtype, self.scaling = vae, torch.device(device), dtype, scaling_factor
         self.rows: dict[bytes, int] = {}
         self.mean = self.std = None  # [N, C, h, w] float32 on CPU; a step's rows are moved to the device
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # encoded chunks not yet joined to mean/std
         self.misses = 0
 
     def __len__(self) -> int:
@@ -113,9 +114,14 @@ class LatentCache:
         start = len(self.rows)
         for j, key in enumerate(keys):
             self.rows[key] = start + j
-        new_mean, new_std = torch.cat(means), torch.cat(stds)
-        self.mean = new_mean if self.mean is None else torch.cat([self.mean, new_mean])
-        self.std = new_std if self.std is None else torch.cat([self.std, new_std])
+        self._pending.append((torch.cat(means), torch.cat(stds)))
+
+    def _join(self) -> None:
+        """Join the encoded chunks once, not at every add (which would copy the whole cache each time)."""
+        if self._pending:
+            means = ([self.mean] if self.mean is not None else []) + [m for m, _ in self._pending]
+            stds = ([self.std] if self.std is not None else []) + [s for _, s in self._pending]
+            self.mean, self.std, self._pending = torch.cat(means), torch.cat(stds), []
 
     def sample(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of a [B, 3, H, W] batch: a fresh sample of each image's cached distribution."""
@@ -123,6 +129,7 @@ class LatentCache:
         missing = [(k, x) for k, x in zip(keys, pixels) if k not in self.rows]
         if missing:
             self._fill_misses(missing)
+        self._join()
         rows = torch.tensor([self.rows[k] for k in keys])
         mean = self.mean[rows].to(self.device)
         std = self.std[rows].to(self.device)
@@ -180,6 +187,7 @@ def build_latent_cache(dataset, vae, device, dtype, seed: int, views: int, setti
                 pending, keys = [], []
             bar.update(len(outs))
         cache.add(pending, keys)
+    cache._join()
     if offload:
         vae.to("cpu")
         if torch.cuda.is_available():
