@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from . import __version__
-from .errors import UserError, first_line
+from .errors import UserError
 from .models import base_pipeline
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
@@ -275,16 +275,11 @@ def export_run(trainer, summary: dict | None):
 
 def _load_for_export(model: Path, allow_pickle: bool):
     """A full pipeline from a trained folder, a LoRA run folder (merged into its base) or a single file."""
-    from diffusers import StableDiffusionPipeline
-
     from .config import load_config
+    from .generate import load_pipeline
     from .lora import LORA_FILE, merged_pipeline
     if model.is_dir() and (model / "model_index.json").is_file():
-        try:
-            return StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
-                                                           use_safetensors=None if allow_pickle else True)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load pipeline {model}: {first_line(e)}") from None
+        return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle)  # fp32 on the CPU
     if model.is_dir() and (model / LORA_FILE).is_file():
         if not (model / "config.yaml").is_file():
             raise UserError(f"{model} holds a LoRA but no config.yaml naming its base model: export from the "

@@ -78,8 +78,8 @@ def _tokenizer(path: Path, vocab_rows: int):
     """The tokenizer that fits the checkpoint's vocabulary: the shipped tiny one, or SD 2.1's from the HF cache."""
     from transformers import CLIPTokenizer
 
-    from .tiny import asset_path
-    tiny = CLIPTokenizer.from_pretrained(asset_path("tokenizer"))
+    from .tiny import _load_tokenizer
+    tiny = _load_tokenizer()
     if vocab_rows == len(tiny):
         return tiny
     try:  # one file holds no tokenizer; SD 2.x all share OpenCLIP's, which the hub model carries
