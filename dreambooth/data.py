@@ -282,6 +282,11 @@ class Subject:
     weight: float
 
 
+def class_folder(subject_dir: str, class_data_dir: str | None) -> Path:
+    """Where a subject's class images live: its class_data_dir, else class_data_dir/ inside its folder."""
+    return (Path(class_data_dir) if class_data_dir else Path(subject_dir) / "class_data_dir").expanduser()
+
+
 def resolve_subjects(cfg: Config, need_class_prompt: bool | None = None) -> list[Subject]:
     """The run's subjects with prompts merged from dataset_info.json; refuses duplicate instance prompts."""
     need_class_prompt = cfg.with_prior_preservation if need_class_prompt is None else need_class_prompt
@@ -296,8 +301,7 @@ def resolve_subjects(cfg: Config, need_class_prompt: bool | None = None) -> list
         name = Path(s.dir).name or f"subject{i}"
         name = name if name not in names else f"{name}-{i}"
         names.add(name)
-        class_dir = Path(s.class_data_dir) if s.class_data_dir else Path(s.dir) / "class_data_dir"
-        out.append(Subject(name, Path(s.dir), instance, klass, class_dir.expanduser(),
+        out.append(Subject(name, Path(s.dir), instance, klass, class_folder(s.dir, s.class_data_dir),
                            s.num_class_images or cfg.num_class_images, s.weight))
     for i, a in enumerate(out):
         for b in out[i + 1:]:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import yaml
 
-from .data import list_images, load_image, resolve_prompts
+from .data import class_folder, list_images, load_image, resolve_prompts
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _thumbnails(out: Path, config: dict) -> str:
         instance, cls = _prompts(subject)
         blocks.append(f"<p>Subject {i + 1}: instance prompt <b>{html.escape(str(instance))}</b>, "
                       f"class prompt <b>{html.escape(str(cls))}</b></p>")
-        class_dir = Path(subject.get("class_data_dir") or folder / "class_data_dir")
+        class_dir = class_folder(subject.get("dir") or "", subject.get("class_data_dir"))
         for label, where, n in (("instance images", folder, MAX_THUMBS), ("class images", class_dir, 8)):
             if not where.is_dir():
                 continue
