@@ -336,13 +336,11 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
         self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
         # An epoch has as many batches as the subjects would have one after the other.
         self.batches_per_epoch = sum(math.ceil(len(d) / batch_size) for d in self.datasets)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         for d in self.datasets:
             d.set_epoch(epoch)
 

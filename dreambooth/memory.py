@@ -84,7 +84,8 @@ def auto_profile(total_gib: float | None) -> str:
     return next(name for limit, name in AUTO_THRESHOLDS_GIB if total_gib >= limit)
 
 
-def _gpu_memory_gib() -> float | None:
+def gpu_memory_gib() -> float | None:
+    """Total memory of GPU 0 in GiB; None without CUDA."""
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -95,7 +96,7 @@ def apply_memory_profile(cfg: Config, total_gib: float | None = ..., num_process
     """Resolve `cfg.memory_profile`, write its settings into `cfg` where the user set none, return the plan.
 
     total_gib, num_processes and bf16_ok default to this machine's (tests pass them)."""
-    total_gib = _gpu_memory_gib() if total_gib is ... else total_gib
+    total_gib = gpu_memory_gib() if total_gib is ... else total_gib
     num_processes = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
     if bf16_ok is None:
         bf16_ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()

@@ -37,9 +37,10 @@ def sampling_steps(cfg: Config) -> int:
 
 def default_batch_size() -> int:
     """Class images per sampling batch when sample_batch_size is unset: by GPU memory, 4 on CPU."""
-    if not torch.cuda.is_available():
+    from .memory import gpu_memory_gib
+    gib = gpu_memory_gib()
+    if gib is None:
         return 4
-    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     return 16 if gib >= 40 else 8 if gib >= 20 else 4 if gib >= 12 else 2
 
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import yaml
 
 from .data import class_folder, list_images, load_image, resolve_prompts
+from .runlog import hms
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def _fmt(key: str, value) -> str:
     if key.endswith("_bytes") and isinstance(value, (int, float)):
         return f"{value / 2**30:.2f} GiB"
     if key.endswith("_s") and isinstance(value, (int, float)) and key != "samples_per_s":
-        m, s = divmod(int(round(value)), 60)
-        return f"{value:.1f} s ({m // 60}:{m % 60:02d}:{s:02d})"
+        return f"{value:.1f} s ({hms(value)})"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

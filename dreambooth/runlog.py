@@ -101,7 +101,7 @@ class RunLog:
         mean = f" (mean of last {len(recent)}: {sum(recent) / len(recent):.4f})" if len(recent) > 1 else ""
         progress.info("step %d/%d  loss %.4f%s%s  lr %.2e  grad_norm %.3f  %.2f s/step  ETA %s", step, total,
                       entry.get("loss", float("nan")), mean, extras, entry.get("lr", float("nan")),
-                      entry.get("grad_norm", float("nan")), per_step, _eta(per_step * (total - step)))
+                      entry.get("grad_norm", float("nan")), per_step, hms(per_step * (total - step)))
 
     def validated(self, step: int, images: dict[str, list], seconds: float) -> None:
         """After a validation: keep its time out of s/step and ETA; images to the tracker, a tag per prompt."""
@@ -160,7 +160,8 @@ class RunLog:
                                                    "levelname": logging.getLevelName(level), "exc_info": exc_info}))
 
 
-def _eta(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 

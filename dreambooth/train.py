@@ -201,11 +201,12 @@ class Trainer:
         """Batches forever, in an order drawn from (seed, epoch) so any position can be reproduced."""
         while True:
             self.dataset.set_epoch(self.epoch)
-            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
-            order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())
-            groups = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
             if isinstance(self.dataset, MultiSubjectDataset):  # one subject per batch, subjects taking turns
                 groups = self._shard(self.dataset.epoch_batches(self.epoch, self.cfg.seed))
+            else:
+                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
+                order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())
+                groups = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
             # A resumed run starts mid-epoch: skip the batches its checkpoint had already used.
             while self.batch_in_epoch < len(groups):
                 group = groups[self.batch_in_epoch]
