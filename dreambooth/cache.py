@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageTransform
 from .errors import UserError
+from .models import on_device
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,9 @@ class LatentCache:
         if not self.misses:
             log.warning("an image was not in the latent cache; encoding it now (the dataset changed after caching?)")
         self.misses += len(missing)
-        home = next(self.vae.parameters()).device
-        self.vae.to(self.device)
         unique = dict(missing)
-        self.add(list(unique.values()), list(unique))
-        self.vae.to(home)
+        with on_device(self.vae, self.device):
+            self.add(list(unique.values()), list(unique))
 
 
 def build_latent_cache(dataset, vae, device, dtype, seed: int, views: int, setting="auto",

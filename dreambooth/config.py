@@ -117,6 +117,7 @@ class Config:
     regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.")
     # --- speed and memory ---
     cache_latents: Literal["auto", True, False] = opt("auto", "Encode images with the VAE once; auto = whenever valid.")
+    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.")
     latent_cache_views: int = opt(8, "Augmented views cached per image when crops/flips are random.")
     memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
     compile: bool = opt(False, "torch.compile the UNet.")
@@ -143,7 +144,7 @@ class Config:
 NON_TRAINING_KEYS = {
     "output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet", "log_with",
     "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile",
-    "regenerate_class_images",
+    "regenerate_class_images", "cache_prompts",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,20 @@ def load_components(cfg: Config) -> Components:
     for name in ("text_encoder", "vae", "unet"):
         parts[name] = parts[name].float()
     return Components(noise_scheduler=noise_scheduler, **parts)
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: torch.device):
+    """Temporarily move a module that was parked elsewhere (e.g. a frozen encoder on the CPU) to `device`."""
+    before = next(module.parameters()).device
+    if before == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(before)
 
 
 # --------------------------------------------------------------------------------------- machine choices

@@ -22,7 +22,7 @@ from .lora import add_lora_layers, learning_rate, require_peft, trains_text_enco
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import load_components, make_optimizer, resolve_optimizer, resolve_precision
+from .models import load_components, make_optimizer, on_device, resolve_optimizer, resolve_precision
 from .output import check_output_dir, mark_output_dir, write_pipeline
 from .runlog import RunLog, SubjectStats, run_summary, tracker_kwargs
 from .validation import Validator
@@ -95,7 +95,7 @@ class Trainer:
         if cfg.compile:
             c.unet.compile()  # in place: parameter names (checkpoints, export) stay as they are
 
-        self.text_cache = {} if self.trains_text_encoder else self._encode_prompts_once()
+        self.text_cache = self._encode_prompts_once() if self._caches_prompts else {}
         self.latent_cache = build_latent_cache(self.dataset, c.vae, device, self.weight_dtype, cfg.seed,
                                                cfg.latent_cache_views, cfg.cache_latents, quiet=cfg.quiet)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
@@ -124,6 +124,10 @@ class Trainer:
         return self
 
     @property
+    def _caches_prompts(self) -> bool:
+        return self.cfg.cache_prompts and not self.trains_text_encoder
+
+    @property
     def trains_text_encoder(self) -> bool:
         """The text encoder trains: fully (train_text_encoder) or through LoRA layers (finetune: lora)."""
         return self.cfg.train_text_encoder or trains_text_encoder_lora(self.cfg)
@@ -135,7 +139,7 @@ class Trainer:
     def _build_dataset(self) -> DreamBoothDataset | MultiSubjectDataset:
         """Each subject's instance images, paired with its own class images under prior preservation."""
         cfg = self.cfg
-        subjects = resolve_subjects(cfg)
+        subjects = self.subjects = resolve_subjects(cfg)
         class_paths = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
         transform = ImageTransform(cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
         datasets, self.prompts = [], []  # every prompt, class prompts included, for the text-embedding cache
@@ -171,19 +175,23 @@ class Trainer:
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(self.accelerator.device)
 
-    @torch.no_grad()
     def _encode_prompts_once(self) -> dict[str, torch.Tensor]:
-        """Frozen text encoder: encode each distinct prompt once, then move the encoder off the GPU."""
-        prompts = sorted(set(self.prompts))
-        te = self.components.text_encoder
-        cache = {p: te(self._tokens([p]))[0][0] for p in prompts}
-        te.to("cpu")
-        return cache
+        """Frozen text encoder: encode each distinct training prompt now, then move the encoder off the GPU."""
+        self.text_cache = {}
+        self.encode_prompts(sorted(set(self.prompts)))
+        self.components.text_encoder.to("cpu")
+        return self.text_cache
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        if self.text_cache:
-            return torch.stack([self.text_cache[p] for p in prompts])
-        return self.components.text_encoder(self._tokens(prompts))[0]
+        """[B, 77, D] embeddings; a frozen encoder's are computed once per distinct prompt and kept."""
+        te = self.components.text_encoder
+        if not self._caches_prompts:
+            return te(self._tokens(prompts))[0]
+        new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
+        if new:  # training prompts at setup; validation's own prompts when first seen (encoder brought back)
+            with torch.no_grad(), on_device(te, self.accelerator.device):
+                self.text_cache.update({p: te(self._tokens([p]))[0][0] for p in new})
+        return torch.stack([self.text_cache[p] for p in prompts])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.latent_cache is not None:

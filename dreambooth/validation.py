@@ -18,9 +18,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .config import Config, ValidationConfig, subjects_of
-from .data import resolve_prompts
+from .config import Config, ValidationConfig
+from .data import Subject, resolve_subjects
 from .generate import save_png, slug
+from .models import on_device
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
@@ -41,11 +42,13 @@ def default_prompts(pairs: list[tuple[str, str | None]]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def config_prompts(cfg: Config) -> list[str]:
-    """`validation.prompts`, or the defaults derived from every subject's resolved prompts."""
+def config_prompts(cfg: Config, subjects: list[Subject] | None = None) -> list[str]:
+    """`validation.prompts`, or the defaults derived from every subject's resolved prompts (the run's own
+    `subjects` when given, else resolved from the config)."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
-    return default_prompts([resolve_prompts(s.dir, s.instance_prompt, s.class_prompt) for s in subjects_of(cfg)])
+    subjects = resolve_subjects(cfg, need_class_prompt=False) if subjects is None else subjects
+    return default_prompts([(s.instance_prompt, s.class_prompt) for s in subjects])
 
 
 def validation_steps(v: ValidationConfig, total_steps: int) -> list[int]:
@@ -152,20 +155,6 @@ def preserved_training_state(modules: list[torch.nn.Module], generators: list[to
             torch.cuda.set_rng_state_all(cuda)
 
 
-@contextmanager
-def on_device(module: torch.nn.Module, device: torch.device):
-    """Temporarily move a module that was parked elsewhere (e.g. a frozen encoder on the CPU) to `device`."""
-    before = next(module.parameters()).device
-    if before == device:
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(before)
-
-
 # ----------------------------------------------------------------------------------------------- validator
 
 class Validator:
@@ -175,11 +164,10 @@ class Validator:
         self.t = trainer
         cfg = trainer.cfg
         self.v = cfg.validation
-        self.prompts = config_prompts(cfg)
+        self.prompts = config_prompts(cfg, trainer.subjects)
         self.steps = validation_steps(self.v, trainer.total_steps)
         self.seeds = [self.v.seed + i for i in range(self.v.num_images)]
         self.dir = trainer.out / "validation"
-        self._embeds: dict[str, torch.Tensor] = {}
         self.done: dict[str, dict] = {}
         if getattr(trainer, "resume_from", None) is not None and (self.dir / INDEX).is_file():
             self.done = json.loads((self.dir / INDEX).read_text()).get("done", {})  # earlier steps stay in the sweep
@@ -193,20 +181,6 @@ class Validator:
     def _modules(self):
         c, unwrap = self.t.components, self.t.accelerator.unwrap_model
         return unwrap(self.t.unet), unwrap(c.text_encoder), c.vae
-
-    def _embed(self, text: str, text_encoder) -> torch.Tensor:
-        """[1, 77, D] embeddings of one prompt; cached while the text encoder is frozen."""
-        if text in self._embeds:
-            return self._embeds[text]
-        t = self.t
-        tok = t.components.tokenizer
-        ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        with on_device(text_encoder, t.accelerator.device):
-            embeds = text_encoder(ids.to(t.accelerator.device))[0]
-        if not getattr(t, "trains_text_encoder", t.cfg.train_text_encoder):
-            self._embeds[text] = embeds
-        return embeds
 
     def _pipeline(self, unet, text_encoder, vae):
         """A StableDiffusionPipeline around the live modules (no copies), with its own DPM++ scheduler
@@ -237,8 +211,8 @@ class Validator:
                     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
                     for prompt in bar:
                         images[prompt] = pipe(
-                            prompt_embeds=self._embed(prompt, text_encoder),
-                            negative_prompt_embeds=self._embed(v.negative_prompt or "", text_encoder),
+                            prompt_embeds=t.encode_prompts([prompt]),
+                            negative_prompt_embeds=t.encode_prompts([v.negative_prompt or ""]),
                             height=t.cfg.resolution, width=t.cfg.resolution,
                             num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                             num_images_per_prompt=len(self.seeds),
