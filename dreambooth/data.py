@@ -282,6 +282,14 @@ class Subject:
     weight: float
 
 
+def prompts_as_trained(folder, instance_prompt: str | None, class_prompt: str | None) -> tuple:
+    """(instance, class) prompts as a finished run used them; the config's own values if the folder moved since."""
+    try:
+        return resolve_prompts(folder or "", instance_prompt, class_prompt)
+    except (UserError, OSError):
+        return instance_prompt, class_prompt
+
+
 def class_folder(subject_dir: str, class_data_dir: str | None) -> Path:
     """Where a subject's class images live: its class_data_dir, else class_data_dir/ inside its folder."""
     return (Path(class_data_dir) if class_data_dir else Path(subject_dir) / "class_data_dir").expanduser()

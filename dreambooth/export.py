@@ -170,7 +170,7 @@ def _architecture(pipe) -> str:
 def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None) -> dict[str, str]:
     """Header entries (all strings) naming the base model, prompts, steps and training settings of a run."""
     from .config import NON_TRAINING_KEYS, config_to_dict, load_config, subjects_of
-    from .data import resolve_prompts
+    from .data import prompts_as_trained
     run_dir = Path(run_dir) if run_dir else None
     meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": datetime.date.today().isoformat()}
@@ -184,13 +184,7 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
     if summary is None and run_dir is not None and (run_dir / "train_summary.json").is_file():
         summary = json.loads((run_dir / "train_summary.json").read_text())
     if cfg is not None:
-        prompts = []
-        for s in subjects_of(cfg):
-            try:
-                prompts.append(resolve_prompts(s.dir, s.instance_prompt, s.class_prompt)[0])
-            except UserError:  # the images moved since training: use what the config says
-                if s.instance_prompt:
-                    prompts.append(s.instance_prompt)
+        prompts = [p for s in subjects_of(cfg) if (p := prompts_as_trained(s.dir, s.instance_prompt, None)[0])]
         settings = {k: v for k, v in config_to_dict(cfg).items()
                     if k not in NON_TRAINING_KEYS | {"model", "revision", "variant", "data", "subjects"}}
         meta.update({"dreambooth.base_model": cfg.model, "dreambooth.instance_prompt": " | ".join(prompts),

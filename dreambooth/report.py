@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import yaml
 
-from .data import class_folder, list_images, load_image, resolve_prompts
+from .data import class_folder, list_images, load_image, prompts_as_trained
 from .runlog import hms
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,6 @@ def _subjects(config: dict) -> list[dict]:
     return config.get("subjects") or [config.get("data") or {}]
 
 
-def _prompts(subject: dict) -> tuple[str | None, str | None]:
-    """The subject's (instance, class) prompts as training used them: the config's, else dataset_info.json's."""
-    try:
-        return resolve_prompts(subject.get("dir") or "", subject.get("instance_prompt"), subject.get("class_prompt"))
-    except Exception:  # the data folder moved or changed since training
-        return subject.get("instance_prompt"), subject.get("class_prompt")
-
-
 def _thumbnails(out: Path, config: dict) -> str:
     """Small PNG copies of the training (and class) images in report_files/, so the page survives a move."""
     assets = out / ASSETS
@@ -122,7 +114,8 @@ def _thumbnails(out: Path, config: dict) -> str:
     blocks = []
     for i, subject in enumerate(_subjects(config)):
         folder = Path(subject.get("dir") or "")
-        instance, cls = _prompts(subject)
+        instance, cls = prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"),
+                                           subject.get("class_prompt"))
         blocks.append(f"<p>Subject {i + 1}: instance prompt <b>{html.escape(str(instance))}</b>, "
                       f"class prompt <b>{html.escape(str(cls))}</b></p>")
         class_dir = class_folder(subject.get("dir") or "", subject.get("class_data_dir"))
@@ -220,7 +213,9 @@ def write_report(out_dir: str | Path) -> Path:
     history = _read_json(out / "loss_history.json", [])
     validation = _read_json(out / "validation" / "index.json", {})
     marks = sorted(int(s) for s in validation.get("done", {}))
-    prompts = ", ".join(dict.fromkeys(str(_prompts(s)[0]) for s in _subjects(config) if _prompts(s)[0]))
+    instances = (prompts_as_trained(s.get("dir"), s.get("instance_prompt"), s.get("class_prompt"))[0]
+                 for s in _subjects(config))
+    prompts = ", ".join(dict.fromkeys(str(p) for p in instances if p))
     head = (f"model {config.get('model', '?')} &middot; {summary.get('steps', '?')} steps &middot; "
             f"learning rate {config.get('learning_rate', '?')} &middot; final loss "
             f"{_fmt('loss', summary.get('final_loss', '?'))}")
