@@ -3,7 +3,8 @@ cached distribution (mean + std * noise, the trainer's generator), so the VAE ca
 
 Deterministic transforms (centre crop, no flip) give one entry per image. Random crops or flips are replaced by
 `latent_cache_views` fixed augmented views per image, drawn from the seed; each item picks one of them with its
-own generator. Batches are matched to entries by a hash of their pixels, so the training loop is unchanged.
+own generator. Once cached, items carry their view's cache row instead of pixels (data.CacheRows in a batch), so
+a training step does no image work; a pixel tensor is still matched to its entry by a hash of its values.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageTransform
+from .data import CacheRows, ImageTransform
 from .errors import UserError
 from .models import on_device
 
@@ -37,23 +38,26 @@ def view_generator(seed: int, image: int, view: int) -> torch.Generator:
 
 
 class CachedViews:
-    """Stands in for a random ImageTransform: each call returns one of `views` fixed views of the image."""
+    """Stands in for an ImageTransform once latents are cached: each call returns the cache row of one of the
+    image's `views` fixed views (one for a deterministic transform), picked with the item's generator."""
 
-    def __init__(self, transform: ImageTransform, views: int, seed: int):
-        self.transform, self.views, self.seed = transform, views, seed
-        self.image_ids: dict[int, tuple[object, int]] = {}  # id(img) -> (img, number); img held so ids stay unique
+    def __init__(self, transform: ImageTransform, views: int, seed: int, cache: LatentCache):
+        self.transform, self.views, self.seed, self.cache = transform, views, seed, cache
+        # id(img) -> (img, row of each view); img is held so its id stays unique. Its number is its position.
+        self.rows: dict[int, tuple[object, list[int]]] = {}
 
-    def register(self, img) -> int:
-        if id(img) not in self.image_ids:
-            self.image_ids[id(img)] = (img, len(self.image_ids))
-        return self.image_ids[id(img)][1]
+    def add(self, img, late: bool = False) -> list[int]:
+        """Give IMG's views their cache rows: queued for the VAE while caching, encoded at once when LATE."""
+        if id(img) not in self.rows:
+            pixels = [self.transform(img, view_generator(self.seed, len(self.rows), v)) for v in range(self.views)]
+            self.rows[id(img)] = (img, (self.cache.lookup if late else self.cache.rows_of)(pixels))
+        return self.rows[id(img)][1]
 
-    def view(self, img, v: int) -> torch.Tensor:
-        return self.transform(img, view_generator(self.seed, self.register(img), v))
-
-    def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
-        v = int(torch.randint(0, self.views, (1,), generator=generator))
-        return self.view(img, v)
+    def __call__(self, img, generator: torch.Generator | None = None) -> int:
+        hit = self.rows.get(id(img))
+        rows = hit[1] if hit is not None else self.add(img, late=True)  # late: an image added after caching
+        # A deterministic transform draws nothing from the generator, so neither does its single view.
+        return rows[int(torch.randint(0, len(rows), (1,), generator=generator))] if len(rows) > 1 else rows[0]
 
     def __getattr__(self, name):  # resolution, center_crop, ... of the wrapped transform
         return getattr(self.transform, name)
@@ -86,12 +90,13 @@ def should_cache(setting, vae_frozen: bool, sources) -> tuple[bool, str]:
 
 
 class LatentCache:
-    """Mean and std of the VAE's latent distribution for every distinct training image tensor."""
+    """Mean and std of the VAE's latent distribution for every distinct training view."""
 
     def __init__(self, vae, device, dtype, scaling_factor: float):
         self.vae, self.device, self.dtype, self.scaling = vae, torch.device(device), dtype, scaling_factor
-        self.rows: dict[bytes, int] = {}
+        self.rows: dict[bytes, int] = {}  # pixel digest -> row
         self.mean = self.std = None  # [N, C, h, w] float32 on CPU; a step's rows are moved to the device
+        self._queued: list[torch.Tensor] = []  # views given a row, not yet encoded
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # encoded chunks not yet joined to mean/std
         self.misses = 0
 
@@ -103,89 +108,80 @@ class LatentCache:
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
-    def add(self, pixel_list: list[torch.Tensor], keys: list[bytes]) -> None:
-        """Encode images (batched) and append their rows."""
-        if not pixel_list:
-            return
-        means, stds = [], []
-        for i in range(0, len(pixel_list), ENCODE_BATCH):
-            m, s = self._encode(torch.stack(pixel_list[i:i + ENCODE_BATCH]))
-            means.append(m)
-            stds.append(s)
-        start = len(self.rows)
-        for j, key in enumerate(keys):
-            self.rows[key] = start + j
-        self._pending.append((torch.cat(means), torch.cat(stds)))
+    def rows_of(self, views: list[torch.Tensor]) -> list[int]:
+        """The row of each view (a pixel tensor); new ones are queued for encoding, identical ones share a row."""
+        out = []
+        for x in views:
+            key = pixel_key(x)
+            if key not in self.rows:
+                self.rows[key] = len(self.rows)  # rows follow the queue's order, which encoding keeps
+                self._queued.append(x)
+            out.append(self.rows[key])
+        return out
+
+    def encode_queued(self, full_only: bool = False) -> None:
+        """Encode the queued views, ENCODE_BATCH per VAE call (with FULL_ONLY, only whole batches)."""
+        while len(self._queued) >= (ENCODE_BATCH if full_only else 1):
+            chunk, self._queued = self._queued[:ENCODE_BATCH], self._queued[ENCODE_BATCH:]
+            self._pending.append(self._encode(torch.stack(chunk)))
+
+    def lookup(self, views: list[torch.Tensor]) -> list[int]:
+        """Rows of VIEWS; ones not seen at build time bring the VAE back to be encoded (slow, so warn once)."""
+        known = len(self.rows)
+        rows = self.rows_of(views)
+        if len(self.rows) > known:
+            if not self.misses:
+                log.warning("an image was not in the latent cache; encoding it now (the dataset changed after "
+                            "caching?)")
+            self.misses += len(self.rows) - known
+            with on_device(self.vae, self.device):
+                self.encode_queued()
+        return rows
 
     def _join(self) -> None:
-        """Join the encoded chunks once, not at every add (which would copy the whole cache each time)."""
+        """Join the encoded chunks once, not at every encode (which would copy the whole cache each time)."""
         if self._pending:
             means = ([self.mean] if self.mean is not None else []) + [m for m, _ in self._pending]
             stds = ([self.std] if self.std is not None else []) + [s for _, s in self._pending]
             self.mean, self.std, self._pending = torch.cat(means), torch.cat(stds), []
 
-    def sample(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents of a [B, 3, H, W] batch: a fresh sample of each image's cached distribution."""
-        keys = [pixel_key(x) for x in pixels]
-        missing = [(k, x) for k, x in zip(keys, pixels) if k not in self.rows]
-        if missing:
-            self._fill_misses(missing)
+    def sample(self, pixels: CacheRows | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of a batch, given by its CacheRows or as a [B, 3, H, W] tensor (matched by its values):
+        a fresh sample of each image's cached distribution."""
+        rows = torch.tensor(pixels if isinstance(pixels, CacheRows) else self.lookup(list(pixels)))
         self._join()
-        rows = torch.tensor([self.rows[k] for k in keys])
         mean = self.mean[rows].to(self.device)
         std = self.std[rows].to(self.device)
         # Same draw as diffusers' DiagonalGaussianDistribution.sample, so cached and uncached runs match.
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
         return (mean + std * noise.to(self.device)) * self.scaling
 
-    def _fill_misses(self, missing: list[tuple[bytes, torch.Tensor]]) -> None:
-        """An image not seen at build time: bring the VAE back to encode it (slow, so warn once)."""
-        if not self.misses:
-            log.warning("an image was not in the latent cache; encoding it now (the dataset changed after caching?)")
-        self.misses += len(missing)
-        unique = dict(missing)
-        with on_device(self.vae, self.device):
-            self.add(list(unique.values()), list(unique))
-
 
 def build_latent_cache(dataset, vae, device, dtype, seed: int, views: int, setting="auto",
                        quiet: bool = False, offload: bool = True) -> LatentCache | None:
-    """Cache the latents of every image the dataset can produce (installing CachedViews for random transforms),
-    then move the VAE to the CPU. Returns None when caching is off or not valid."""
+    """Cache the latents of every view the dataset's items can get, installing CachedViews so that items carry
+    cache rows instead of pixels; then move the VAE to the CPU. Returns None when caching is off or not valid."""
     sources = image_sources(dataset)
     on, why = should_cache(setting, not any(p.requires_grad for p in vae.parameters()), sources)
     if not on:
         log.info("latent cache off: %s", why)
         return None
     cache = LatentCache(vae, device, dtype, vae.config.scaling_factor)
-    wrappers: dict[int, CachedViews] = {}
-    jobs = []  # (transform or wrapper, image)
+    wrappers: dict[int, CachedViews] = {}  # one per transform, so images it shares keep one numbering
+    jobs = []  # (wrapper, image)
     for owner, attr, images in sources:
         transform = getattr(owner, attr)
-        if isinstance(transform, CachedViews):
-            wrappers[id(transform.transform)] = transform
-        elif not transform.is_deterministic:
-            wrapper = wrappers.setdefault(id(transform), CachedViews(transform, views, seed))
-            setattr(owner, attr, wrapper)
-            transform = wrapper
-        jobs += [(transform, img) for img in images]
-    total = sum(t.views if isinstance(t, CachedViews) else 1 for t, _ in jobs)
-    pending, keys = [], []
-    with tqdm(total=total, desc="caching latents", unit="view", disable=quiet) as bar:
-        for transform, img in jobs:
-            outs = ([transform.view(img, v) for v in range(transform.views)] if isinstance(transform, CachedViews)
-                    else [transform(img)])
-            for x in outs:
-                key = pixel_key(x)
-                # Views that come out identical (an image already at the training size, no flip) share a row.
-                if key not in cache.rows and key not in keys:
-                    pending.append(x)
-                    keys.append(key)
-            if len(pending) >= ENCODE_BATCH:
-                cache.add(pending, keys)
-                pending, keys = [], []
-            bar.update(len(outs))
-        cache.add(pending, keys)
+        transform = transform.transform if isinstance(transform, CachedViews) else transform  # cached afresh
+        count = 1 if transform.is_deterministic else views
+        wrapper = wrappers.setdefault(id(transform), CachedViews(transform, count, seed, cache))
+        setattr(owner, attr, wrapper)
+        jobs += [(wrapper, img) for img in images]
+    with tqdm(total=sum(w.views for w, _ in jobs), desc="caching latents", unit="view", disable=quiet) as bar:
+        for wrapper, img in jobs:
+            wrapper.add(img)  # views that come out identical (e.g. no flip at the training size) share a row
+            cache.encode_queued(full_only=True)
+            bar.update(wrapper.views)
+        cache.encode_queued()
     cache._join()
     if offload:
         vae.to("cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image, ImageOps
 
 from dreambooth.config import Config, subjects_of
 from dreambooth.errors import UserError
+from dreambooth.subjects import MultiSubjectDataset, subject_schedule  # noqa: F401  (moved there; old imports)
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,16 @@ def load_images(folder, resolution, exclude=("class_data_dir",)):
     return load_image_files(list_images(folder, exclude), resolution, folder)
 
 
-def load_image_files(files, resolution, folder):
-    """Load the image FILES (of FOLDER) as RGB; skip unreadable ones with a warning. Returns (images, paths)."""
+def load_image_files(files, resolution, folder, decoded: dict | None = None):
+    """Load the image FILES (of FOLDER) as RGB; skip unreadable ones with a warning. Returns (images, paths).
+    DECODED {path: image}, if given, supplies images decoded before and keeps the ones decoded here."""
     images, paths, small = [], [], []
+    decoded = {} if decoded is None else decoded
     for path in files:
         try:
-            img = load_image(path)
+            if path not in decoded:
+                decoded[path] = load_image(path)
+            img = decoded[path]
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
             logger.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
             continue
@@ -250,18 +254,30 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return item
 
 
+class CacheRows(list):
+    """A batch's latent-cache rows (see dreambooth.cache), standing in for its pixels once latents are cached."""
+
+    def to(self, *args, **kwargs) -> "CacheRows":
+        return self  # rows stay on the host: the cache moves their latents to the device itself
+
+
+def _stack(values: list):
+    """Pixel tensors as one [B,3,R,R] tensor; cache rows (ints) as CacheRows."""
+    return torch.stack(values).contiguous() if isinstance(values[0], torch.Tensor) else CacheRows(values)
+
+
 def collate(examples: list[dict]) -> dict:
-    """Batch dataset items: stacked [B,3,R,R] pixel tensors, prompt lists, and `has_class`."""
+    """Batch dataset items: stacked [B,3,R,R] pixel tensors (or CacheRows), prompt lists, and `has_class`."""
     has_class = "class_pixel_values" in examples[0]
     if any(("class_pixel_values" in e) != has_class for e in examples):
         raise ValueError("collate got a mix of items with and without class images")
     batch = {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        "pixel_values": _stack([e["pixel_values"] for e in examples]),
         "prompts": [e["prompt"] for e in examples],
         "has_class": has_class,
     }
     if has_class:
-        batch["class_pixel_values"] = torch.stack([e["class_pixel_values"] for e in examples]).contiguous()
+        batch["class_pixel_values"] = _stack([e["class_pixel_values"] for e in examples])
         batch["class_prompts"] = [e["class_prompt"] for e in examples]
     if "subject" in examples[0]:
         batch["subjects"] = [e["subject"] for e in examples]
@@ -321,52 +337,3 @@ def resolve_subjects(cfg: Config, need_class_prompt: bool | None = None) -> list
                 logger.warning("instance prompt %r (%s) is part of %r (%s): the subjects may blend; use distinct "
                                "identifiers", a.instance_prompt, a.dir, b.instance_prompt, b.dir)
     return out
-
-
-def subject_schedule(weights: list[float], start: int, count: int) -> list[int]:
-    """Subjects of batches start..start+count-1: smooth weighted round-robin, so each subject's share of any
-    stretch of batches is within one of its weight's proportion (equal weights give plain round-robin)."""
-    total, credit, picks = sum(weights), [0.0] * len(weights), []
-    for _ in range(start + count):
-        credit = [c + w for c, w in zip(credit, weights)]
-        best = max(range(len(weights)), key=lambda k: (credit[k], -k))
-        credit[best] -= total
-        picks.append(best)
-    return picks[start:]
-
-
-class MultiSubjectDataset(torch.utils.data.Dataset):
-    """Several subjects' datasets; each batch comes from one subject, subjects taking turns by weight.
-
-    Index j means item j // n (wrapping) of subject j % n, so every batch is a list of plain indices."""
-
-    def __init__(self, datasets: list[DreamBoothDataset], weights: list[float], batch_size: int):
-        self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
-        # An epoch has as many batches as the subjects would have one after the other.
-        self.batches_per_epoch = sum(math.ceil(len(d) / batch_size) for d in self.datasets)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch * self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        for d in self.datasets:
-            d.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> dict:
-        n = len(self.datasets)
-        return self.datasets[index % n][index // n]
-
-    def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
-        """The batches of EPOCH as index lists, drawn from (seed, epoch) so any position can be reproduced."""
-        n, bs = len(self.datasets), self.batch_size
-        picks = subject_schedule(self.weights, epoch * self.batches_per_epoch, self.batches_per_epoch)
-        streams = []
-        for k, d in enumerate(self.datasets):
-            need, order, rep = picks.count(k) * bs, [], 0
-            while len(order) < need:  # shuffled passes over the subject, as many as its share needs
-                g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + k * 10_007 + rep)
-                # Item numbers past len(d) pick the same images with fresh crops (the item seed sees them).
-                order += [rep * len(d) + i for i in torch.randperm(len(d), generator=g).tolist()]
-                rep += 1
-            streams.append(iter(order))
-        return [[next(streams[k]) * n + k for _ in range(bs)] for k in picks]

@@ -94,17 +94,31 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     os.replace(tmp, folder / MANIFEST)  # never a half-written manifest
 
 
-def _usable(path: Path) -> bool:
+def _decode(path: Path):
+    """PATH's image, or None (with a warning) when it does not decode."""
     try:
-        load_image(path)
-        return True
+        return load_image(path)
     except Exception as e:  # any decoding failure: the file does not count, training would skip it too
         log.warning("class image %s is unreadable (%s) and does not count", path, type(e).__name__)
-        return False
+        return None
 
 
-def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool) -> Plan:
-    """Count the usable images of FOLDER, reconcile its manifest, and choose the image indices to sample."""
+def _check_usable(plan: Plan, files: list[Path], decoded: dict | None) -> None:
+    """Decode FILES in order until the plan has its wanted images; later files would not be used, so are not
+    opened. DECODED, if given, keeps each image, so training need not decode it again."""
+    for path in files:
+        if len(plan.usable) >= plan.wanted:
+            break
+        img = _decode(path)
+        if img is not None:
+            plan.usable.append(path)
+            if decoded is not None:
+                decoded[path] = img
+
+
+def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, decoded: dict | None = None) -> Plan:
+    """Check the usable images of FOLDER (keeping them in DECODED if given), reconcile its manifest, and choose
+    the image indices to sample."""
     folder.mkdir(parents=True, exist_ok=True)
     recorded = (folder / MANIFEST).is_file()  # written below before any sampling, so sampled files have one
     manifest = _read_manifest(folder)
@@ -145,7 +159,8 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool) -> 
     _write_manifest(folder, manifest)
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
-    plan = Plan(folder, settings, wanted, manifest, usable=[p for p in files if _usable(p)])
+    plan = Plan(folder, settings, wanted, manifest)
+    _check_usable(plan, files, decoded)
     index = manifest["next_index"]
     while len(plan.usable) + len(plan.indices) < wanted:
         if not (folder / f"class-{index:05d}.png").exists():
@@ -209,8 +224,10 @@ def _sample(plans: list[Plan], cfg: Config) -> None:
             torch.cuda.empty_cache()
 
 
-def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None) -> list[list[Path]]:
-    """Top up every subject's class folder to its num_class_images; returns each subject's class image paths."""
+def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
+                        decoded: dict | None = None) -> list[list[Path]]:
+    """Top up every subject's class folder to its num_class_images; returns each subject's class image paths.
+    DECODED, if given, receives {path: image} for the images decoded while checking the folders."""
     subjects = subjects if subjects is not None else resolve_subjects(cfg, need_class_prompt=True)
     plans: dict[Path, Plan] = {}
     for s in subjects:
@@ -223,9 +240,10 @@ def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None) -> l
             plans[key].wanted = max(plans[key].wanted, s.num_class_images)
             continue
         plans[key] = Plan(s.class_dir, settings_for(cfg, s.class_prompt), s.num_class_images, {})
-    plans = {k: plan_folder(p.folder, p.settings, p.wanted, cfg.regenerate_class_images) for k, p in plans.items()}
+    plans = {k: plan_folder(p.folder, p.settings, p.wanted, cfg.regenerate_class_images, decoded)
+             for k, p in plans.items()}
     for p in plans.values():
-        log.info("%s: %d class images present, %d to sample", p.folder, len(p.usable), len(p.indices))
+        log.info("%s: %d usable class images, %d to sample", p.folder, len(p.usable), len(p.indices))
     if any(p.indices for p in plans.values()):
         start = time.time()
         _sample([p for p in plans.values() if p.indices], cfg)

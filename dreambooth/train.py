@@ -140,29 +140,33 @@ class Trainer:
         """Each subject's instance images, paired with its own class images under prior preservation."""
         cfg = self.cfg
         subjects = self.subjects = resolve_subjects(cfg)
-        class_paths = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
+        class_images = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
         transform = ImageTransform(cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
         datasets, self.prompts = [], []  # every prompt, class prompts included, for the text-embedding cache
-        for i, (s, paths) in enumerate(zip(subjects, class_paths)):
+        for i, (s, klass) in enumerate(zip(subjects, class_images)):
             images, _ = load_images(s.dir, cfg.resolution)
-            class_images = load_image_files(paths, cfg.resolution, s.class_dir)[0] if paths else None
-            datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, class_images,
-                                              s.class_prompt if paths else None, seed=cfg.seed + i, name=s.name))
-            self.prompts += [s.instance_prompt] + ([s.class_prompt] if paths else [])
+            datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, klass or None,
+                                              s.class_prompt if klass else None, seed=cfg.seed + i, name=s.name))
+            self.prompts += [s.instance_prompt] + ([s.class_prompt] if klass else [])
         self.subject_stats = SubjectStats([s.name for s in subjects], cfg)
         if len(datasets) == 1:
             return datasets[0]
         weights = [s.weight for s in subjects] if cfg.subject_sampling == "weighted" else [1.0] * len(subjects)
         return MultiSubjectDataset(datasets, weights, cfg.batch_size)
 
-    def _class_images(self, subjects) -> list[list[Path]]:
-        """Top up the class folders (main process first under accelerate launch); the sampler is freed after."""
+    def _class_images(self, subjects) -> list[list]:
+        """Each subject's class images: the folders topped up (main process first under accelerate launch; the
+        sampler is freed after), then loaded, each file decoded once (checking them decodes most)."""
         from .prior import ensure_class_images
+        decoded: dict = {}  # path -> image, shared by subjects sharing a class folder
+        first = nullcontext()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
-            with PartialState().main_process_first():
-                return ensure_class_images(self.cfg, subjects)
-        return ensure_class_images(self.cfg, subjects)
+            first = PartialState().main_process_first()
+        with first:
+            paths = ensure_class_images(self.cfg, subjects, decoded)
+        return [load_image_files(p, self.cfg.resolution, s.class_dir, decoded)[0] if p else []
+                for s, p in zip(subjects, paths)]
 
     def _total_steps(self) -> int:
         micro_per_epoch = math.ceil(len(self._shard(list(range(len(self.dataset))))) / self.cfg.batch_size)

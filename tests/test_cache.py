@@ -9,7 +9,8 @@ import torch
 from conftest import cuda
 
 from dreambooth import cache as cache_module
-from dreambooth.cache import CachedViews, pixel_key, should_cache
+from dreambooth.cache import CachedViews, should_cache
+from dreambooth.data import CacheRows, ImageTransform
 from dreambooth.errors import UserError
 from dreambooth.train import Trainer
 
@@ -46,14 +47,47 @@ def test_random_transforms_cache_fixed_views_from_the_seed(make_cfg, tmp_path):
     assert a.latent_cache.misses == 0  # every crop the data loader produced was a cached view
 
 
+def count_image_work(monkeypatch) -> dict:
+    """Count image transforms and pixel hashes: the per-image work a cached training step must not do."""
+    counts = {"transform": 0, "hash": 0}
+    transform, key = ImageTransform.__call__, cache_module.pixel_key
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(ImageTransform, "__call__", counted("transform", transform))
+    monkeypatch.setattr(cache_module, "pixel_key", counted("hash", key))
+    return counts
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"center_crop": False, "random_flip": True, "with_prior_preservation": True, "num_class_images": 2,
+     "class_sampling_steps": 2, "sample_batch_size": 2},
+], ids=["center-crop", "random-views-with-prior"])
+def test_cached_training_steps_do_no_image_work(make_cfg, tmp_path, monkeypatch, overrides):
+    cached = Trainer(make_cfg(output_dir=str(tmp_path / "cached"), max_steps=5, **overrides)).setup()
+    plain = Trainer(make_cfg(output_dir=str(tmp_path / "plain"), max_steps=5, cache_latents=False,
+                             **overrides)).setup()
+    counts = count_image_work(monkeypatch)  # after setup: caching itself transforms every view once
+    plain.train()
+    assert counts["transform"] >= 5  # the counter sees an uncached run's images
+    counts.update(transform=0, hash=0)
+    cached.train()
+    assert counts == {"transform": 0, "hash": 0}
+    assert cached.latent_cache.misses == 0
+
+
 def test_latents_are_sampled_each_step_from_the_cached_distribution(make_cfg):
     trainer = Trainer(make_cfg()).setup()
     cache = trainer.latent_cache
-    pixels = next(trainer.batches())["pixel_values"][:1]
-    first, second = trainer.encode_images(pixels), trainer.encode_images(pixels)
+    rows = CacheRows(next(trainer.batches())["pixel_values"][:1])
+    first, second = trainer.encode_images(rows), trainer.encode_images(rows)
     assert not torch.equal(first, second)  # not one frozen sample
-    row = cache.rows[pixel_key(pixels[0])]
-    draws = torch.stack([trainer.encode_images(pixels)[0] for _ in range(400)])
+    row = rows[0]
+    draws = torch.stack([trainer.encode_images(rows)[0] for _ in range(400)])
     torch.testing.assert_close(draws.mean(0), cache.mean[row] * cache.scaling, atol=0.05, rtol=0)
     torch.testing.assert_close(draws.std(0), cache.std[row] * cache.scaling, atol=0.05, rtol=0.1)
 

@@ -4,6 +4,8 @@ import gc
 import json
 import logging
 import weakref
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +148,35 @@ def test_changed_class_prompt_is_refused_unless_regenerating(make_cfg, subject_d
     assert sorted(records) == ["class-00002.png", "class-00003.png"]  # old ones gone, new seeds
     assert all(r["prompt"] == "a photo of a cat" for r in records.values())
     assert not (folder / "class-00000.png").exists()
+
+
+def count_opens(monkeypatch) -> Counter:
+    """Count Image.open per resolved path (every decode of a file starts there)."""
+    opened, real = Counter(), Image.open
+
+    def counting(fp, *args, **kwargs):
+        if isinstance(fp, (str, Path)):
+            opened[Path(fp).resolve()] += 1
+        return real(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, "open", counting)
+    return opened
+
+
+def test_each_class_image_is_decoded_once_during_setup(make_cfg, subject_dir, monkeypatch):
+    folder = subject_dir / "class_data_dir"
+    user_images(folder, 2)  # checked before sampling, then trained on
+    opened = count_opens(monkeypatch)
+    trainer = Trainer(prior_cfg(make_cfg, num_class_images=3)).setup()
+    files = sorted(p.resolve() for p in folder.glob("*.png"))
+    assert len(files) == 3 and len(trainer.dataset.class_images) == 3  # 2 of the user's, 1 sampled
+    assert {p.name: opened[p] for p in files} == {p.name: 1 for p in files}
+
+
+def test_class_images_past_the_wanted_ones_are_not_opened(make_cfg, subject_dir, monkeypatch):
+    mine = user_images(subject_dir / "class_data_dir", 4)
+    opened = count_opens(monkeypatch)
+    assert prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=2))[0] == mine[:2]
+    assert [opened[p.resolve()] for p in mine] == [1, 1, 0, 0]
 
 
 def test_prior_needs_a_class_prompt(make_cfg, subject_dir):

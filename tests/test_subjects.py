@@ -57,6 +57,33 @@ def test_schedule_round_robin_and_weighted():
     assert subject_schedule([3, 1], 4, 4) == weighted[4:]  # any stretch can be reproduced from its start
 
 
+def one_image_subjects(weights):
+    """One single-image subject per weight, batch 1: an epoch is len(weights) batches, shorter than the pattern."""
+    t = ImageTransform(32)
+    parts = [DreamBoothDataset([image(0, 10 * k)], f"sks{k} toy", t, name=f"s{k}") for k in range(len(weights))]
+    return MultiSubjectDataset(parts, weights, batch_size=1)
+
+
+def test_weighted_shares_hold_over_many_short_epochs():
+    weights = [5.0, 2.0, 1.0]  # a pattern 8 batches long, epochs of 3
+    ds = one_image_subjects(weights)
+    subjects = []
+    for epoch in range(40):
+        subjects += [indices[0] % 3 for indices in ds.epoch_batches(epoch, seed=0)]
+    counts = Counter(subjects)
+    for k, w in enumerate(weights):  # each share within one batch of its weight's proportion
+        assert abs(counts[k] - len(subjects) * w / sum(weights)) <= 1, counts
+
+
+def test_a_resumed_run_gets_the_same_epochs():
+    weights = [3.0, 1.0, 1.0]
+    straight = one_image_subjects(weights)
+    epochs = [straight.epoch_batches(e, seed=4) for e in range(12)]
+    assert one_image_subjects(weights).epoch_batches(9, seed=4) == epochs[9]  # fresh process, mid-run epoch
+    assert straight.epoch_batches(5, seed=4) == epochs[5]  # an earlier epoch asked again
+    assert subject_schedule(weights, 9 * 3, 3) == [b[0] % 3 for b in epochs[9]]
+
+
 def image(seed, gray):
     return Image.new("RGB", (40 + seed, 40), (gray, gray, gray))
 
