@@ -101,13 +101,13 @@ class Config:
     random_flip: bool = opt(False, "Randomly flip training images horizontally.")
     lr_warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("auto", "Compute precision; auto = fp16 on CUDA, no on CPU.")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: Literal["auto", True, False] = opt(True, "Recompute activations in backward to save memory; auto = the memory profile's choice.")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = opt("auto", "Optimizer; auto = adamw8bit on CUDA, adamw on CPU.")
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
     finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
     # --- prior preservation and several subjects ---
-    prior_mode: Literal["concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory).")
+    prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
     sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).")
     class_sampler: Literal["dpm++", "pndm", "ddim", "euler"] = opt("dpm++", "Scheduler for class-image sampling.")
@@ -138,6 +138,9 @@ class Config:
 
     # Dotted keys the user set explicitly (YAML or overrides), so later code can tell a default from a choice.
     provided: set = field(default_factory=set, repr=False, compare=False, metadata={"internal": True})
+    # Top-level keys this machine resolved (memory profile, auto): key -> (value as given, value resolved, why).
+    # config.yaml writes the value as given, so a rerun on another card resolves them afresh.
+    resolved: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
 
 
 # Keys that do not change the math of training: they may differ between a run and its resume.
@@ -186,6 +189,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         for choice in args:
             if str(value).strip().lower() == str(choice).lower():
                 return choice
+        if True in args and str(value).strip().lower() in _TRUE | _FALSE:  # yes/no, on/off as for plain booleans
+            return str(value).strip().lower() in _TRUE
         raise _Bad(f"got {value!r}; choose one of {', '.join(str(a) for a in args)}")
     if tp is bool:
         if isinstance(value, bool):
@@ -372,6 +377,7 @@ def config_to_dict(cfg: Config) -> dict:
     """Plain-data form of the config, as written to output_dir/config.yaml."""
     out = dataclasses.asdict(cfg)
     out.pop("provided", None)
+    out.pop("resolved", None)
     return out
 
 
@@ -391,8 +397,39 @@ def flatten_config(cfg: Config, skip: set[str] = frozenset()) -> dict[str, Any]:
     return flat
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def resolve_key(cfg: Config, key: str, value: Any, why: str, apply: bool = True) -> None:
+    """Record that this run resolved top-level `key` (one that accepts auto) to `value`; set it too if `apply`.
+    config.yaml then writes the value as given: the user's, or auto when unset."""
+    given = getattr(cfg, key) if key in cfg.provided else "auto"
+    given = cfg.resolved.get(key, (given,))[0]  # resolved twice: the first call saw the value as given
+    cfg.resolved[key] = (given, value, why)
+    if apply:
+        setattr(cfg, key, value)
+
+
+def _scalar(value: Any) -> str:
+    """A scalar as YAML shows it (true, null, bf16), for comparing and for comments."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def save_config(cfg: Config, path: str | Path, this_run: dict[str, Any] | None = None) -> None:
+    """Write config.yaml as a rerunnable record: each key as the user gave it (auto where this machine resolved it),
+    with what this run resolved in a comment. `this_run`: other top-level keys' resolved values, e.g. optimizer."""
+    data = config_to_dict(cfg)
+    notes = {k: _scalar(v) for k, v in (this_run or {}).items() if _scalar(v) != _scalar(data[k])}
+    for key, (given, value, why) in cfg.resolved.items():
+        data[key], notes[key] = given, f"{_scalar(value)} ({why})"
+    if cfg.finetune == "lora" and "export_formats" not in cfg.provided:
+        from .export import formats_of
+        # Unset, a LoRA run exports its LoRA alone; the written default [diffusers] would add a merged pipeline.
+        data["export_formats"] = formats_of(cfg)
+    text = ""
+    for key, value in data.items():  # one key at a time, so a comment lands on that key's line
+        entry = yaml.safe_dump({key: value}, sort_keys=False)
+        if key in notes:
+            entry = entry.rstrip("\n") + f"  # this run: {notes[key]}\n"
+        text += entry
+    Path(path).write_text(text)
 
 
 def schema_rows(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -268,20 +268,22 @@ def export_run(trainer, summary: dict | None):
 
 
 def _load_for_export(model: Path, allow_pickle: bool):
-    """A full pipeline from a trained folder, a LoRA run folder (merged into its base) or a single file."""
+    """(pipeline, run config or None): a trained folder, a LoRA run folder merged into the base its config.yaml
+    names (that config returned, so the header needs no second read), or a single file."""
     from .config import load_config
     from .generate import load_pipeline
     from .lora import LORA_FILE, merged_pipeline
     if model.is_dir() and (model / "model_index.json").is_file():
-        return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle)  # fp32 on the CPU
+        return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle), None  # fp32 on the CPU
     if model.is_dir() and (model / LORA_FILE).is_file():
         if not (model / "config.yaml").is_file():
             raise UserError(f"{model} holds a LoRA but no config.yaml naming its base model: export from the "
                             "run's output folder, or merge with `dreambooth generate BASE --lora FILE`")
-        return merged_pipeline(base_pipeline(load_config(model / "config.yaml")), model / LORA_FILE)
+        cfg = load_config(model / "config.yaml")
+        return merged_pipeline(base_pipeline(cfg), model / LORA_FILE), cfg
     if model.is_file():
         from .single_file import load_single_file
-        return load_single_file(model, allow_pickle=allow_pickle)
+        return load_single_file(model, allow_pickle=allow_pickle), None
     raise UserError(f"{model} is not a trained output folder (model_index.json or {LORA_FILE}) or a checkpoint "
                     "file: pass the output_dir of a training run")
 
@@ -318,5 +320,5 @@ def export_model(model: str | Path, fmt: str, out: str | Path | None = None, hal
         raise UserError(f"--out {out} is a file being exported from: choose another name")
     if fmt == "kohya":
         return save_kohya(source, out, half)
-    pipe = _load_for_export(model, allow_pickle)
-    return save_single_file(pipe, out, half, training_metadata(run_dir))
+    pipe, cfg = _load_for_export(model, allow_pickle)
+    return save_single_file(pipe, out, half, training_metadata(run_dir, cfg))

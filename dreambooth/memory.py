@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import Config
+from .config import Config, resolve_key
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,14 @@ def apply_memory_profile(cfg: Config, total_gib: float | None = ..., num_process
     if prof.master_weights == "bf16" and not bf16_ok:
         raise UserError(f"memory_profile: {name} keeps weights in bf16, which this GPU lacks (Ampere or newer "
                         "needed): set memory_profile: default")
+    # Through resolve_key, so config.yaml keeps these as given (auto) and a rerun on another card resolves afresh.
+    where = f"a {total_gib:.1f} GiB GPU" if total_gib is not None else "no GPU"
+    if name != requested:
+        resolve_key(cfg, "memory_profile", name, f"{requested} on {where}", apply=False)
     for key in ("gradient_checkpointing", "mixed_precision", "prior_mode"):
         value = getattr(prof, key)
         if value is not None and (key not in cfg.provided or getattr(cfg, key) == "auto"):
-            setattr(cfg, key, value)
+            resolve_key(cfg, key, value, f"memory_profile {name} on {where}")
     plan = MemoryPlan(profile=name, requested=requested, master_weights=prof.master_weights,
                       rounding=prof.rounding, fused_backward=prof.fused_backward, notes=notes)
     if cfg.finetune == "lora" and plan.paramwise:

@@ -70,7 +70,9 @@ class Trainer:
         c = self.components = load_components(cfg)
 
         mark_output_dir(self.out)
-        save_config(cfg, self.out / "config.yaml")
+        # auto values keep `auto` in config.yaml; what this machine chose goes into its comments.
+        save_config(cfg, self.out / "config.yaml",
+                    this_run={"mixed_precision": self.precision, "optimizer": self.optimizer_name})
         self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 
         device = self.accelerator.device

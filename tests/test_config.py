@@ -103,3 +103,13 @@ def test_readme_documents_every_option():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key, _, _ in schema_rows(Config) if f"| `{key}` |" not in readme]
     assert not missing, f"README's option table lacks {missing}: rerun scripts/config_table.py"
+
+
+def test_memory_profile_keys_accept_auto_and_boolean_forms():
+    cfg = config_from_dict({"gradient_checkpointing": "auto", "prior_mode": "AUTO", "data": {"dir": "x"}})
+    assert (cfg.gradient_checkpointing, cfg.prior_mode) == ("auto", "auto")
+    for text, value in (("yes", True), ("off", False), ("True", True), (0, False)):
+        assert config_from_dict({"gradient_checkpointing": text, "data": {"dir": "x"}}).gradient_checkpointing is value
+    assert config_from_dict({"cache_latents": "no", "data": {"dir": "x"}}).cache_latents is False
+    with pytest.raises(UserError, match="'gradient_checkpointing' got 'maybe'"):
+        config_from_dict({"gradient_checkpointing": "maybe", "data": {"dir": "x"}})
