@@ -216,31 +216,43 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------- one tensor
     @torch.no_grad()
-    def step_param(self, p: torch.nn.Parameter) -> None:
-        """Apply the update of `p.grad` to `p` and free the gradient."""
-        if p.grad is None:
+    def step_param(self, p: torch.nn.Parameter, grad: torch.Tensor | None = None,
+                   found_inf: torch.Tensor | None = None) -> None:
+        """Apply the update of `grad` (default `p.grad`) to `p` and free p's gradient. A `found_inf` of 1.0 (a device
+        tensor) skips the update, without a host sync, where the inner AdamW is torch's fused one."""
+        grad = p.grad if grad is None else grad
+        if grad is None:
             return
-        group, inner, target = self._group_of[p], self._inner[p], self._shadow[p]
+        p.grad = None
+        target = self._shadow[p]
+        if target is not p:
+            target.data = join_bf16(p, self._comp[p]) if p in self._comp else p.float()
+        target.grad = grad.float()  # no copy for a gradient that is fp32 already (fp32 weights, or from _finish)
+        del grad  # a bf16 gradient is freed before the step
+        self._inner_step(p, found_inf)
+        target.grad = None
+        if target is not p:
+            self._write_back(p, target.data)
+            target.data = torch.empty(0, device=p.device)
+
+    def _inner_step(self, p: torch.nn.Parameter, found_inf: torch.Tensor | None) -> None:
+        """Step p's own AdamW with its group's current hyperparameters (the lr schedule changes the group's)."""
+        inner, group = self._inner[p], self._group_of[p]
         ig = inner.param_groups[0]
         for key in ("lr", "betas", "eps", "weight_decay"):
             ig[key] = group[key]
-        if target is p:
-            inner.step()
-            p.grad = None
-            return
-        target.data = join_bf16(p, self._comp[p]) if p in self._comp else p.float()
-        target.grad = p.grad.float()
-        p.grad = None
+        if isinstance(inner, torch.optim.AdamW) and ig.get("fused"):
+            inner.found_inf = found_inf  # torch's fused kernel then leaves the weight and its state as they were
         inner.step()
-        new = target.data
+
+    def _write_back(self, p: torch.nn.Parameter, new: torch.Tensor) -> None:
+        """Store the fp32 update `new` into bf16 `p` with the chosen rounding."""
         if p in self._comp:
             split_bf16_(p, self._comp[p], new)  # what rounding lost is kept and added back next step
         elif self.rounding == "stochastic":
             stochastic_round_(p, new, self._generator(p.device))
         else:
             p.copy_(new)  # round to nearest
-        target.grad = None
-        target.data = torch.empty(0, device=p.device)
 
     @torch.no_grad()
     def master_weight(self, p: torch.Tensor) -> torch.Tensor:
@@ -300,15 +312,24 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
     def _finish(self, p: torch.Tensor) -> None:
         """Count p's gradient into the step's norm, clip it by the previous step's norm, step p, free it."""
         self._counts[p] = 0
-        grad = p.grad
-        sq = grad.float().square().sum()
+        grad = p.grad.float()  # the one fp32 copy of a bf16 gradient (fp32 ones are used in place)
+        sq = grad.square().sum()
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
-        # A non-finite gradient would be applied before the trainer could skip the step: zero it instead (the
-        # step's norm above stays non-finite, so the trainer still counts the step as bad).
+        # A non-finite gradient would be applied before the trainer could skip the step: zero it, and have torch's
+        # fused AdamW skip p on the device (the step's norm stays non-finite, so the trainer counts the step bad).
         torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
         if self._clip_coef is not None:
-            grad.mul_(self._clip_coef.to(grad.device, grad.dtype))
-        self.step_param(p)
+            grad.mul_(self._clip_coef.to(grad.device))
+        self.step_param(p, grad, found_inf=(~sq.isfinite()).float())
+
+    def discard_step(self) -> None:
+        """Drop what a fused step has gathered so far (gradients held for later passes, hook counts) without
+        stepping anything: for a step given up before its last backward pass."""
+        if self._sq_norm is not None:  # a tensor has been stepped already: its update cannot be taken back
+            raise RuntimeError("discard_step after this step's updates began; call it before the last backward")
+        for p in self._params:
+            p.grad = None
+        self._counts = {}
 
     @torch.no_grad()
     def close_step(self) -> float:

@@ -265,36 +265,57 @@ class Trainer:
 
     def sequential_backward(self, batch: dict, scale: float) -> dict[str, torch.Tensor]:
         """prior_mode sequential: instance and class passes backpropagate one after the other into the same
-        gradients, so activations of only one half are alive at a time; same gradient as forward_loss."""
+        gradients, so activations of only one half are alive at a time; same gradient as forward_loss. A fused
+        step checks the loss before each pass (see _fused_loss_finite)."""
         instance_part, class_part = self._noised(batch["pixel_values"]), self._noised(batch["class_pixel_values"])
         with self.accelerator.no_sync(self.unet):  # gradients sync once, after the second pass
             instance = mse(*self._predict(*instance_part, batch["prompts"]))
-            self.accelerator.backward(instance * scale)
-        prior = mse(*self._predict(*class_part, batch["class_prompts"]))
-        self.accelerator.backward(prior * (self.cfg.prior_loss_weight * scale))
-        instance, prior = instance.detach(), prior.detach()
-        return {"loss": instance + self.cfg.prior_loss_weight * prior, "instance_loss": instance, "prior_loss": prior}
+            go_on = self._fused_loss_finite({"loss": instance})
+            if go_on:
+                self.accelerator.backward(instance * scale)
+        weight = self.cfg.prior_loss_weight
+        if go_on:
+            prior = mse(*self._predict(*class_part, batch["class_prompts"]))
+        else:  # a fused step that failed its check ends here: the class pass would be wasted
+            prior = torch.full_like(instance, math.nan)
+        losses = {"loss": instance.detach() + weight * prior.detach(), "instance_loss": instance.detach(),
+                  "prior_loss": prior.detach()}
+        if go_on and self._fused_loss_finite(losses):  # the micro-batch's whole loss, before the pass that steps
+            self.accelerator.backward(prior * (weight * scale))
+        return losses
 
     def train_step(self, batches) -> dict[str, float]:
-        """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule."""
+        """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule. With the step fused
+        into backward, a non-finite loss ends the step before its backward, and nothing of the step is applied."""
         accum = self.cfg.gradient_accumulation_steps
+        fused = self.paramwise is not None and self.paramwise.fused
         logs: dict[str, float] = {}
+        dropped = False
         for i in range(accum):
+            batch = next(batches)  # drawn even when dropped, so the data position never depends on a NaN
+            if dropped:
+                continue
             # Only the last micro-batch syncs gradients across processes.
             ctx = nullcontext() if i == accum - 1 else self.accelerator.no_sync(self.unet)
             with ctx:
-                batch = next(batches)
                 if batch.get("has_class") and self.cfg.prior_mode == "sequential":
                     losses = self.sequential_backward(batch, 1 / accum)
                 else:
                     losses = self.forward_loss(batch)
-                    self.accelerator.backward(losses["loss"] / accum)
-            values = {k: v.item() for k, v in losses.items()}  # one device sync per loss
+                    loss = losses["loss"]
+                    if self._fused_loss_finite(losses):
+                        self.accelerator.backward(loss / accum)
+            values = {k: v.item() for k, v in losses.items()}  # one device sync per loss (fused: already on host)
             for k, v in values.items():
                 logs[k] = logs.get(k, 0.0) + v / accum
             self.subject_stats.track(batch, values)
+            dropped = fused and not math.isfinite(values["loss"])  # then its backward did not run
         logs.update(self.subject_stats.step_means())
-        logs["grad_norm"] = self.clip_gradients()
+        if dropped:  # forget the gradients earlier passes left for the step's last one, which never came
+            self.paramwise.discard_step()
+            logs["grad_norm"] = math.nan
+        else:
+            logs["grad_norm"] = self.clip_gradients()
         finite = math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
             self.optimizer.step()
@@ -305,6 +326,15 @@ class Trainer:
         logs["skipped"] = float(skipped)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
+
+    def _fused_loss_finite(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether backward may run on losses["loss"]. With the step fused into backward a non-finite loss would move
+        weights before the step could be skipped, so the losses come to the host first, in place (the one sync a
+        micro-batch pays anyway, moved before backward). Unfused: True, and they are read after backward as ever."""
+        if self.paramwise is None or not self.paramwise.fused:
+            return True
+        losses.update({k: v.detach().cpu() for k, v in losses.items()})
+        return bool(losses["loss"].isfinite())
 
     def clip_gradients(self) -> float:
         """Clip to max_grad_norm and return the global norm. With the step fused into backward the update is done:

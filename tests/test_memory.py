@@ -4,6 +4,7 @@ compensation, and the optimizer step fused into backward."""
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import types
 
@@ -210,6 +211,86 @@ def test_8bit_inner_optimizer_is_bitsandbytes(monkeypatch):
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, 1, steps=1, fused=True)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def assert_bits_equal(a, b):
+    """Nested dicts/lists of tensors and plain values, equal bit for bit (tensors by their bytes)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bits_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bits_equal(x, y)
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    else:
+        assert a == b
+
+
+def test_discard_step_forgets_a_half_accumulated_step():
+    model, fresh = _mlp(torch.bfloat16), _mlp(torch.bfloat16)
+    opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
+    opt.fuse_into_backward(backwards_per_step=2)
+    ((model(torch.randn(5, 8).bfloat16()).float()) ** 2).mean().backward()  # the first of two passes
+    assert all(p.grad is not None for p in model.parameters()) and opt._counts
+    opt.discard_step()
+    assert all(p.grad is None for p in model.parameters()) and not opt._counts
+    # Nothing of the dropped pass is left: the next step is a fresh optimizer's first, bit for bit.
+    reference = ParamwiseOptimizer(fresh.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
+    reference.fuse_into_backward(backwards_per_step=2)
+    for x, y in zip(_train(model, opt, 2, steps=1, fused=True), _train(fresh, reference, 2, steps=1, fused=True)):
+        assert torch.equal(x, y)
+    assert_bits_equal(opt.state_dict(), reference.state_dict())
+    for _ in range(2):  # the step's last pass steps every tensor: too late to discard
+        ((model(torch.randn(5, 8).bfloat16()).float()) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match="discard_step"):
+        opt.discard_step()
+
+
+def fused_torch_adamw(monkeypatch, fused_kernel: bool = True) -> None:
+    """Make ParamwiseOptimizer's per-tensor AdamW torch's fused kernel (its CUDA choice) or the plain one."""
+    import dreambooth.models
+    monkeypatch.setattr(dreambooth.models, "adamw",
+                        lambda params, name, **kw: torch.optim.AdamW(params, fused=fused_kernel, **kw))
+
+
+def test_skip_flag_leaves_fused_adamw_updates_as_they_were(monkeypatch):
+    """With finite gradients, the fused backward (which hands torch's fused AdamW a 0.0 skip flag) still equals
+    the separate step (no flag), bit for bit."""
+    fused_torch_adamw(monkeypatch)
+    a, b = _mlp(torch.bfloat16), _mlp(torch.bfloat16)
+    separate = ParamwiseOptimizer(a.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
+    fused = ParamwiseOptimizer(b.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
+    fused.fuse_into_backward(backwards_per_step=2)
+    for x, y in zip(_train(a, separate, 2), _train(b, fused, 2, fused=True)):
+        assert torch.equal(x, y)
+    assert_bits_equal(separate.state_dict()["state"], fused.state_dict()["state"])
+
+
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_overflowed_gradient_skips_its_tensor_under_torchs_fused_adamw(monkeypatch, rounding, fused_kernel):
+    """Torch's fused AdamW (on CUDA without bitsandbytes; forced on CPU here) skips a tensor whose gradient is not
+    finite, on the device. Other inner optimizers step the zeroed gradient: the weight stays finite."""
+    fused_torch_adamw(monkeypatch, fused_kernel)
+    model = _mlp(torch.bfloat16)
+    opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, weight_decay=0.1, rounding=rounding)
+    opt.fuse_into_backward()
+    _train(model, opt, 1, steps=1, fused=True)  # moments, step counts and Kahan buffers exist
+    bad = model[2].bias
+    bad.register_hook(lambda g: g / 0.0)  # +-inf, or NaN where the gradient is 0
+    weights, state = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
+    ((model(torch.randn(5, 8).bfloat16()).float() - torch.randn(5, 4)) ** 2).mean().backward()
+    assert not math.isfinite(opt.close_step())
+    assert all(not torch.equal(w, p) for w, p in list(zip(weights, model.parameters()))[:3])  # the others stepped
+    if fused_kernel:
+        assert torch.equal(weights[3], bad.detach())
+        assert_bits_equal(opt.state_dict()["state"][3], state[3])
+    else:
+        assert torch.isfinite(bad).all()
 
 
 # --- the trainer ----------------------------------------------------------------------------------------------
