@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, "error")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        # Segments that grow in place instead of new blocks per size: reserved memory stays near allocated
+        # (set before CUDA starts; your own allocator settings win).
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     args = build_parser().parse_args(argv)
     try:
         _quiet_library_bars()

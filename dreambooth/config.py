@@ -120,7 +120,8 @@ class Config:
     cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.")
     latent_cache_views: int = opt(8, "Augmented views cached per image when crops/flips are random.")
     memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
-    compile: bool = opt(False, "torch.compile the UNet.")
+    compile: bool = opt(False, "torch.compile the UNet (a minute or more of compiling at the first steps).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("default", "torch.compile mode; reduce-overhead adds CUDA graphs.")
     allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # --- checkpoints and safety ---
     checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).")
@@ -146,7 +147,7 @@ class Config:
 # Keys that do not change the math of training: they may differ between a run and its resume.
 NON_TRAINING_KEYS = {
     "output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet", "log_with",
-    "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile",
+    "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile", "compile_mode",
     "regenerate_class_images", "cache_prompts",
 }
 

@@ -218,6 +218,31 @@ def on_device(module: torch.nn.Module, device: torch.device):
         module.to(before)
 
 
+COMPILE_BACKEND = "inductor"  # tests trace with "eager": the same graph capture without minutes of code generation
+
+
+def compile_unet(unet: torch.nn.Module, mode: str = "default") -> None:
+    """torch.compile the UNet in place, so parameter names (checkpoints, export) stay as they are."""
+    import torch._dynamo
+    # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
+    # the whole run to a slower dynamic-shape graph.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    inductor = COMPILE_BACKEND == "inductor"
+    unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
+
+
+@contextmanager
+def eager(module: torch.nn.Module):
+    """Run an in-place-compiled module eagerly for a while (validation: other shapes, no gradients), sparing
+    a second compilation that would cost more than it saves."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield module
+    finally:
+        module._compiled_call_impl = compiled
+
+
 # --------------------------------------------------------------------------------------- machine choices
 
 def cuda_available() -> bool:

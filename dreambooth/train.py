@@ -22,7 +22,8 @@ from .lora import add_lora_layers, learning_rate, require_peft, trains_text_enco
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import load_components, make_optimizer, on_device, resolve_optimizer, resolve_precision
+from .models import (compile_unet, load_components, make_optimizer, on_device, resolve_optimizer,
+                     resolve_precision)
 from .output import check_output_dir, mark_output_dir, write_pipeline
 from .runlog import RunLog, SubjectStats, run_summary, tracker_kwargs
 from .validation import Validator
@@ -95,7 +96,10 @@ class Trainer:
         if torch.cuda.is_available() and not (self.memory.fused_backward or torch.backends.cudnn.deterministic):
             torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
         if cfg.compile:
-            c.unet.compile()  # in place: parameter names (checkpoints, export) stay as they are
+            if self.memory.fused_backward:  # a compiled backward hands every gradient over at once
+                log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
+                            "step fused into backward exists to avoid: expect more memory", self.memory.profile)
+            compile_unet(c.unet, cfg.compile_mode)
 
         self.text_cache = self._encode_prompts_once() if self._caches_prompts else {}
         self.latent_cache = build_latent_cache(self.dataset, c.vae, device, self.weight_dtype, cfg.seed,
@@ -289,6 +293,8 @@ class Trainer:
         into backward, a non-finite loss ends the step before its backward, and nothing of the step is applied."""
         accum = self.cfg.gradient_accumulation_steps
         fused = self.paramwise is not None and self.paramwise.fused
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's CUDA-graph outputs may be reused
         logs: dict[str, float] = {}
         dropped = False
         for i in range(accum):

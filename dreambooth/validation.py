@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import Config, ValidationConfig
 from .data import Subject, resolve_subjects
 from .generate import save_png, slug
-from .models import on_device
+from .models import eager, on_device
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
@@ -206,7 +206,8 @@ class Validator:
                 pipe = self._pipeline(unet, text_encoder, vae)
                 bar = tqdm(self.prompts, desc=f"validation @ {step}", unit="prompt", leave=False, position=1,
                            disable=t.cfg.quiet)
-                with on_device(vae, t.accelerator.device), t.accelerator.autocast(), warnings.catch_warnings():
+                with on_device(vae, t.accelerator.device), eager(unet), t.accelerator.autocast(), \
+                        warnings.catch_warnings():
                     # diffusers' DPM++ set_timesteps calls np.array on a tensor; numpy 2 warns about it every call.
                     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
                     for prompt in bar:
