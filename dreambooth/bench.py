@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .errors import UserError, first_line
+from .bench_table import finish_rows, format_table, merge_runs  # noqa: F401  (re-exported)
 from .runlog import peak_rss
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class BenchOptions:
     repeats: int | None = None       # passes over the whole matrix, interleaved (noise on a shared CPU)
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     prior: str = "both"              # on, off or both
+    profile: list[str] = field(default_factory=list)  # rows whose steps are also profiled (bench_profile.py)
     sampling: bool = True
     out: str | None = None           # JSON path
     workdir: str | None = None
@@ -152,8 +154,9 @@ def _write_data(root: Path, resolution: int) -> tuple[Path, Path]:
 
 
 def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, out: Path):
-    from .config import config_from_dict
-    profile, _, extra = name.partition("+")
+    """A row is a profile (or baseline, lora), optionally with `+key=value` config overrides; `+key` means true."""
+    from .config import _apply_override, config_from_dict
+    profile, *extras = name.split("+")
     data = {"model": o.model, "output_dir": str(out), "data": {"dir": str(subject), "class_data_dir": str(classes)},
             "resolution": o.resolution, "max_steps": o.warmup + o.steps, "batch_size": 1,
             "with_prior_preservation": prior, "num_class_images": 4, "validation": {"enabled": False},
@@ -164,10 +167,8 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
         data.update(finetune="lora", memory_profile="default")
     else:
         data["memory_profile"] = profile
-    if extra == "compile":
-        data["compile"] = True
-    elif extra:
-        raise UserError(f"unknown benchmark row '{name}': rows are {', '.join(ROWS)}, optionally +compile")
+    for extra in extras:
+        _apply_override(data, extra if "=" in extra else f"{extra}=true")
     return config_from_dict(data, f"benchmark row {name}")
 
 
@@ -188,6 +189,7 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
             _sync()
             times.append(time.perf_counter() - t0)
         row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
+        row["warmup_s"] = round(sum(times[:o.warmup]), 3)  # torch.compile's compilation shows up here
         row["step_times_s"] = [round(t, 5) for t in times[o.warmup:]]
         row["s_per_step"] = statistics.median(times[o.warmup:])
         row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)
@@ -197,7 +199,10 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
                            "optimizer": trainer.optimizer_name, "gradient_checkpointing": cfg.gradient_checkpointing,
                            "prior_mode": cfg.prior_mode, "latents_cached": trainer.latent_cache is not None,
                            "prompts_cached": bool(trainer.text_cache), "finetune": cfg.finetune,
-                           "compile": cfg.compile}
+                           "compile": cfg.compile and cfg.compile_mode}
+        if name in o.profile:  # after the measured steps, so the profiler's overhead never enters them
+            from .bench_profile import profile_steps
+            row["profile"] = profile_steps(trainer, batches)
     finally:
         trainer.runlog.close(None)
 
@@ -315,7 +320,7 @@ def run_bench(options: BenchOptions) -> dict:
                 for prior in priors:
                     log.info("benchmark row %s%s (pass %d/%d)", name, " + prior" if prior else "", r + 1, o.repeats)
                     runs.setdefault((name, prior), []).append(run_row(name, prior, o, subject, classes, workdir))
-                    _finish_rows(result, runs)
+                    finish_rows(result, runs)
                     _write(result, o.out)  # partial results survive a timeout
         if o.sampling:
             try:
@@ -339,84 +344,16 @@ def _write(result: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(result, indent=2))
 
 
-def _finish_rows(result: dict, runs: dict) -> None:
-    """Merge each row's passes so far and add its FLOP rates and the default-vs-baseline ratios."""
-    rows = [merge_runs(parts) for parts in runs.values()]
-    for row in rows:
-        if row["status"] == "ok":
-            flops = result["model_flops_per_step"]["prior" if row["prior"] else "no_prior"]
-            row["model_flops_per_step"] = flops
-            row["achieved_tflops"] = flops / row["s_per_step"] / 1e12
-            row["mfu"] = row["achieved_tflops"] / result["bf16_matmul_peak_tflops"]
-    result["rows"] = rows
-    result["default_vs_baseline"] = _ratios(rows)
-
-
-def merge_runs(parts: list[dict]) -> dict:
-    """One row from its passes: the median over all timed steps, the highest peak memory, the first failure."""
-    bad = next((p for p in parts if p["status"] != "ok"), None)
-    if bad is not None:
-        return bad
-    row = dict(parts[-1])
-    row["step_times_s"] = [t for p in parts for t in p["step_times_s"]]
-    row["s_per_step"] = statistics.median(row["step_times_s"])
-    row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
-    row["setup_s"] = statistics.median(p["setup_s"] for p in parts)
-    row["peak_memory"] = {k: max((p["peak_memory"][k] for p in parts), key=lambda v: v or 0)
-                          for k in parts[0]["peak_memory"]}
-    row["passes"] = len(parts)
-    return row
-
-
-def _ratios(rows: list[dict]) -> dict:
-    """Throughput of the default profile over the baseline's, per prior setting."""
-    ok = {(r["name"], r["prior"]): r for r in rows if r["status"] == "ok"}
-    return {("prior" if p else "no_prior"): ok[("baseline", p)]["s_per_step"] / ok[("default", p)]["s_per_step"]
-            for p in (False, True) if ("baseline", p) in ok and ("default", p) in ok}
-
-
-def _gib(n) -> str:
-    return f"{n / 2**30:.2f}" if n is not None else "-"
-
-
-def format_table(r: dict) -> str:
-    """A short Markdown table of the result."""
-    cuda = r["device_type"] == "cuda"
-    lines = [f"device: {r['device']} | model: {r['model']} ({r['model_note']}) | {r['resolution']} px | "
-             f"batch {r['batch']} | median of {r['timed_steps']} steps (after {r['warmup_steps']} warm-up) x "
-             f"{r['repeats']} interleaved passes",
-             f"bf16 matmul peak measured: {r['bf16_matmul_peak_tflops']:.2f} TFLOP/s; {r['scaled_note']}", "",
-             "| row | prior | s/step | images/s | " + ("peak alloc GiB | peak reserved GiB" if cuda else
-                                                      "peak RSS GiB") + " | TFLOP/s | MFU |",
-             "|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|"]
-    for row in r["rows"]:
-        prior = "on" if row["prior"] else "off"
-        if row["status"] != "ok":
-            lines.append(f"| {row['name']} | {prior} | {row['status']}: {row['reason'][:80]} |")
-            continue
-        pm = row["peak_memory"]
-        mem = (f"{_gib(pm['cuda_max_allocated_bytes'])} | {_gib(pm['cuda_max_reserved_bytes'])}" if cuda
-               else _gib(pm["cpu_peak_rss_bytes"]))
-        lines.append(f"| {row['name']} | {prior} | {row['s_per_step']:.3f} | {row['images_per_s']:.2f} | {mem} | "
-                     f"{row['achieved_tflops']:.3f} | {row['mfu']:.1%} |")
-    for k, v in r.get("default_vs_baseline", {}).items():
-        lines.append(f"\ndefault profile vs baseline ({k.replace('_', ' ')}): {v:.2f}x the throughput")
-    s = r.get("sampling")
-    if s and "ours" in s:
-        lines.append(f"class-image sampling: ours ({s['ours']['scheduler']}, {s['ours']['steps']} steps, batch "
-                     f"{s['ours']['batch']}) {s['ours']['images_per_s']:.3f} img/s vs PNDM 50 steps batch 1 "
-                     f"{s['pndm50_batch1']['images_per_s']:.3f} img/s: {s['speedup']:.2f}x")
-    return "\n".join(lines)
-
-
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
     p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, help="interleaved passes over the matrix (default 1 on CUDA, 2 on CPU)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; "
-                   "append +compile to a row to torch.compile its UNet")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; a row "
+                   "may add config overrides: default+compile, default+compile+compile_mode=reduce-overhead")
+    p.add_argument("--profile", default="", help="comma list of rows to profile for 2 more steps: host vs GPU "
+                   "time, kernel launches, top operators")
     p.add_argument("--prior", default="both", choices=["on", "off", "both"])
     p.add_argument("--no-sampling", action="store_true", help="skip the class-image sampling measurement")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
@@ -424,10 +361,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
 
 
+def _names(text: str) -> list[str]:
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
 def bench_from_args(args) -> int:
     options = BenchOptions(model=args.model, resolution=args.resolution, steps=args.steps, warmup=args.warmup,
                            repeats=args.repeats,
-                           rows=[r.strip() for r in args.rows.split(",") if r.strip()], prior=args.prior,
+                           rows=_names(args.rows), profile=_names(args.profile), prior=args.prior,
                            sampling=not args.no_sampling, out=args.out, workdir=args.workdir)
     result = run_bench(options)
     table = format_table(result)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (issue 5): install the carried wheels, run the GPU-marked tests, then the benchmark
-# matrix (baseline and every memory profile, with and without prior preservation) on the full SD 2.1 base
-# architecture at 512 px. Runs from the repository root with `.whl` carried; results land in $OUT.
-# Budget: under 8 minutes in all. The optional torch.compile row runs only if enough time is left.
+# The one prepared GPU run (issue 5): install the carried wheels; benchmark the full SD 2.1 base architecture at
+# 512 px (the targets' rows with prior preservation, profiled; then torch.compile rows); run the GPU-marked tests;
+# then, with time left, the rows without prior. Runs from the repository root with `.whl` carried; results in $OUT.
+# Budget: under 8 minutes in all; each part gets a share of what is left, and stops with its finished rows kept.
 #
 #   device run:  bash scripts/gpu_check.sh          (carry: .whl; timeout_s 540)
-#   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1" COMPILE_ROW=0 bash scripts/gpu_check.sh
+#   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1 --rows baseline,default" \
+#                     bash scripts/gpu_check.sh        (BENCH_ARGS come last, so they override each part's rows)
 #   wheels here: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #                  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #                  -d .whl diffusers==0.42.1 bitsandbytes==0.50.2 importlib_metadata
@@ -33,30 +34,36 @@ print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transform
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# GPU-marked tests (they skip without CUDA elsewhere).
-timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests >"$OUT/gpu-tests.log" 2>&1
+# bench NAME SECONDS ARGS...: one benchmark run into $OUT/bench-NAME.{json,md,log}, cut off after SECONDS (the rows
+# finished by then are kept in the JSON and tabled).
+bench() {
+  local name=$1 limit=$2; shift 2
+  if [ "$limit" -lt 30 ]; then echo "bench $name skipped: $limit s left" | tee "$OUT/bench-$name.log"; return; fi
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  timeout "$limit" python3 -m dreambooth.cli bench --out "$OUT/bench-$name.json" --table "$OUT/bench-$name.md" \
+    "$@" ${BENCH_ARGS:-} >"$OUT/bench-$name.log" 2>&1
+  echo "bench $name exit $? after $((SECONDS - start)) s" >>"$OUT/bench-$name.log"
+  if [ ! -s "$OUT/bench-$name.md" ] && [ -s "$OUT/bench-$name.json" ]; then
+    python3 -c "import json, sys; from dreambooth.bench_table import format_table; \
+print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench-$name.json" >"$OUT/bench-$name.md" 2>>"$OUT/bench-$name.log"
+  fi
+  tail -n 30 "$OUT/bench-$name.log"
+}
+TESTS_S=100  # kept back for the GPU tests at the end
+
+# 1. The targets' matrix at 512 px, prior on (batch 1+1): builtin:sd21 (exact SD 2.1 base, random weights), 3 warm-up
+#    + 10 timed steps per row; baseline and default also profiled (host time vs GPU kernel time, launches).
+bench targets $(($(left) - TESTS_S - 120)) --prior on --no-sampling --profile baseline,default
+# 2. torch.compile, measured beside a baseline of its own: CUDA graphs (reduce-overhead) first, then plain inductor.
+#    The warm-up column holds the compilation time.
+bench compile $(($(left) - TESTS_S)) --prior on --no-sampling \
+  --rows baseline,default+compile+compile_mode=reduce-overhead,default+compile,24gb+compile+compile_mode=reduce-overhead
+# 3. GPU-marked tests (they skip without CUDA elsewhere).
+t=$(left); t=$(( t < TESTS_S ? t : TESTS_S )); t=$(( t < 10 ? 10 : t ))
+timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests \
+  >"$OUT/gpu-tests.log" 2>&1
 echo "gpu tests exit $?" >>"$OUT/gpu-tests.log"
 tail -n 5 "$OUT/gpu-tests.log"
-
-# The matrix at 512 px: builtin:sd21 (exact SD 2.1 base, random weights), 3 warm-up + 10 timed steps per row.
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "$(left)" python3 -m dreambooth.cli bench --out "$OUT/bench.json" --table "$OUT/bench.md" ${BENCH_ARGS:-} \
-  >"$OUT/bench.log" 2>&1
-echo "bench exit $?" >>"$OUT/bench.log"
-if [ ! -s "$OUT/bench.md" ] && [ -s "$OUT/bench.json" ]; then  # cut short: the table of the rows written so far
-  python3 -c "import json, sys; from dreambooth.bench import format_table; \
-print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench.json" >"$OUT/bench.md" 2>>"$OUT/bench.log"
-fi
-tail -n 40 "$OUT/bench.log"
-
-# torch.compile of the UNet: measured, not assumed; compilation takes a minute or two, so only with time left.
-if [ "${COMPILE_ROW:-1}" = 1 ] && [ "$(left)" -gt 150 ]; then
-  # shellcheck disable=SC2086
-  timeout "$(left)" python3 -m dreambooth.cli bench --rows default,default+compile --prior on --no-sampling \
-    --out "$OUT/bench-compile.json" --table "$OUT/bench-compile.md" ${BENCH_ARGS:-} >"$OUT/bench-compile.log" 2>&1
-  echo "compile bench exit $?" >>"$OUT/bench-compile.log"
-  tail -n 12 "$OUT/bench-compile.log"
-else
-  echo "compile row skipped: $(left) s left" | tee "$OUT/bench-compile.log"
-fi
+# 4. With time left: the rows without prior preservation, and class-image sampling speed.
+bench rest "$(left)" --prior off --rows baseline,default,8gb,6gb,24gb
 echo "total $((SECONDS - start)) s"

@@ -107,3 +107,23 @@ def test_bench_on_cuda_measures_device_memory(tmp_path):
     assert result["device_type"] == "cuda" and torch.cuda.get_device_name() == result["device"]
     peaks = {k: r["peak_memory"]["cuda_max_allocated_bytes"] for k, r in rows.items()}
     assert peaks["6gb"] < peaks["default"]
+
+
+def test_rows_take_config_overrides(tmp_path):
+    from dreambooth.bench import row_config
+    o = BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1).resolved()
+    cfg = row_config("default+compile+compile_mode=reduce-overhead", True, o, tmp_path, tmp_path, tmp_path / "o")
+    assert cfg.compile is True and cfg.compile_mode == "reduce-overhead" and cfg.memory_profile == "default"
+    assert row_config("baseline", True, o, tmp_path, tmp_path, tmp_path / "o").cache_latents is False
+    with pytest.raises(UserError, match="compile_mod"):
+        row_config("default+compile_mod=x", True, o, tmp_path, tmp_path, tmp_path / "o")
+
+
+def test_profiled_rows_say_where_the_step_time_goes(tmp_path):
+    result = run_bench(BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1, rows=["default"],
+                                    prior="on", sampling=False, profile=["default"]))
+    p = result["rows"][0]["profile"]
+    assert p["steps"] == 2 and p["wall_ms_per_step"] > 0 and p["cpu_ops_per_step"] > 100
+    assert p["top_ops"] and all(o["op"] and o["calls"] > 0 for o in p["top_ops"])
+    assert p["gpu_busy"] is None  # no GPU here: host time only
+    assert "Profiled steps" in format_table(result) and "aten calls/step" in format_table(result)

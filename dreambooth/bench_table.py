@@ -1,0 +1,84 @@
+"""The benchmark's results: rows merged over passes, FLOP rates, the default-vs-baseline ratio, the Markdown table."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def finish_rows(result: dict, runs: dict) -> None:
+    """Merge each row's passes so far and add its FLOP rates and the default-vs-baseline ratios."""
+    rows = [merge_runs(parts) for parts in runs.values()]
+    for row in rows:
+        if row["status"] == "ok":
+            flops = result["model_flops_per_step"]["prior" if row["prior"] else "no_prior"]
+            row["model_flops_per_step"] = flops
+            row["achieved_tflops"] = flops / row["s_per_step"] / 1e12
+            row["mfu"] = row["achieved_tflops"] / result["bf16_matmul_peak_tflops"]
+    result["rows"] = rows
+    result["default_vs_baseline"] = ratios(rows)
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """One row from its passes: the median over all timed steps, the highest peak memory, the first failure."""
+    bad = next((p for p in parts if p["status"] != "ok"), None)
+    if bad is not None:
+        return bad
+    row = dict(parts[-1])
+    row["step_times_s"] = [t for p in parts for t in p["step_times_s"]]
+    row["s_per_step"] = statistics.median(row["step_times_s"])
+    row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
+    row["setup_s"] = statistics.median(p["setup_s"] for p in parts)
+    row["warmup_s"] = max(p.get("warmup_s", 0.0) for p in parts)  # the first pass pays for compilation
+    row["peak_memory"] = {k: max((p["peak_memory"][k] for p in parts), key=lambda v: v or 0)
+                          for k in parts[0]["peak_memory"]}
+    row["passes"] = len(parts)
+    return row
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Throughput of the default profile over the baseline's, per prior setting."""
+    ok = {(r["name"], r["prior"]): r for r in rows if r["status"] == "ok"}
+    return {("prior" if p else "no_prior"): ok[("baseline", p)]["s_per_step"] / ok[("default", p)]["s_per_step"]
+            for p in (False, True) if ("baseline", p) in ok and ("default", p) in ok}
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f}" if n is not None else "-"
+
+
+def format_table(r: dict) -> str:
+    """A short Markdown table of the result."""
+    cuda = r["device_type"] == "cuda"
+    lines = [f"device: {r['device']} | model: {r['model']} ({r['model_note']}) | {r['resolution']} px | "
+             f"batch {r['batch']} | median of {r['timed_steps']} steps (after {r['warmup_steps']} warm-up) x "
+             f"{r['repeats']} interleaved passes",
+             f"bf16 matmul peak measured: {r['bf16_matmul_peak_tflops']:.2f} TFLOP/s; {r['scaled_note']}", "",
+             "| row | prior | s/step | x baseline | images/s | " + ("peak alloc GiB | peak reserved GiB" if cuda else
+                                                                   "peak RSS GiB") + " | TFLOP/s | MFU | warm-up s |",
+             "|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
+    base = {row["prior"]: row["s_per_step"] for row in r["rows"] if row["name"] == "baseline" and row["status"] == "ok"}
+    for row in r["rows"]:
+        prior = "on" if row["prior"] else "off"
+        if row["status"] != "ok":
+            lines.append(f"| {row['name']} | {prior} | {row['status']}: {row['reason'][:80]} |")
+            continue
+        pm = row["peak_memory"]
+        mem = (f"{_gib(pm['cuda_max_allocated_bytes'])} | {_gib(pm['cuda_max_reserved_bytes'])}" if cuda
+               else _gib(pm["cpu_peak_rss_bytes"]))
+        speedup = f"{base[row['prior']] / row['s_per_step']:.2f}" if row["prior"] in base else "-"
+        lines.append(f"| {row['name']} | {prior} | {row['s_per_step']:.3f} | {speedup} | {row['images_per_s']:.2f} | "
+                     f"{mem} | {row['achieved_tflops']:.3f} | {row['mfu']:.1%} | {row.get('warmup_s', 0):.1f} |")
+    profiled = [row for row in r["rows"] if row.get("profile")]
+    if profiled:
+        from .bench_profile import format_profile
+        lines += ["", "Profiled steps (bench --profile):"]
+        for row in profiled:
+            lines += format_profile(row["name"], row["prior"], row["profile"])
+    for k, v in r.get("default_vs_baseline", {}).items():
+        lines.append(f"\ndefault profile vs baseline ({k.replace('_', ' ')}): {v:.2f}x the throughput")
+    s = r.get("sampling")
+    if s and "ours" in s:
+        lines.append(f"class-image sampling: ours ({s['ours']['scheduler']}, {s['ours']['steps']} steps, batch "
+                     f"{s['ours']['batch']}) {s['ours']['images_per_s']:.3f} img/s vs PNDM 50 steps batch 1 "
+                     f"{s['pndm50_batch1']['images_per_s']:.3f} img/s: {s['speedup']:.2f}x")
+    return "\n".join(lines)
