@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -194,23 +192,44 @@ def test_paramwise_state_dict_resumes_exactly():
         assert torch.equal(x, y.detach())
 
 
-def test_8bit_inner_optimizer_is_bitsandbytes(monkeypatch):
-    """Without CUDA, bitsandbytes stands in as a module whose AdamW8bit is torch's AdamW: the plumbing is tested."""
-    made = []
-
-    class FakeAdamW8bit(torch.optim.AdamW):
-        def __init__(self, params, **kw):
-            made.append(kw)
-            super().__init__(params, **kw)
-    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=FakeAdamW8bit))
-    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+def test_8bit_inner_optimizer_is_bitsandbytes():
+    """bitsandbytes (0.50+) runs its 8-bit AdamW on CPU too, so the per-tensor plumbing is tested for real."""
+    bnb = pytest.importorskip("bitsandbytes")
     model = _mlp(torch.bfloat16)
     opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, inner="adamw8bit", rounding="stochastic")
     opt.fuse_into_backward()
-    assert len(made) == 4 and made[0]["lr"] == 1e-2
+    inner = list(opt._inner.values())
+    assert len(inner) == 4 and all(isinstance(o, bnb.optim.AdamW8bit) for o in inner)
+    assert inner[0].param_groups[0]["lr"] == 1e-2
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, 1, steps=1, fused=True)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
+    """Same updates as bitsandbytes' own AdamW8bit, bit for bit, without its wait for the device after each tensor."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    from dreambooth.models import adamw8bit
+    waits = []
+
+    def wait(tensor):
+        waits.append(tensor)
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", wait)
+    ours, theirs = _mlp(torch.float32), _mlp(torch.float32)
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt_ours, opt_theirs = adamw8bit(ours.parameters(), **hp), bnb.optim.AdamW8bit(theirs.parameters(), **hp)
+    for step in range(3):
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            (model(x) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(waits) == 3 * 4  # bitsandbytes' own step: one wait per tensor, every step; ours none
+    assert bnb_optimizer.sync_gpu is wait  # ours put bitsandbytes' function back after each step
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
 
 
 def assert_bits_equal(a, b):
@@ -359,3 +378,27 @@ def test_8bit_paramwise_fused_on_cuda():
             return [t for v in node.values() for t in tensors(v)]
         return [node] if torch.is_tensor(node) else []
     assert any(t.dtype == torch.uint8 for t in tensors(opt.state_dict()["state"][0]))  # 8-bit moments
+
+
+@cuda
+@pytest.mark.gpu
+def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    from dreambooth.models import adamw8bit
+    ours, theirs = _mlp().cuda(), _mlp().cuda()
+    opt_ours, opt_theirs = adamw8bit(ours.parameters(), lr=1e-2), bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2)
+    waits = []
+    synchronize = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (waits.append(1), synchronize(*a)))
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        before = len(waits)
+        for step in range(3):
+            x = torch.randn(64, 8, generator=torch.Generator().manual_seed(step)).cuda()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        counted = len(waits) - before
+    assert counted == 3 * 4  # bitsandbytes' own: a wait per tensor per step
+    assert len(waits) == counted  # ours: none
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
