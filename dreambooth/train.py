@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,22 +14,20 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, save_config
-from .data import (DreamBoothDataset, ImageTransform, MultiSubjectDataset, collate, load_image_files, load_images,
-                   resolve_subjects)
 from .errors import UserError
+from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import (compile_unet, load_components, make_optimizer, on_device, resolve_optimizer,
-                     resolve_precision)
+from .models import compile_unet, load_components, make_optimizer, resolve_optimizer, resolve_precision
 from .output import check_output_dir, mark_output_dir, write_pipeline
-from .runlog import RunLog, SubjectStats, run_summary, tracker_kwargs
+from .runlog import RunLog, run_summary, tracker_kwargs
 from .validation import Validator
 
 log = logging.getLogger(__name__)
 
-class Trainer:
+class Trainer(TrainerInputs):
     """DreamBooth fine-tuning of one SD pipeline: setup() -> train() -> save()."""
 
     def __init__(self, cfg: Config):
@@ -130,10 +127,6 @@ class Trainer:
         return self
 
     @property
-    def _caches_prompts(self) -> bool:
-        return self.cfg.cache_prompts and not self.trains_text_encoder
-
-    @property
     def trains_text_encoder(self) -> bool:
         """The text encoder trains: fully (train_text_encoder) or through LoRA layers (finetune: lora)."""
         return self.cfg.train_text_encoder or trains_text_encoder_lora(self.cfg)
@@ -142,97 +135,7 @@ class Trainer:
         c = self.components
         return [c.unet, c.text_encoder] if self.trains_text_encoder else [c.unet]
 
-    def _build_dataset(self) -> DreamBoothDataset | MultiSubjectDataset:
-        """Each subject's instance images, paired with its own class images under prior preservation."""
-        cfg = self.cfg
-        subjects = self.subjects = resolve_subjects(cfg)
-        class_images = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
-        transform = ImageTransform(cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-        datasets, self.prompts = [], []  # every prompt, class prompts included, for the text-embedding cache
-        for i, (s, klass) in enumerate(zip(subjects, class_images)):
-            images, _ = load_images(s.dir, cfg.resolution)
-            datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, klass or None,
-                                              s.class_prompt if klass else None, seed=cfg.seed + i, name=s.name))
-            self.prompts += [s.instance_prompt] + ([s.class_prompt] if klass else [])
-        self.subject_stats = SubjectStats([s.name for s in subjects], cfg)
-        if len(datasets) == 1:
-            return datasets[0]
-        weights = [s.weight for s in subjects] if cfg.subject_sampling == "weighted" else [1.0] * len(subjects)
-        return MultiSubjectDataset(datasets, weights, cfg.batch_size)
-
-    def _class_images(self, subjects) -> list[list]:
-        """Each subject's class images: the folders topped up (main process first under accelerate launch; the
-        sampler is freed after), then loaded, each file decoded once (checking them decodes most)."""
-        from .prior import ensure_class_images
-        decoded: dict = {}  # path -> image, shared by subjects sharing a class folder
-        first = nullcontext()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-            first = PartialState().main_process_first()
-        with first:
-            paths = ensure_class_images(self.cfg, subjects, decoded)
-        return [load_image_files(p, self.cfg.resolution, s.class_dir, decoded)[0] if p else []
-                for s, p in zip(subjects, paths)]
-
-    def _total_steps(self) -> int:
-        micro_per_epoch = math.ceil(len(self._shard(list(range(len(self.dataset))))) / self.cfg.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / self.cfg.gradient_accumulation_steps))
-        return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
-
-    # ------------------------------------------------------------------------------------------ encoding
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.accelerator.device)
-
-    def _encode_prompts_once(self) -> dict[str, torch.Tensor]:
-        """Frozen text encoder: encode each distinct training prompt now, then move the encoder off the GPU."""
-        self.text_cache = {}
-        self.encode_prompts(sorted(set(self.prompts)))
-        self.components.text_encoder.to("cpu")
-        return self.text_cache
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[B, 77, D] embeddings; a frozen encoder's are computed once per distinct prompt and kept."""
-        te = self.components.text_encoder
-        if not self._caches_prompts:
-            return te(self._tokens(prompts))[0]
-        new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
-        if new:  # training prompts at setup; validation's own prompts when first seen (encoder brought back)
-            with torch.no_grad(), on_device(te, self.accelerator.device):
-                self.text_cache.update({p: te(self._tokens([p]))[0][0] for p in new})
-        return torch.stack([self.text_cache[p] for p in prompts])
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.latent_cache is not None:
-            return self.latent_cache.sample(pixels, self.gen)
-        vae = self.components.vae
-        with torch.no_grad():
-            dist = vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
-            return dist.sample(generator=self.gen).float() * vae.config.scaling_factor
-
     # ------------------------------------------------------------------------------------------ loop
-    def _shard(self, order: list[int]) -> list[int]:
-        return order[self.accelerator.process_index::self.accelerator.num_processes]
-
-    def batches(self):
-        """Batches forever, in an order drawn from (seed, epoch) so any position can be reproduced."""
-        while True:
-            self.dataset.set_epoch(self.epoch)
-            if isinstance(self.dataset, MultiSubjectDataset):  # one subject per batch, subjects taking turns
-                groups = self._shard(self.dataset.epoch_batches(self.epoch, self.cfg.seed))
-            else:
-                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
-                order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())
-                groups = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
-            # A resumed run starts mid-epoch: skip the batches its checkpoint had already used.
-            while self.batch_in_epoch < len(groups):
-                group = groups[self.batch_in_epoch]
-                self.batch_in_epoch += 1  # counted before the yield: the consumer owns the batch from here
-                yield collate([self.dataset[j] for j in group])
-            self.epoch += 1
-            self.batch_in_epoch = 0
-
     def _noised(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents of `pixels` with their noise and timesteps, drawn in this order from the trainer's generator.
 
