@@ -83,8 +83,10 @@ def cmd_generate(args) -> int:
             fields[name] = getattr(args, name)
     request = Request(**fields).check()
     from .lora import apply_lora, split_lora_run
-    model, lora = split_lora_run(args.model, args.lora)  # a LoRA run's folder means its base model plus its LoRA
-    pipe = load_pipeline(model, allow_pickle=args.allow_pickle)
+    # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
+    model, lora, base = split_lora_run(args.model, args.lora)
+    pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),
+                         variant=args.variant or base.get("variant"))
     if lora:
         apply_lora(pipe, lora, args.lora_scale)
     if args.scheduler:
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="generated", help="where PNGs are written (default: ./generated)")
     p.add_argument("--lora", help="a LoRA .safetensors file (ours or kohya/A1111 layout) to apply to the model")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when the model is a hub id")
+    p.add_argument("--variant", help="weight file variant when the model is a hub id, e.g. fp16")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)

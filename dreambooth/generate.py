@@ -77,8 +77,10 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
 
 
-def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = False):
-    """A StableDiffusionPipeline from a trained output folder (or any diffusers folder / hub id)."""
+def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = False, revision: str | None = None,
+                  variant: str | None = None):
+    """A StableDiffusionPipeline from a trained output folder (or any diffusers folder / hub id; a hub id may name
+    its revision and weight variant, e.g. fp16)."""
     from diffusers import StableDiffusionPipeline
 
     from .config import Config
@@ -91,7 +93,8 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
-                                                           use_safetensors=None if allow_pickle else True)
+                                                           use_safetensors=None if allow_pickle else True,
+                                                           revision=revision, variant=variant)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
     return pipe.to(device)

@@ -223,16 +223,16 @@ def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]
     return tensors, header, alphas
 
 
-def split_lora_run(model: str, lora: str | None) -> tuple[str, str | None]:
-    """A LoRA run's output folder (no model_index.json) names its base model in config.yaml: (base, LoRA file)."""
+def split_lora_run(model: str, lora: str | None) -> tuple[str, str | None, dict]:
+    """A LoRA run's output folder (no model_index.json) names its base model in config.yaml: (base, LoRA file,
+    the base's revision/variant as trained); anything else comes back as given."""
     folder = Path(model).expanduser()
     if lora is not None or not folder.is_dir() or (folder / "model_index.json").is_file() \
             or not (folder / LORA_FILE).is_file():
-        return model, lora
+        return model, lora, {}
     import yaml
-    base = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model") \
-        if (folder / "config.yaml").is_file() else None
-    if not base:
+    run = (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if (folder / "config.yaml").is_file() else {}
+    if not run.get("model"):
         raise UserError(f"{folder} holds a LoRA but no config.yaml naming its base model: "
                         f"dreambooth generate BASE_MODEL --lora {folder / LORA_FILE}")
-    return str(base), str(folder / LORA_FILE)
+    return str(run["model"]), str(folder / LORA_FILE), {k: run[k] for k in ("revision", "variant") if run.get(k)}

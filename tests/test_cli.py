@@ -69,3 +69,23 @@ def test_scripts_are_thin_wrappers(tmp_path):
     result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "train.py"), str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, capsys):
+    """A hub id loads at the asked revision and variant; a LoRA run's folder uses the ones its base trained on."""
+    from diffusers import StableDiffusionPipeline
+    seen = []
+
+    def from_pretrained(model, **kw):
+        seen.append((model, kw.get("revision"), kw.get("variant")))
+        raise OSError("not in the cache")  # no hub here: stop at the load
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", from_pretrained)
+    assert main(["generate", "someone/sd-model", "--revision", "v2", "--variant", "fp16", "--prompt", "x"]) == 2
+    assert seen[-1] == ("someone/sd-model", "v2", "fp16")
+    assert "not in the cache" in capsys.readouterr().err
+    run = tmp_path / "lora-run"
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (run / "config.yaml").write_text("model: someone/sd-model\nrevision: abc123\nvariant: null\n")
+    assert main(["generate", str(run), "--prompt", "x"]) == 2
+    assert seen[-1] == ("someone/sd-model", "abc123", None)
