@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.errors import UserError
-from dreambooth.memory import (ParamwiseOptimizer, apply_memory_profile, auto_profile, join_bf16, split_bf16_,
-                               stochastic_round_)
+from dreambooth.memory import apply_memory_profile, auto_profile
+from dreambooth.paramwise import ParamwiseOptimizer, join_bf16, split_bf16_, stochastic_round_
 from dreambooth.train import Trainer, run_training
 
 from conftest import cuda
