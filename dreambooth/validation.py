@@ -270,8 +270,12 @@ class Validator:
         index = {"prompts": self.prompts, "seeds": self.seeds, "planned_steps": self.steps, **self._settings(),
                  "sweep": sweep.relative_to(self.t.out).as_posix(), "done": self.done}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+        self._swept = sorted(self.done)
         return sweep
 
     def finish(self) -> Path | None:
-        """At the end of training: the final sweep over every step validated."""
+        """At the end of training: the final sweep over every step validated (already written when the last
+        validation was the final step, as it usually is)."""
+        if getattr(self, "_swept", None) == sorted(self.done):
+            return self.dir / "sweep.png"
         return self.write_sweep()

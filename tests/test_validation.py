@@ -190,3 +190,15 @@ def test_validation_under_fp16_on_cuda(make_cfg, tmp_path):
     index = json.loads((validated.out / "validation" / "index.json").read_text())
     pixels = np.asarray(Image.open(validated.out / index["done"]["3"]["images"][0][0]))
     assert pixels.std() > 1  # not a flat (NaN-decoded) image
+
+
+def test_the_final_sweep_is_not_drawn_twice(make_cfg, monkeypatch):
+    from dreambooth.validation import Validator
+    drawn = []
+    real = Validator.write_sweep
+    monkeypatch.setattr(Validator, "write_sweep", lambda self: drawn.append(1) or real(self))
+    trainer = Trainer(make_cfg(**FAST, **{"validation.steps": [2, 4]})).setup()
+    trainer.train()
+    assert len(drawn) == 2  # after each validation; the end of training finds the sweep current
+    assert (trainer.out / "validation" / "sweep.png").is_file()
+    trainer.runlog.close(None)
