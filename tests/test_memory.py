@@ -402,3 +402,16 @@ def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     assert len(waits) == counted  # ours: none
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
+
+
+def test_adamw_first_step_ignores_the_gradient_scale():
+    """Why the fused backward may leave its first step unclipped: AdamW's first update does not depend on it."""
+    def first_step(scale):
+        model = _mlp()
+        opt = ParamwiseOptimizer(model.parameters(), lr=1e-2)
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        (model(x) ** 2).mean().mul(scale).backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(first_step(1.0), first_step(0.1)):  # a clip to a tenth of the norm: the same step
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * 1e-2)  # within 1% of the 1e-2 update
