@@ -226,7 +226,9 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default") -> None:
     import torch._dynamo
     # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
     # the whole run to a slower dynamic-shape graph.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 16))
     inductor = COMPILE_BACKEND == "inductor"
     unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
 
