@@ -227,7 +227,7 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default") -> None:
     # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
     # the whole run to a slower dynamic-shape graph.
     dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # newer torch; older: cache_size_limit
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch: cache_size_limit
     setattr(dynamo, limit, max(getattr(dynamo, limit), 16))
     inductor = COMPILE_BACKEND == "inductor"
     unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
