@@ -50,7 +50,8 @@ def profile_steps(trainer, batches, steps: int = 2) -> dict:
         "kernel_launches_per_step": sum(e.count for e in kernels) / steps if cuda else None,
         "cpu_ops_per_step": sum(e.count for e in events if e.device_type == DeviceType.CPU
                                 and e.key.startswith("aten::")) / steps,
-        "top_ops": [{"op": e.key, "calls": e.count / steps, "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / steps, 3),
+        "top_ops": [{"op": e.key, "calls": e.count / steps,
+                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / steps, 3),
                      "self_gpu_ms": round(_device_us(e) / 1e3 / steps, 3)} for e in top],
     }
 
