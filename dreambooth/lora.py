@@ -152,27 +152,6 @@ def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
 
 
 # ------------------------------------------------------------------------------------- kohya LoRA layout
-# Multi-word names in diffusers' UNet and CLIP module paths; kohya joins every path part with "_", so going back
-# needs to know which underscores belong to a name.
-_WORDS = sorted(["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-                 "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "self_attn",
-                 "q_proj", "k_proj", "v_proj", "out_proj", "text_model", "layer_norm1", "layer_norm2",
-                 "time_embedding", "linear_1", "linear_2", "add_k_proj", "add_v_proj"],
-                key=lambda w: -w.count("_"))
-
-
-def _kohya_to_path(name: str) -> str:
-    parts, i, out = name.split("_"), 0, []
-    while i < len(parts):
-        for w in _WORDS + [parts[i]]:
-            n = w.count("_") + 1
-            if "_".join(parts[i:i + n]) == w:
-                out.append(w)
-                i += n
-                break
-    return ".".join(out)
-
-
 def peft_to_kohya(state: dict, alphas: dict[str, float]) -> dict:
     """diffusers LoRA file keys (`unet.<path>.lora_A.weight`) -> kohya (`lora_unet_<path_with_>.lora_down.weight`
     plus `.alpha`); `alphas` maps "unet"/"text_encoder" to that part's alpha."""
@@ -188,25 +167,6 @@ def peft_to_kohya(state: dict, alphas: dict[str, float]) -> dict:
         out[f"{name}.lora_{'down' if ab == 'A' else 'up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alphas[part]))
     return out
-
-
-def kohya_to_peft(state: dict) -> tuple[dict, dict[str, float]]:
-    """The inverse of `peft_to_kohya`: diffusers LoRA keys and the alpha of each part."""
-    out, alphas = {}, {}
-    for key, value in state.items():
-        m = re.fullmatch(r"lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
-        if not m:
-            raise ValueError(f"'{key}' is not a kohya LoRA weight name")
-        kind, name, what = m.groups()
-        part = "unet" if kind == "unet" else "text_encoder"
-        path = _kohya_to_path(name)
-        if part == "text_encoder":
-            path = path.removeprefix("text_model.")  # transformers 5 CLIPTextModel has no text_model level
-        if what == "alpha":
-            alphas[part] = float(value)
-        else:
-            out[f"{part}.{path}.lora_{'A' if what == 'lora_down.weight' else 'B'}.weight"] = value
-    return out, alphas
 
 
 def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]:

@@ -13,12 +13,53 @@ from dreambooth.cli import main
 from dreambooth.config import config_from_dict
 from dreambooth.errors import UserError
 from dreambooth.export import save_kohya
-from dreambooth.lora import (LORA_FILE, _kohya_to_path, add_lora_layers, apply_lora, kohya_to_peft, learning_rate,
-                             peft_to_kohya, read_lora, save_lora)
+from dreambooth.lora import LORA_FILE, add_lora_layers, apply_lora, learning_rate, peft_to_kohya, read_lora, save_lora
 from dreambooth.tiny import build_sd21_components, build_tiny_pipeline
 from dreambooth.train import Trainer, run_training
 
 LORA = {"finetune": "lora", "lora.text_encoder": True}
+
+
+# The inverse of lora.peft_to_kohya, as a test oracle: the package only writes kohya files (diffusers reads them).
+# Multi-word names in diffusers' UNet and CLIP module paths; kohya joins every path part with "_", so going back
+# needs to know which underscores belong to a name.
+_WORDS = sorted(["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+                 "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "self_attn",
+                 "q_proj", "k_proj", "v_proj", "out_proj", "text_model", "layer_norm1", "layer_norm2",
+                 "time_embedding", "linear_1", "linear_2", "add_k_proj", "add_v_proj"],
+                key=lambda w: -w.count("_"))
+
+
+def _kohya_to_path(name: str) -> str:
+    parts, i, out = name.split("_"), 0, []
+    while i < len(parts):
+        for w in _WORDS + [parts[i]]:
+            n = w.count("_") + 1
+            if "_".join(parts[i:i + n]) == w:
+                out.append(w)
+                i += n
+                break
+    return ".".join(out)
+
+
+def kohya_to_peft(state: dict) -> tuple[dict, dict[str, float]]:
+    """The inverse of `peft_to_kohya`: diffusers LoRA keys and the alpha of each part."""
+    out, alphas = {}, {}
+    for key, value in state.items():
+        m = re.fullmatch(r"lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        if not m:
+            raise ValueError(f"'{key}' is not a kohya LoRA weight name")
+        kind, name, what = m.groups()
+        part = "unet" if kind == "unet" else "text_encoder"
+        path = _kohya_to_path(name)
+        if part == "text_encoder":
+            path = path.removeprefix("text_model.")  # transformers 5 CLIPTextModel has no text_model level
+        if what == "alpha":
+            alphas[part] = float(value)
+        else:
+            out[f"{part}.{path}.lora_{'A' if what == 'lora_down.weight' else 'B'}.weight"] = value
+    return out, alphas
+
 
 
 def image(pipe, seed: int = 0) -> np.ndarray:
