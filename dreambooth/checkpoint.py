@@ -1,39 +1,34 @@
-"""Resumable checkpoints: atomic writes into output_dir/checkpoints/step-NNNNNN, pruning, and an exact restore of
-weights, optimizer (8-bit too), LR schedule, grad scaler, RNG streams and data position. No pickle anywhere."""
+"""Resumable checkpoints: what goes into output_dir/checkpoints/step-NNNNNN and how a run resumes from it (weights,
+optimizer (8-bit too), LR schedule, grad scaler, data position, and each process's RNG streams and per-subject
+stats), plus the stop signals that make the loop write one. Layout on disk: checkpoint_store.py. No pickle."""
 
 from __future__ import annotations
 
 import errno
 import json
 import logging
-import os
-import random
-import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint_ranks as ranks
+from . import checkpoint_store as store
 from .config import NON_TRAINING_KEYS, Config, flatten_config
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "complete.json"  # written last, inside the temp folder, so a folder that has it is whole
 WEIGHTS = "weights.safetensors"  # trainable parameters by name, e.g. "unet.conv_in.weight"
-TENSORS = "state.safetensors"  # optimizer, scheduler and RNG tensors, referenced from state.json
+TENSORS = "state.safetensors"  # optimizer, scheduler and grad scaler tensors, referenced from state.json
 STATE = "state.json"
-FORMAT = 1
-STEP_DIR = re.compile(r"^step-(\d+)$")
+WRITTEN, SKIPPED, FAILED = 0, 1, 2  # how the main process's write of a checkpoint ended, told to the others
 
 
 class Interrupted(KeyboardInterrupt):
@@ -62,137 +57,12 @@ def settings_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- packing
-
-def _pack(obj: Any, key: str, tensors: dict, seen: dict) -> Any:
-    """A JSON-able copy of `obj` with each tensor moved into `tensors` and replaced by {"__tensor__": name}."""
-    if torch.is_tensor(obj):
-        t = obj.detach()
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
-        if t.numel() and ident in seen:  # the same tensor twice (bitsandbytes shares its qmaps): store once
-            return {"__tensor__": seen[ident]}
-        storage = ("storage", t.untyped_storage().data_ptr(), str(t.device))
-        # safetensors refuses overlapping tensors: a view of memory already stored gets its own copy.
-        tensors[key] = t.clone() if (t.numel() and storage in seen) or not t.is_contiguous() else t
-        if t.numel():
-            seen[ident], seen[storage] = key, key
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: _pack(v, f"{key}.{k}", tensors, seen) for k, v in obj.items()}
-        # Optimizer state is keyed by parameter index (int): JSON objects would turn those into strings.
-        return {"__items__": [[k, _pack(v, f"{key}.{k}", tensors, seen)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_pack(v, f"{key}.{i}", tensors, seen) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_pack(v, f"{key}.{i}", tensors, seen) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    raise TypeError(f"cannot store {type(obj).__name__} at {key} in a checkpoint (only tensors and plain data)")
-
-
-def _unpack(obj: Any, tensors: dict) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__items__" in obj:
-            return {k: _unpack(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
-        return {k: _unpack(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unpack(v, tensors) for v in obj]
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------- folders
-
-def root_of(out: str | Path) -> Path:
-    return Path(out) / CHECKPOINTS
-
-
-def is_complete(path: Path) -> bool:
-    try:
-        return json.loads((path / COMPLETE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def list_checkpoints(out: str | Path) -> tuple[list[tuple[int, Path]], list[Path]]:
-    """(complete checkpoints as (step, path) oldest first, incomplete folders) under output_dir/checkpoints."""
-    root = root_of(out)
-    complete, incomplete = [], []
-    if not root.is_dir():
-        return complete, incomplete
-    for path in root.iterdir():
-        m = STEP_DIR.match(path.name)
-        if m and path.is_dir() and is_complete(path):
-            complete.append((int(m.group(1)), path))
-        elif path.is_dir() and (m or path.name.startswith(".step-")):
-            incomplete.append(path)  # a write cut short by a hard kill or a second Ctrl-C
-    return sorted(complete), sorted(incomplete)
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones are skipped with a warning."""
-    complete, incomplete = list_checkpoints(out)
-    for path in incomplete:
-        log.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
-    return complete[-1][1] if complete else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(final: Path, write_files, marker: dict) -> Path:
-    """Write a folder via `write_files(tmp)` into a temp folder beside `final`, add the completion marker,
-    fsync, then rename into place; on any failure (or Ctrl-C) the temp folder goes and `final` is untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write_files(tmp)
-        (tmp / COMPLETE).write_text(json.dumps(marker, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        old = None
-        if final.exists():  # the same step written again: swap, since rename cannot replace a full folder
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def prune(out: str | Path, keep_last: int | None) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never ones marked keep) and stale temp folders."""
-    complete, incomplete = list_checkpoints(out)
-    removed = []
-    for path in incomplete:
-        if path.name.startswith(".step-"):
-            shutil.rmtree(path, ignore_errors=True)
-    if keep_last is None:
-        return removed
-    for _, path in complete[:-keep_last] if len(complete) > keep_last else []:
-        if not json.loads((path / COMPLETE).read_text()).get("keep"):
-            # Hide it first (one rename), so a delete cut short never leaves a half checkpoint that looks whole.
-            doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-            removed.append(path)
-    return removed
+def _from_main(accelerator, code: int) -> int:
+    """The main process's `code`, on every process (one collective; nothing to do in a single process)."""
+    if accelerator.num_processes == 1:
+        return code
+    from accelerate.utils import broadcast
+    return int(broadcast(torch.tensor([code], device=accelerator.device), from_process=0).item())
 
 
 # ----------------------------------------------------------------------------------------------- trainer state
@@ -220,96 +90,77 @@ def assert_finite(trainer, what: str) -> None:
                         "train with mixed_precision: bf16 or a lower learning_rate")
 
 
-def _rng_state(trainer, tensors: dict) -> dict:
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    tensors["rng.gen"] = trainer.gen.get_state()
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
-                                                             float(cached)]}
-
-
-def _set_rng(rng: dict, tensors: dict, trainer) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"rng.cuda.{i}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
-    trainer.gen.set_state(tensors["rng.gen"])
-    version, mt, gauss = rng["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _nbytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-def _no_space(trainer, root: Path, detail: str) -> None:
-    """Disk full: raise a clear error (on_disk_full: stop) or warn and go on unsaved (continue)."""
-    last = trainer.last_checkpoint
-    kept = f"the last complete checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-    if trainer.cfg.on_disk_full == "continue":
-        log.warning("not writing checkpoint in %s: %s; training continues unsaved (on_disk_full: continue); %s",
-                    root, detail, kept)
-        return
-    raise UserError(f"not enough disk space for a checkpoint in {root}: {detail}; {kept}. Free some space and "
-                    "resume with resume=latest, or set on_disk_full: continue to train on without checkpoints")
-
+# ----------------------------------------------------------------------------------------------- save
 
 def save(trainer, keep: bool = False) -> Path | None:
-    """Write the trainer's full state to output_dir/checkpoints/step-NNNNNN, then prune; None if skipped."""
-    acc, cfg, step = trainer.accelerator, trainer.cfg, trainer.global_step
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
+    """Write the trainer's full state to output_dir/checkpoints/step-NNNNNN, then prune; None if skipped.
+    Every process stages its own state; the main process writes the rest and moves them in."""
+    index, count = ranks.process_rank(trainer)
+    assert_finite(trainer, "checkpoint")  # the weights are the same in every process, so all stop here together
+    final = store.root_of(trainer.out) / f"step-{trainer.global_step:06d}"
+    ranks.stage(trainer, final, index)
+    trainer.accelerator.wait_for_everyone()  # every process's state is staged
+    code = FAILED
+    try:
+        code = _write(trainer, final, count, keep) if index == 0 else WRITTEN
+    finally:  # the others learn the outcome even when the main process raises (and then raise too)
+        if index == 0:  # the staged files are in the checkpoint now, or unwanted after a skip or failure
+            shutil.rmtree(ranks.staging(final), ignore_errors=True)
+        code = _from_main(trainer.accelerator, code)
+    if code == FAILED:
+        raise UserError(f"the main process could not write checkpoint {final} (its message says why)")
+    if code == SKIPPED:
         return None
+    trainer.last_checkpoint, trainer.last_checkpoint_step = final, trainer.global_step
+    return final
+
+
+def _write(trainer, final: Path, count: int, keep: bool) -> int:
+    """The main process's part of save: weights and shared state into `final`, with every process's state."""
+    cfg, step = trainer.cfg, trainer.global_step
     named = trainable(trainer)
-    assert_finite(trainer, "checkpoint")
     weights = {name: p.detach() for name, p in named}
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict = {}
-    scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-    state = {
-        "format": FORMAT, "step": step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
-        "losses": trainer.losses, "param_names": [name for name, _ in named],
-        "settings": training_settings(cfg), "optimizer_name": getattr(trainer, "optimizer_name", None),
-        "optimizer": _pack(trainer.optimizer.state_dict(), "optimizer", tensors, seen),
-        "lr_scheduler": _pack(trainer.lr_scheduler.state_dict(), "lr_scheduler", tensors, seen),
-        "scaler": _pack(scaler, "scaler", tensors, seen),
-        "rng": _rng_state(trainer, tensors),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    root = root_of(trainer.out)
-    root.mkdir(parents=True, exist_ok=True)
-    need = _nbytes(weights) + _nbytes(tensors) + 16 * 2**20  # + JSON and filesystem slack
-    free = free_bytes(root)
+    state = _shared_state(trainer, named, tensors, count)
+    root = final.parent
+    need = store.nbytes(weights) + store.nbytes(tensors) + 16 * 2**20  # + JSON and filesystem slack
+    free = store.free_bytes(root)
     if free < need:
-        return _no_space(trainer, root, f"needs about {need / 2**30:.2f} GB, {free / 2**30:.2f} GB free")
+        store.no_space(trainer, root, f"needs about {need / 2**30:.2f} GB, {free / 2**30:.2f} GB free")
+        return SKIPPED
 
     def write(tmp: Path):
         save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
         save_file(tensors, tmp / TENSORS)
         (tmp / STATE).write_text(json.dumps(state))
+        ranks.gather(final, tmp, count)
 
-    final = root / f"step-{step:06d}"
     try:
-        write_atomic(final, write, {"format": FORMAT, "step": step, "keep": keep})
+        store.write_atomic(final, write, {"format": store.FORMAT, "step": step, "keep": keep})
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return _no_space(trainer, root, str(e))
-        raise
-    trainer.last_checkpoint, trainer.last_checkpoint_step = final, step
-    for path in prune(trainer.out, cfg.keep_last):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        store.no_space(trainer, root, str(e))
+        return SKIPPED
+    for path in store.prune(trainer.out, cfg.keep_last):
         log.info("pruned checkpoint %s (keep_last: %s)", path, cfg.keep_last)
-    return final
+    return WRITTEN
+
+
+def _shared_state(trainer, named: list, tensors: dict, count: int) -> dict:
+    """state.json's content (tensors go into `tensors`): what all processes share, as the main one holds it."""
+    scaler = trainer.accelerator.scaler
+    seen: dict = {}
+    return {
+        "format": store.FORMAT, "step": trainer.global_step, "epoch": trainer.epoch,
+        "batch_in_epoch": trainer.batch_in_epoch, "losses": trainer.losses, "num_processes": count,
+        "param_names": [name for name, _ in named], "settings": training_settings(trainer.cfg),
+        "optimizer_name": getattr(trainer, "optimizer_name", None),
+        "optimizer": store.pack(trainer.optimizer.state_dict(), "optimizer", tensors, seen),
+        "lr_scheduler": store.pack(trainer.lr_scheduler.state_dict(), "lr_scheduler", tensors, seen),
+        "scaler": store.pack(scaler.state_dict() if scaler is not None else None, "scaler", tensors, seen),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -322,26 +173,32 @@ def _read_state(path: Path) -> dict:
                         "e.g. resume=latest") from None
 
 
+def _resume_path(cfg: Config, out: Path) -> Path:
+    """The checkpoint folder that cfg.resume names: `latest`, a step folder, or another run's output folder."""
+    if cfg.resume.strip().lower() == "latest":
+        path = store.latest_checkpoint(out)
+        if path is None:
+            raise UserError(f"resume: latest found no complete checkpoint in {store.root_of(out)}: "
+                            "start without resume, or set resume to a checkpoint folder")
+        return path
+    path = Path(cfg.resume).expanduser()
+    if path.is_dir() and not store.STEP_DIR.match(path.name) and (path / store.CHECKPOINTS).is_dir():
+        path = store.latest_checkpoint(path) or path  # an output folder: take its newest checkpoint
+    if not path.is_dir() or not store.is_complete(path):
+        raise UserError(f"resume: {path} is not a complete checkpoint folder (no {store.COMPLETE}): "
+                        f"give a folder like {store.root_of(out)}/step-000100, or resume=latest")
+    return path
+
+
 def resolve_resume(cfg: Config, out: Path) -> Path | None:
     """The checkpoint to resume from, checked against the config before anything is written; None for a fresh run."""
     if cfg.resume is None:
-        complete, _ = list_checkpoints(out)
+        complete, _ = store.list_checkpoints(out)
         if complete:
             raise UserError(f"output_dir {out} holds checkpoints of an earlier run (newest {complete[-1][1].name}): "
-                            f"set resume=latest to continue it, or delete {root_of(out)} to start over")
+                            f"set resume=latest to continue it, or delete {store.root_of(out)} to start over")
         return None
-    if cfg.resume.strip().lower() == "latest":
-        path = latest_checkpoint(out)
-        if path is None:
-            raise UserError(f"resume: latest found no complete checkpoint in {root_of(out)}: "
-                            "start without resume, or set resume to a checkpoint folder")
-    else:
-        path = Path(cfg.resume).expanduser()
-        if path.is_dir() and not STEP_DIR.match(path.name) and (path / CHECKPOINTS).is_dir():
-            path = latest_checkpoint(path) or path  # an output folder: take its newest checkpoint
-        if not path.is_dir() or not is_complete(path):
-            raise UserError(f"resume: {path} is not a complete checkpoint folder (no {COMPLETE}): "
-                            f"give a folder like {root_of(out)}/step-000100, or resume=latest")
+    path = _resume_path(cfg, out)
     state = _read_state(path)
     diffs = settings_differences(state.get("settings", {}), training_settings(cfg))
     if diffs and not cfg.resume_force:
@@ -349,12 +206,16 @@ def resolve_resume(cfg: Config, out: Path) -> Path | None:
                         f"({'; '.join(diffs)}): change them back, or set resume_force: true to resume anyway")
     if diffs:
         log.warning("resuming from %s despite changed settings (resume_force): %s", path, "; ".join(diffs))
+    ranks.check_processes(path, state.get("num_processes"), ranks.launched_processes(), cfg)
     return path
 
 
 def restore(trainer, path: Path) -> None:
     """Load a checkpoint into a set-up trainer: weights, optimizer, schedule, scaler, RNGs, data position, step."""
     state = _read_state(path)
+    index, count = ranks.process_rank(trainer)
+    if not trainer.cfg.resume_force:  # resolve_resume checked already, unless the launcher did not set WORLD_SIZE
+        ranks.check_processes(path, state.get("num_processes"), count, trainer.cfg)
     tensors = load_file(path / TENSORS)
     weights = load_file(path / WEIGHTS)
     named = trainable(trainer)
@@ -367,14 +228,14 @@ def restore(trainer, path: Path) -> None:
         for name, p in named:
             p.copy_(weights[name].to(p.device, p.dtype))
     if state.get("optimizer_name") == getattr(trainer, "optimizer_name", None):
-        trainer.optimizer.load_state_dict(_unpack(state["optimizer"], tensors))
+        trainer.optimizer.load_state_dict(store.unpack(state["optimizer"], tensors))
     else:
         log.warning("checkpoint was written with optimizer %s: its state is not loaded (fresh moments)",
                     state.get("optimizer_name"))
-    trainer.lr_scheduler.load_state_dict(_unpack(state["lr_scheduler"], tensors))
+    trainer.lr_scheduler.load_state_dict(store.unpack(state["lr_scheduler"], tensors))
     if trainer.accelerator.scaler is not None and state.get("scaler"):
-        trainer.accelerator.scaler.load_state_dict(_unpack(state["scaler"], tensors))
-    _set_rng(state["rng"], tensors, trainer)
+        trainer.accelerator.scaler.load_state_dict(store.unpack(state["scaler"], tensors))
+    ranks.restore(trainer, path, index, state, tensors)
     trainer.global_step, trainer.epoch = state["step"], state["epoch"]
     trainer.batch_in_epoch, trainer.losses = state["batch_in_epoch"], list(state["losses"])
     trainer.last_checkpoint, trainer.last_checkpoint_step = path, state["step"]

@@ -196,6 +196,16 @@ class SubjectStats:
         self.this_step = {}
         return means
 
+    def state_dict(self) -> dict:
+        """The per-subject totals (plain JSON), for checkpoints; taken between steps, so nothing is in flight."""
+        return {name: dict(s) for name, s in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Totals from a checkpoint; a subject this run lacks (changed subjects, resume_force) is dropped."""
+        for name, s in state.items():
+            if name in self.stats:
+                self.stats[name].update(s)
+
     def summary(self) -> dict:
         """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""
         out = {}

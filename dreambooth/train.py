@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -175,7 +175,7 @@ class Trainer(TrainerInputs):
         gradients, so activations of only one half are alive at a time; same gradient as forward_loss. A fused
         step checks the loss before each pass (see _fused_loss_finite)."""
         instance_part, class_part = self._noised(batch["pixel_values"]), self._noised(batch["class_pixel_values"])
-        with self.accelerator.no_sync(self.unet):  # gradients sync once, after the second pass
+        with self.no_sync():  # gradients sync once, after the second pass
             instance = mse(*self._predict(*instance_part, batch["prompts"]))
             go_on = self._fused_loss_finite({"loss": instance})
             if go_on:
@@ -205,7 +205,7 @@ class Trainer(TrainerInputs):
             if dropped:
                 continue
             # Only the last micro-batch syncs gradients across processes.
-            ctx = nullcontext() if i == accum - 1 else self.accelerator.no_sync(self.unet)
+            ctx = nullcontext() if i == accum - 1 else self.no_sync()
             with ctx:
                 if batch.get("has_class") and self.cfg.prior_mode == "sequential":
                     losses = self.sequential_backward(batch, 1 / accum)
@@ -235,6 +235,16 @@ class Trainer(TrainerInputs):
         logs["skipped"] = float(skipped)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
+
+    @contextmanager
+    def no_sync(self):
+        """Hold back the gradient all-reduce of every trained module (accelerate's no_sync takes one model):
+        a trained text encoder left out would all-reduce on every micro-batch."""
+        trained = [self.unet] + ([self.components.text_encoder] if self.trains_text_encoder else [])
+        with ExitStack() as stack:
+            for model in trained:  # the prepared (DDP-wrapped) modules, which own no_sync
+                stack.enter_context(self.accelerator.no_sync(model))
+            yield
 
     def _fused_loss_finite(self, losses: dict[str, torch.Tensor]) -> bool:
         """Whether backward may run on losses["loss"]. With the step fused into backward a non-finite loss would move

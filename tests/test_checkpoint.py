@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dreambooth import checkpoint
+from dreambooth import checkpoint, checkpoint_store
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.train import Trainer, run_training
@@ -52,7 +52,7 @@ def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT):
 
 
 def steps_on_disk(out: Path) -> list[int]:
-    return [step for step, _ in checkpoint.list_checkpoints(out)[0]]
+    return [step for step, _ in checkpoint_store.list_checkpoints(out)[0]]
 
 
 # ----------------------------------------------------------------------------------------------- exact resume
@@ -116,7 +116,7 @@ def test_sigint_to_cli_subprocess_then_resume(subject_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not checkpoint.is_complete(out / "checkpoints" / "step-000003") and proc.poll() is None:
+        while not checkpoint_store.is_complete(out / "checkpoints" / "step-000003") and proc.poll() is None:
             assert time.time() < deadline, "training never wrote its first checkpoint"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -153,7 +153,7 @@ def test_failure_mid_save_leaves_previous_checkpoint_loadable(make_cfg, monkeypa
     (root / ".step-000004.tmp-killed").mkdir()
     (root / "step-000006").mkdir()
     with caplog.at_level("WARNING"):
-        assert checkpoint.latest_checkpoint(cfg.output_dir).name == "step-000002"
+        assert checkpoint_store.latest_checkpoint(cfg.output_dir).name == "step-000002"
     assert "incomplete checkpoint" in caplog.text
     summary = run_training(make_cfg(checkpoint_steps=2, max_steps=4, resume="latest"))
     assert summary["steps"] == 4 and steps_on_disk(cfg.output_dir)[-2:] == [2, 4]
@@ -161,12 +161,12 @@ def test_failure_mid_save_leaves_previous_checkpoint_loadable(make_cfg, monkeypa
 
 def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(make_cfg, monkeypatch):
     cfg = make_cfg(checkpoint_steps=1, max_steps=5, keep_last=2)
-    real_prune, seen = checkpoint.prune, []
+    real_prune, seen = checkpoint_store.prune, []
 
     def spy(out, keep_last):
         seen.append(steps_on_disk(out))
         return real_prune(out, keep_last)
-    monkeypatch.setattr(checkpoint, "prune", spy)
+    monkeypatch.setattr(checkpoint_store, "prune", spy)
     run_training(cfg)
     assert seen == [[1], [1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]  # each new one complete before pruning
     assert steps_on_disk(cfg.output_dir) == [4, 5]
@@ -174,11 +174,11 @@ def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(make_cfg, mo
 
 def test_prune_spares_checkpoints_marked_keep(tmp_path):
     for step in (1, 2, 3):
-        checkpoint.write_atomic(checkpoint.root_of(tmp_path) / f"step-{step:06d}", lambda tmp: None,
-                                {"format": checkpoint.FORMAT, "step": step, "keep": step == 1})
-    (checkpoint.root_of(tmp_path) / ".step-000004.tmp-stale").mkdir()
-    checkpoint.prune(tmp_path, keep_last=1)
-    assert sorted(p.name for p in checkpoint.root_of(tmp_path).iterdir()) == ["step-000001", "step-000003"]
+        checkpoint_store.write_atomic(checkpoint_store.root_of(tmp_path) / f"step-{step:06d}", lambda tmp: None,
+                                      {"format": checkpoint_store.FORMAT, "step": step, "keep": step == 1})
+    (checkpoint_store.root_of(tmp_path) / ".step-000004.tmp-stale").mkdir()
+    checkpoint_store.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in checkpoint_store.root_of(tmp_path).iterdir()) == ["step-000001", "step-000003"]
 
 
 def test_optimizer_state_round_trip_without_pickle(tmp_path):
@@ -189,9 +189,9 @@ def test_optimizer_state_round_trip_without_pickle(tmp_path):
                        1: {"step": 3, "state1": torch.rand(4), "qmap1": qmap, "absmax1": torch.rand(1)}},
              "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0, 1]}]}
     tensors = {}
-    packed = json.loads(json.dumps(checkpoint._pack(state, "optimizer", tensors, {})))
+    packed = json.loads(json.dumps(checkpoint_store.pack(state, "optimizer", tensors, {})))
     save_file(tensors, tmp_path / "t.safetensors")
-    back = checkpoint._unpack(packed, load_file(tmp_path / "t.safetensors"))
+    back = checkpoint_store.unpack(packed, load_file(tmp_path / "t.safetensors"))
     assert set(back["state"]) == {0, 1} and back["param_groups"][0]["betas"] == (0.9, 0.999)
     for i in (0, 1):
         for key, value in state["state"][i].items():
@@ -224,14 +224,15 @@ def test_resume_refuses_changed_training_settings(make_cfg, tmp_path, capsys):
 
 
 def test_disk_full_stops_cleanly_or_continues(make_cfg, tmp_path, monkeypatch):
-    real_free = checkpoint.free_bytes
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 0 if steps_on_disk(path.parent) else real_free(path))
+    real_free = checkpoint_store.free_bytes
+    monkeypatch.setattr(checkpoint_store, "free_bytes",
+                        lambda path: 0 if steps_on_disk(path.parent) else real_free(path))
     cfg = make_cfg(checkpoint_steps=2, max_steps=4)
     with pytest.raises(UserError, match="not enough disk space.*step-000002 is intact.*on_disk_full"):
         run_training(cfg)
     assert steps_on_disk(cfg.output_dir) == [2] and not (Path(cfg.output_dir) / "unet").exists()
 
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 0)
+    monkeypatch.setattr(checkpoint_store, "free_bytes", lambda path: 0)
     cfg = make_cfg(output_dir=str(tmp_path / "go-on"), checkpoint_steps=2, max_steps=4, on_disk_full="continue")
     assert run_training(cfg)["steps"] == 4
     assert steps_on_disk(cfg.output_dir) == [] and (Path(cfg.output_dir) / "unet").is_dir()
