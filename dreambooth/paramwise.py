@@ -111,9 +111,14 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         ig = inner.param_groups[0]
         for key in ("lr", "betas", "eps", "weight_decay"):
             ig[key] = group[key]
-        if isinstance(inner, torch.optim.AdamW) and ig.get("fused"):
+        if self._skips_on_device(p):
             inner.found_inf = found_inf  # torch's fused kernel then leaves the weight and its state as they were
         inner.step()
+
+    def _skips_on_device(self, p: torch.nn.Parameter) -> bool:
+        """Whether p's AdamW can skip a bad gradient on the device (torch's fused kernel, given found_inf)."""
+        inner = self._inner[p]
+        return isinstance(inner, torch.optim.AdamW) and bool(inner.param_groups[0].get("fused"))
 
     def _write_back(self, p: torch.nn.Parameter, new: torch.Tensor) -> None:
         """Store the fp32 update `new` into bf16 `p` with the chosen rounding."""
@@ -190,7 +195,8 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
         if self._clip_coef is not None:
             grad.mul_(self._clip_coef.to(grad.device))
-        self.step_param(p, grad, found_inf=(~sq.isfinite()).float())
+        # Only torch's fused AdamW takes the flag: the kernels that make it are spared for any other.
+        self.step_param(p, grad, found_inf=(~sq.isfinite()).float() if self._skips_on_device(p) else None)
 
     def discard_step(self) -> None:
         """Drop what a fused step has gathered so far (gradients held for later passes, hook counts) without
