@@ -227,10 +227,23 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default") -> None:
     # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
     # the whole run to a slower dynamic-shape graph.
     dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch: cache_size_limit
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch
     setattr(dynamo, limit, max(getattr(dynamo, limit), 16))
     inductor = COMPILE_BACKEND == "inductor"
     unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
+
+
+def check_compile(cfg: Config) -> None:
+    """Refuse CUDA graphs where a step runs several backward passes; say when compile_mode has no effect."""
+    if cfg.compile_mode != "default" and not cfg.compile:
+        log.warning("compile_mode: %s has no effect without compile: true", cfg.compile_mode)
+    passes = cfg.gradient_accumulation_steps > 1 or (cfg.with_prior_preservation and cfg.prior_mode == "sequential")
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and passes:
+        # The graph owns the memory of the gradients its backward returns; the step's next pass would replay
+        # it over gradients still being accumulated.
+        raise UserError("compile_mode: reduce-overhead (CUDA graphs) cannot run several backward passes per step "
+                        "(gradient_accumulation_steps > 1 or prior_mode: sequential, as in memory_profile 6gb): "
+                        "set compile_mode: default, or gradient_accumulation_steps: 1 and prior_mode: concat")
 
 
 @contextmanager

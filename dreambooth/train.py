@@ -20,7 +20,7 @@ from .lora import add_lora_layers, learning_rate, require_peft, trains_text_enco
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import compile_unet, load_components, make_optimizer, resolve_optimizer, resolve_precision
+from .models import check_compile, compile_unet, load_components, make_optimizer, resolve_optimizer, resolve_precision
 from .output import check_output_dir, mark_output_dir, write_pipeline
 from .runlog import RunLog, run_summary, tracker_kwargs
 from .validation import Validator
@@ -42,6 +42,7 @@ class Trainer(TrainerInputs):
         self.last_checkpoint_step: int | None = None
         # The memory profile fills in its settings first, so checkpoints see the same resolved config.
         self.memory = apply_memory_profile(cfg)
+        check_compile(cfg)  # after the profile, which may choose the sequential prior
         if cfg.finetune == "lora":
             require_peft()
             # The resolved rate (1e-4 when unset) goes into the config, so config.yaml, logs and exports tell the truth.

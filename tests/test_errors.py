@@ -79,6 +79,8 @@ CASES = [
     case("resume not a checkpoint", setting(resume="/nonexistent/step-000100"), "not a complete checkpoint folder"),
     case("adamw8bit without CUDA", setting(optimizer="adamw8bit"), "adamw8bit needs a CUDA GPU", no_cuda),
     case("fp16 without CUDA", setting(mixed_precision="fp16"), "fp16 needs a CUDA GPU", no_cuda),
+    case("CUDA graphs with accumulation", setting(compile=True, compile_mode="reduce-overhead",
+                                                 gradient_accumulation_steps=2), "set compile_mode: default"),
 ]
 
 
