@@ -125,6 +125,12 @@ def _mlp(dtype=torch.float32):
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dtype)
 
 
+def _wide(dtype=torch.float32):
+    """Like _mlp, with a first weight of 8,192 values: bitsandbytes keeps 8-bit states only from 4,096 up."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 4)).to(dtype)
+
+
 def _train(model, opt, passes: int, steps: int = 3, fused: bool = False):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -195,7 +201,7 @@ def test_paramwise_state_dict_resumes_exactly():
 def test_8bit_inner_optimizer_is_bitsandbytes():
     """bitsandbytes (0.50+) runs its 8-bit AdamW on CPU too, so the per-tensor plumbing is tested for real."""
     bnb = pytest.importorskip("bitsandbytes")
-    model = _mlp(torch.bfloat16)
+    model = _wide(torch.bfloat16)
     opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, inner="adamw8bit", rounding="stochastic")
     opt.fuse_into_backward()
     inner = list(opt._inner.values())
@@ -204,6 +210,7 @@ def test_8bit_inner_optimizer_is_bitsandbytes():
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, 1, steps=1, fused=True)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert next(iter(inner[0].state.values()))["state1"].dtype == torch.uint8  # really 8-bit states
 
 
 def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
@@ -217,7 +224,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
     def wait(tensor):
         waits.append(tensor)
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", wait)
-    ours, theirs = _mlp(torch.float32), _mlp(torch.float32)
+    ours, theirs = _wide(), _wide()
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     opt_ours, opt_theirs = adamw8bit(ours.parameters(), **hp), bnb.optim.AdamW8bit(theirs.parameters(), **hp)
     for step in range(3):
@@ -228,6 +235,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
             opt.zero_grad()
     assert len(waits) == 3 * 4  # bitsandbytes' own step: one wait per tensor, every step; ours none
     assert bnb_optimizer.sync_gpu is wait  # ours put bitsandbytes' function back after each step
+    assert opt_ours.state[ours[0].weight]["state1"].dtype == torch.uint8  # the 8-bit kernels ran
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
 
@@ -385,7 +393,7 @@ def test_8bit_paramwise_fused_on_cuda():
 def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     from dreambooth.models import adamw8bit
-    ours, theirs = _mlp().cuda(), _mlp().cuda()
+    ours, theirs = _wide().cuda(), _wide().cuda()
     opt_ours, opt_theirs = adamw8bit(ours.parameters(), lr=1e-2), bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2)
     waits = []
     synchronize = torch.cuda.synchronize
@@ -400,6 +408,7 @@ def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
         counted = len(waits) - before
     assert counted == 3 * 4  # bitsandbytes' own: a wait per tensor per step
     assert len(waits) == counted  # ours: none
+    assert opt_ours.state[ours[0].weight]["state1"].dtype == torch.uint8
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
 
