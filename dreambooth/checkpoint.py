@@ -57,6 +57,14 @@ def settings_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def _everyone(accelerator, ok: bool) -> bool:
+    """Whether `ok` holds in every process (one collective, which is also a barrier)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return not bool(accelerator.reduce(flag, "max").item())
+
+
 def _from_main(accelerator, code: int) -> int:
     """The main process's `code`, on every process (one collective; nothing to do in a single process)."""
     if accelerator.num_processes == 1:
@@ -98,11 +106,16 @@ def save(trainer, keep: bool = False) -> Path | None:
     index, count = ranks.process_rank(trainer)
     assert_finite(trainer, "checkpoint")  # the weights are the same in every process, so all stop here together
     final = store.root_of(trainer.out) / f"step-{trainer.global_step:06d}"
-    ranks.stage(trainer, final, index)
-    trainer.accelerator.wait_for_everyone()  # every process's state is staged
+    staged = _everyone(trainer.accelerator, ranks.stage(trainer, final, index))  # also waits for every process
     code = FAILED
     try:
-        code = _write(trainer, final, count, keep) if index == 0 else WRITTEN
+        if index != 0:
+            code = WRITTEN
+        elif staged:
+            code = _write(trainer, final, count, keep)
+        else:  # a process's disk was full: on_disk_full decides, as for the main write
+            store.no_space(trainer, final.parent, "a process could not write its state (disk full)")
+            code = SKIPPED
     finally:  # the others learn the outcome even when the main process raises (and then raise too)
         if index == 0:  # the staged files are in the checkpoint now, or unwanted after a skip or failure
             shutil.rmtree(ranks.staging(final), ignore_errors=True)

@@ -4,6 +4,7 @@ checkpoint; the main process moves them in before marking it complete; on resume
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -85,14 +86,20 @@ def staging(final: Path) -> Path:
     return final.with_name(f".{final.name}.ranks")  # a ".step-" folder: prune clears one that a crash left
 
 
-def stage(trainer, final: Path, index: int) -> None:
-    """Write this process's RNG streams and subject stats beside checkpoint `final`."""
+def stage(trainer, final: Path, index: int) -> bool:
+    """Write this process's RNG streams and subject stats beside checkpoint `final`; False if the disk is full."""
     tensors: dict[str, torch.Tensor] = {}
     state = {"rank": index, "rng": rng_state(trainer, tensors), "subjects": trainer.subject_stats.state_dict()}
     folder = staging(final)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / f"{RANK.format(index)}.safetensors")
-    (folder / f"{RANK.format(index)}.json").write_text(json.dumps(state))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / f"{RANK.format(index)}.safetensors")
+        (folder / f"{RANK.format(index)}.json").write_text(json.dumps(state))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return False
+    return True
 
 
 def gather(final: Path, tmp: Path, count: int) -> None:

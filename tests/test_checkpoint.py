@@ -238,6 +238,22 @@ def test_disk_full_stops_cleanly_or_continues(make_cfg, tmp_path, monkeypatch):
     assert steps_on_disk(cfg.output_dir) == [] and (Path(cfg.output_dir) / "unet").is_dir()
 
 
+def test_disk_full_while_staging_a_process_state_follows_on_disk_full(make_cfg, tmp_path, monkeypatch):
+    import errno
+
+    from dreambooth import checkpoint_ranks
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint_ranks, "save_file", full)
+    cfg = make_cfg(output_dir=str(tmp_path / "go-on"), checkpoint_steps=2, max_steps=4, on_disk_full="continue")
+    assert run_training(cfg)["steps"] == 4
+    assert steps_on_disk(cfg.output_dir) == [] and (Path(cfg.output_dir) / "unet").is_dir()
+    assert not any(p.name.endswith(".ranks") for p in (Path(cfg.output_dir) / "checkpoints").glob(".*"))
+    with pytest.raises(UserError, match="not enough disk space.*could not write its state.*on_disk_full"):
+        run_training(make_cfg(output_dir=str(tmp_path / "stop"), checkpoint_steps=2, max_steps=4))
+
+
 # ----------------------------------------------------------------------------------------------- bad numbers
 
 def test_nan_steps_stop_with_advice_and_no_nan_weights(make_cfg, monkeypatch):
