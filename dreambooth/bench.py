@@ -221,6 +221,9 @@ def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Pat
     except Exception as e:  # a broken row must not lose the others' numbers
         log.exception("benchmark row %s failed", name)
         row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
+    if "+compile" in name:  # compiled graphs and their CUDA-graph memory pools would outlive the row
+        import torch._dynamo
+        torch._dynamo.reset()
     reset_peak()  # the trainer is gone by now: hand its memory back before the next row
     return row
 

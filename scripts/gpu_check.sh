@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (issue 5): install the carried wheels; benchmark the full SD 2.1 base architecture at
 # 512 px (the targets' rows with prior preservation, profiled; then torch.compile rows); run the GPU-marked tests;
-# then, with time left, the rows without prior. Runs from the repository root with `.whl` carried; results in $OUT.
+# then, with time left, the other rows and those without prior. Runs from the repository root with `.whl` carried; results in $OUT.
 # Budget: under 8 minutes in all; each part gets a share of what is left, and stops with its finished rows kept.
 #
 #   device run:  bash scripts/gpu_check.sh          (carry: .whl; timeout_s 540)
@@ -51,19 +51,19 @@ print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench-$name.json" >"$OU
 }
 TESTS_S=100  # kept back for the GPU tests at the end
 
-# 1. The targets' matrix at 512 px, prior on (batch 1+1): builtin:sd21 (exact SD 2.1 base, random weights), 3 warm-up
-#    + 10 timed steps per row; baseline and default also profiled (host time vs GPU kernel time, launches).
-bench targets $(($(left) - TESTS_S - 120)) --prior on --no-sampling --profile baseline,default
-# 2. torch.compile, measured beside a baseline of its own: CUDA graphs (reduce-overhead) first, then plain inductor.
-#    The warm-up column holds the compilation time.
-bench compile $(($(left) - TESTS_S)) --prior on --no-sampling \
-  --rows baseline,default+compile+compile_mode=reduce-overhead,default+compile,24gb+compile+compile_mode=reduce-overhead
+# 1. The targets' rows at 512 px, prior on (batch 1+1): builtin:sd21 (exact SD 2.1 base, random weights), 3 warm-up +
+#    10 timed steps per row; baseline and default also profiled (host time vs GPU kernel time, launches).
+bench targets $(($(left) - TESTS_S - 200)) --prior on --no-sampling --rows baseline,default,6gb,8gb \
+  --profile baseline,default
+# 2. torch.compile, with the most time: CUDA graphs (reduce-overhead) first, then a baseline in the same process,
+#    then plain inductor. The warm-up column holds the compilation time.
+bench compile $(($(left) - TESTS_S - 30)) --prior on --no-sampling \
+  --rows default+compile+compile_mode=reduce-overhead,baseline,default+compile
 # 3. GPU-marked tests (they skip without CUDA elsewhere).
 t=$(left); t=$(( t < TESTS_S ? t : TESTS_S )); t=$(( t < 10 ? 10 : t ))
-timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests \
-  >"$OUT/gpu-tests.log" 2>&1
+timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests >"$OUT/gpu-tests.log" 2>&1
 echo "gpu tests exit $?" >>"$OUT/gpu-tests.log"
 tail -n 5 "$OUT/gpu-tests.log"
-# 4. With time left: the rows without prior preservation, and class-image sampling speed.
-bench rest "$(left)" --prior off --rows baseline,default,8gb,6gb,24gb
+# 4. With time left: 24gb and LoRA, every row without prior too, and class-image sampling speed.
+bench rest "$(left)" --prior both --rows 24gb,lora,baseline,default,6gb,8gb
 echo "total $((SECONDS - start)) s"
