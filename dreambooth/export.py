@@ -176,17 +176,20 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
             "modelspec.date": datetime.date.today().isoformat()}
     if run_dir is not None:
         meta["modelspec.title"] = run_dir.resolve().name
+    if summary is None and run_dir is not None and (run_dir / "train_summary.json").is_file():
+        summary = json.loads((run_dir / "train_summary.json").read_text())
     if cfg is None and run_dir is not None and (run_dir / "config.yaml").is_file():
         try:
             cfg = load_config(run_dir / "config.yaml")
         except UserError:
             cfg = None  # an old or hand-edited config: export the weights without its settings
-    if summary is None and run_dir is not None and (run_dir / "train_summary.json").is_file():
-        summary = json.loads((run_dir / "train_summary.json").read_text())
     if cfg is not None:
+        # config.yaml keeps auto where the machine chose; the header says what the run used.
+        resolved = {**(summary or {}).get("resolved", {}), **{k: v for k, (_, v, _) in cfg.resolved.items()}}
         prompts = [p for s in subjects_of(cfg) if (p := prompts_as_trained(s.dir, s.instance_prompt, None)[0])]
         settings = {k: v for k, v in config_to_dict(cfg).items()
                     if k not in NON_TRAINING_KEYS | {"model", "revision", "variant", "data", "subjects"}}
+        settings.update({k: v for k, v in resolved.items() if k in settings})
         meta.update({"dreambooth.base_model": cfg.model, "dreambooth.instance_prompt": " | ".join(prompts),
                      "dreambooth.training": json.dumps(settings)})
     if summary and summary.get("steps") is not None:

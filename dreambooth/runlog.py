@@ -242,6 +242,8 @@ def run_summary(t) -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "mixed_precision": t.precision,
         "optimizer": t.optimizer_name,
+        # What config.yaml keeps as auto, as this run resolved it (export headers read it back).
+        "resolved": {k: value for k, (_, value, _) in t.cfg.resolved.items()},
         "subjects": t.subject_stats.summary(),
         "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},

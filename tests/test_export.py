@@ -107,6 +107,9 @@ def test_training_exports_and_cli_half(make_cfg, tmp_path):
     half = tmp_path / "half.safetensors"
     assert main(["export", str(out), "--format", "single-file", "--out", str(half), "--half"]) == 0
     assert {v.dtype for v in load_file(half).values()} == {torch.float16}
+    with safe_open(str(half), "pt") as f:  # read back from config.yaml (which keeps auto): the values trained with
+        later = json.loads(f.metadata()["dreambooth.training"])
+    assert later == json.loads(meta["dreambooth.training"]) and later["prior_mode"] == "concat"
     assert max_diff(trained.unet, load_single_file(half).unet) < 1e-3
     with safe_open(str(half), "pt") as f:
         assert f.metadata()["dreambooth.steps"] == "2"
