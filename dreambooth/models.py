@@ -242,7 +242,7 @@ def check_compile(cfg: Config) -> None:
         # The graph owns the memory of the gradients its backward returns; the step's next pass would replay
         # it over gradients still being accumulated.
         raise UserError("compile_mode: reduce-overhead (CUDA graphs) cannot run several backward passes per step "
-                        "(gradient_accumulation_steps > 1 or prior_mode: sequential, as in memory_profile 6gb): "
+                        "(gradient_accumulation_steps > 1 or prior_mode: sequential): "
                         "set compile_mode: default, or gradient_accumulation_steps: 1 and prior_mode: concat")
 
 

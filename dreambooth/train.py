@@ -42,7 +42,7 @@ class Trainer(TrainerInputs):
         self.last_checkpoint_step: int | None = None
         # The memory profile fills in its settings first, so checkpoints see the same resolved config.
         self.memory = apply_memory_profile(cfg)
-        check_compile(cfg)  # after the profile, which may choose the sequential prior
+        check_compile(cfg)  # after the profile, which fills in prior_mode
         if cfg.finetune == "lora":
             require_peft()
             # The resolved rate (1e-4 when unset) goes into the config, so config.yaml, logs and exports tell the truth.

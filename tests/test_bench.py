@@ -51,7 +51,7 @@ def test_bench_writes_the_json_schema(tmp_path):
     assert not by[("baseline", True)]["settings"]["prompts_cached"]
     assert by[("default", True)]["settings"]["latents_cached"]
     six = by[("6gb", True)]["settings"]
-    assert six["memory"]["fused_backward"] and six["prior_mode"] == "sequential"
+    assert six["memory"]["fused_backward"] and six["prior_mode"] == "concat"
     assert six["mixed_precision"] == "bf16"
     assert set(data["default_vs_baseline"]) == {"no_prior", "prior"}
 

@@ -15,6 +15,7 @@ from dreambooth.train import Trainer
 from test_memory import assert_bits_equal
 
 PRIOR = dict(with_prior_preservation=True, num_class_images=2, class_sampling_steps=2, sample_batch_size=2)
+SEQ = {**PRIOR, "prior_mode": "sequential"}
 
 
 def poison(monkeypatch, step: int, call: int | None) -> None:
@@ -46,9 +47,9 @@ def step_counts(trainer) -> set[int]:
     ("8gb", {}, 0),
     ("8gb", {"gradient_accumulation_steps": 2}, 1),     # after the first micro-batch's gradients accumulated
     ("8gb", PRIOR, 0),                                   # prior joined to the instances in one forward
-    ("6gb", PRIOR, 0),                                   # sequential prior: the instance pass
-    ("6gb", PRIOR, 1),                                   # sequential prior: the class pass, after instance backward
-    ("6gb", {**PRIOR, "gradient_accumulation_steps": 2}, 3),  # the step's very last pass
+    ("6gb", SEQ, 0),                                     # sequential prior: the instance pass
+    ("6gb", SEQ, 1),                                     # sequential prior: the class pass, after instance backward
+    ("6gb", {**SEQ, "gradient_accumulation_steps": 2}, 3),  # the step's very last pass
 ], ids=["concat", "accumulation", "concat-prior", "sequential-1st", "sequential-2nd", "sequential-accumulation"])
 def test_nan_loss_drops_the_fused_step_bit_for_bit(make_cfg, monkeypatch, profile, extra, call):
     cfg = make_cfg(memory_profile=profile, max_steps=3, learning_rate=1e-3, max_grad_norm=1.0, **extra)
@@ -77,7 +78,7 @@ def test_nan_loss_drops_the_fused_step_bit_for_bit(make_cfg, monkeypatch, profil
 
 
 def test_fused_nan_steps_count_towards_nan_patience(make_cfg, monkeypatch):
-    trainer = Trainer(make_cfg(memory_profile="6gb", max_steps=10, nan_patience=3, **PRIOR)).setup()
+    trainer = Trainer(make_cfg(memory_profile="6gb", max_steps=10, nan_patience=3, **SEQ)).setup()
     poison(monkeypatch, step=1, call=None)  # every step from the second on
     seen = []
     monkeypatch.setattr(Trainer, "after_step", lambda self, logs: seen.append((logs["skipped"], training_state(self))))

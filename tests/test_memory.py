@@ -31,10 +31,13 @@ def test_auto_profile_by_gpu_memory(gib, name):
 def test_profile_fills_only_unset_keys(make_cfg):
     cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True)
     plan = apply_memory_profile(cfg, total_gib=None, num_processes=1, bf16_ok=True)
-    assert (cfg.mixed_precision, cfg.prior_mode) == ("bf16", "sequential")
+    assert (cfg.mixed_precision, cfg.prior_mode) == ("bf16", "concat")
     assert cfg.gradient_checkpointing is False  # make_cfg sets it: the user's choice wins
     assert (plan.master_weights, plan.rounding, plan.fused_backward) == ("bf16", "stochastic", True)
-    assert plan.backwards_per_step == 2  # sequential prior: two backward passes per step
+    assert plan.backwards_per_step == 1  # joined prior: one backward pass, gradients freed as they come
+    seq = apply_memory_profile(make_cfg(memory_profile="6gb", with_prior_preservation=True, prior_mode="sequential"),
+                               total_gib=None, num_processes=1, bf16_ok=True)
+    assert seq.backwards_per_step == 2  # asked for: two passes, the first one's gradients held for the second
     plan = apply_memory_profile(make_cfg(memory_profile="8gb", gradient_accumulation_steps=3), total_gib=None,
                                 num_processes=2, bf16_ok=True)
     assert plan.rounding == "kahan" and not plan.fused_backward and plan.backwards_per_step == 3
@@ -335,11 +338,11 @@ def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile):
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
 
-def test_6gb_profile_with_sequential_prior_steps_once_per_step(make_cfg):
+def test_fused_step_with_sequential_prior_steps_once_per_step(make_cfg):
     cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True, num_class_images=2, class_sampling_steps=2,
-                   sample_batch_size=2, max_steps=1)
+                   sample_batch_size=2, max_steps=1, prior_mode="sequential")
     trainer = Trainer(cfg).setup()
-    assert cfg.prior_mode == "sequential" and trainer.paramwise.backwards_per_step == 2
+    assert trainer.paramwise.backwards_per_step == 2
     logs = trainer.train_step(trainer.batches())
     assert {"prior_loss", "instance_loss"} <= set(logs) and logs["grad_norm"] > 0
     steps = {int(s["step"]) for s in (o.state_dict()["state"].get(0, {}) for o in trainer.paramwise._inner.values())
