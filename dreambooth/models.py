@@ -3,6 +3,7 @@ device, and build the optimizer."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -294,6 +295,12 @@ def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
 
 def adamw8bit(params, **hparams) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit AdamW without the device synchronisation it makes after each tensor's update."""
+    return _adamw8bit_class()(params, **hparams)
+
+
+@functools.cache
+def _adamw8bit_class() -> type:
+    """The class, made once (the low profiles build one optimizer per tensor)."""
     import bitsandbytes as bnb
     from bitsandbytes.optim import optimizer as bnb_optimizer
 
@@ -310,7 +317,7 @@ def adamw8bit(params, **hparams) -> torch.optim.Optimizer:
                 return super().step(closure)
             finally:
                 bnb_optimizer.sync_gpu = sync
-    return AdamW8bit(params, **hparams)
+    return AdamW8bit
 
 
 def _no_sync(tensor: torch.Tensor) -> None:
