@@ -22,6 +22,7 @@ from . import checkpoint_ranks as ranks
 from . import checkpoint_store as store
 from .config import NON_TRAINING_KEYS, Config, flatten_config
 from .errors import UserError
+from .models import launched_processes
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def resolve_resume(cfg: Config, out: Path) -> Path | None:
                         f"({'; '.join(diffs)}): change them back, or set resume_force: true to resume anyway")
     if diffs:
         log.warning("resuming from %s despite changed settings (resume_force): %s", path, "; ".join(diffs))
-    ranks.check_processes(path, state.get("num_processes"), ranks.launched_processes(), cfg)
+    ranks.check_processes(path, state.get("num_processes"), launched_processes(), cfg)
     return path
 
 

@@ -28,12 +28,6 @@ def process_rank(trainer) -> tuple[int, int]:
     return trainer.accelerator.process_index, trainer.accelerator.num_processes
 
 
-def launched_processes() -> int:
-    """The number of processes of this launch, known before the Accelerator exists (torchrun and accelerate
-    launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def check_processes(path: Path, saved: int | None, current: int, cfg: Config) -> None:
     """Refuse a checkpoint written by another number of processes (data shards and RNG streams would not match)."""
     if saved is None or saved == current:  # None: written before checkpoints recorded the count

@@ -5,14 +5,13 @@ encoded by the VAE)."""
 from __future__ import annotations
 
 import math
-import os
 from contextlib import nullcontext
 
 import torch
 
 from .data import (DreamBoothDataset, ImageTransform, MultiSubjectDataset, collate, load_image_files, load_images,
                    resolve_subjects)
-from .models import on_device
+from .models import launched_processes, on_device
 from .runlog import SubjectStats
 
 
@@ -47,7 +46,7 @@ class TrainerInputs:
         from .prior import ensure_class_images
         decoded: dict = {}  # path -> image, shared by subjects sharing a class folder
         first = nullcontext()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched_processes() > 1:
             from accelerate import PartialState
             first = PartialState().main_process_first()
         with first:

@@ -7,13 +7,13 @@ updates, the optimizer step fused into backward) live in paramwise.py.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .config import Config, resolve_key
 from .errors import UserError
+from .models import launched_processes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def apply_memory_profile(cfg: Config, total_gib: float | None = ..., num_process
 
     total_gib, num_processes and bf16_ok default to this machine's (tests pass them)."""
     total_gib = gpu_memory_gib() if total_gib is ... else total_gib
-    num_processes = int(os.environ.get("WORLD_SIZE", "1")) if num_processes is None else num_processes
+    num_processes = launched_processes() if num_processes is None else num_processes
     if bf16_ok is None:
         bf16_ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     requested = cfg.memory_profile

@@ -265,6 +265,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def launched_processes() -> int:
+    """The number of processes of this launch, known before the Accelerator exists (torchrun and accelerate
+    launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_precision(cfg: Config, cuda: bool | None = None) -> str:
     """accelerate's mixed_precision value: auto = fp16 on CUDA, no on CPU; fp16 without CUDA is refused."""
     cuda = cuda_available() if cuda is None else cuda

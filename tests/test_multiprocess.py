@@ -56,7 +56,7 @@ def test_each_process_writes_and_restores_its_own_streams(make_cfg, monkeypatch)
     assert json.loads((path / checkpoint.STATE).read_text())["num_processes"] == 2
     assert "rng" not in json.loads((path / checkpoint.STATE).read_text())  # per process only
 
-    monkeypatch.setattr(checkpoint_ranks, "launched_processes", lambda: 2)
+    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
     for rank in (0, 1):
         fake_rank(monkeypatch, rank, 2)
         resumed = Trainer(make_cfg(max_steps=2, resume="latest")).setup()
@@ -93,18 +93,18 @@ def test_resume_with_another_process_count_is_refused(make_cfg, subject_dir, tmp
                           max_steps=2, checkpoint_steps=2, center_crop=True)
     assert main(["train", str(config)]) == 0
     written, _ = (out / "config.yaml").read_text(), capsys.readouterr()
-    monkeypatch.setattr(checkpoint_ranks, "launched_processes", lambda: 2)
+    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
     assert main(["train", str(config), "resume=latest"]) == 2
     err = capsys.readouterr().err.strip()
     assert "written by 1 process and this run has 2" in err and "resume_force" in err and "\n" not in err
     assert (out / "config.yaml").read_text() == written  # refused before anything was written
     # A launcher that set no WORLD_SIZE: the accelerator's count is checked when the state is loaded.
-    monkeypatch.setattr(checkpoint_ranks, "launched_processes", lambda: 1)
+    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 1)
     fake_rank(monkeypatch, 0, 3)
     with pytest.raises(UserError, match="written by 1 process and this run has 3"):
         Trainer(make_cfg(output_dir=str(out), max_steps=2, checkpoint_steps=2, resume="latest")).setup()
     monkeypatch.undo()
-    monkeypatch.setattr(checkpoint_ranks, "launched_processes", lambda: 2)
+    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
     assert main(["train", str(config), "resume=latest", "resume_force=true"]) == 0
 
 
