@@ -58,12 +58,12 @@ def settings_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
-def _everyone(accelerator, ok: bool) -> bool:
-    """Whether `ok` holds in every process (one collective, which is also a barrier)."""
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds in any process (one collective, which is also a barrier; none in a single process)."""
     if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
-    return not bool(accelerator.reduce(flag, "max").item())
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, "max").item())
 
 
 def _from_main(accelerator, code: int) -> int:
@@ -107,7 +107,7 @@ def save(trainer, keep: bool = False) -> Path | None:
     index, count = ranks.process_rank(trainer)
     assert_finite(trainer, "checkpoint")  # the weights are the same in every process, so all stop here together
     final = store.root_of(trainer.out) / f"step-{trainer.global_step:06d}"
-    staged = _everyone(trainer.accelerator, ranks.stage(trainer, final, index))  # also waits for every process
+    staged = not any_process(trainer.accelerator, not ranks.stage(trainer, final, index))  # also a barrier
     code = FAILED
     try:
         if index != 0:

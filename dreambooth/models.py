@@ -340,12 +340,12 @@ def adamw(params, name: str, **hparams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, fused=on_cuda or None, **hparams)
 
 
-def make_optimizer(params, cfg: Config, name: str, lr: float | None = None, plan=None) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: Config, name: str, plan=None) -> torch.optim.Optimizer:
     """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused on CUDA).
 
     A memory plan (memory.py) with bf16 weights or a fused backward gets the per-tensor ParamwiseOptimizer
     (paramwise.py)."""
-    hparams = dict(lr=cfg.learning_rate if lr is None else lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    hparams = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if plan is not None and plan.paramwise:
         from .memory import make_paramwise_optimizer

@@ -104,8 +104,7 @@ class Trainer(TrainerInputs):
                                                cfg.latent_cache_views, cfg.cache_latents, quiet=cfg.quiet)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
         self.params = params
-        optimizer = make_optimizer(params, cfg, self.optimizer_name, lr=learning_rate(cfg),  # LoRA: 1e-4 default
-                                   plan=self.memory)
+        optimizer = make_optimizer(params, cfg, self.optimizer_name, plan=self.memory)  # LoRA's rate set in __init__
         self.paramwise = optimizer if self.memory.paramwise else None  # bf16 weights and/or steps inside backward
         self.total_steps = self._total_steps()
         from diffusers.optimization import get_scheduler
@@ -126,6 +125,11 @@ class Trainer(TrainerInputs):
         self.validator = Validator(self) if cfg.validation.enabled else None
         self.runlog.start()
         return self
+
+    @property
+    def _fused(self) -> bool:
+        """The optimizer steps inside backward (memory profiles 8gb/6gb)."""
+        return self.paramwise is not None and self.paramwise.fused
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -196,7 +200,6 @@ class Trainer(TrainerInputs):
         """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule. With the step fused
         into backward, a non-finite loss ends the step before its backward, and nothing of the step is applied."""
         accum = self.cfg.gradient_accumulation_steps
-        fused = self.paramwise is not None and self.paramwise.fused
         if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's CUDA-graph outputs may be reused
         logs: dict[str, float] = {}
@@ -219,7 +222,7 @@ class Trainer(TrainerInputs):
             for k, v in values.items():
                 logs[k] = logs.get(k, 0.0) + v / accum
             self.subject_stats.track(batch, values)
-            dropped = fused and not math.isfinite(values["loss"])  # then its backward did not run
+            dropped = self._fused and not math.isfinite(values["loss"])  # then its backward did not run
         logs.update(self.subject_stats.step_means())
         if dropped:  # forget the gradients earlier passes left for the step's last one, which never came
             self.paramwise.discard_step()
@@ -251,7 +254,7 @@ class Trainer(TrainerInputs):
         """Whether backward may run on losses["loss"]. With the step fused into backward a non-finite loss would move
         weights before the step could be skipped, so the losses come to the host first, in place (the one sync a
         micro-batch pays anyway, moved before backward). Unfused: True, and they are read after backward as ever."""
-        if self.paramwise is None or not self.paramwise.fused:
+        if not self._fused:
             return True
         losses.update({k: v.detach().cpu() for k, v in losses.items()})
         return bool(losses["loss"].isfinite())
@@ -259,7 +262,7 @@ class Trainer(TrainerInputs):
     def clip_gradients(self) -> float:
         """Clip to max_grad_norm and return the global norm. With the step fused into backward the update is done:
         this closes the step (its norm clips the next step's gradients)."""
-        if self.paramwise is not None and self.paramwise.fused:
+        if self._fused:
             return self.paramwise.close_step()
         return float(self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
 
@@ -289,11 +292,8 @@ class Trainer(TrainerInputs):
         return self.summary()
 
     def _stop_requested(self, stop: checkpoint.StopSignals) -> bool:
-        flag = stop.requested is not None
-        if self.accelerator.num_processes > 1:  # every process must stop after the same step
-            t = torch.tensor([float(flag)], device=self.accelerator.device)
-            flag = bool(self.accelerator.reduce(t, "max").item())
-        return flag
+        # Every process must stop after the same step.
+        return checkpoint.any_process(self.accelerator, stop.requested is not None)
 
     def _stop_non_finite(self) -> None:
         kept = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint
