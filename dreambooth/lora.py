@@ -92,7 +92,6 @@ def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str] | None = None) -> Path:
     """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically."""
     from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     unet_state, te_state = lora_state_dicts(unet, text_encoder)
@@ -104,9 +103,7 @@ def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str
             tmp, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=LORA_FILE,
             unet_lora_adapter_metadata=_json_safe(unet_meta), text_encoder_lora_adapter_metadata=_json_safe(te_meta))
         # Re-write with our training metadata added beside diffusers' own header entries.
-        with safe_open(Path(tmp) / LORA_FILE, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            header = dict(f.metadata() or {})
+        tensors, header, _ = read_lora(Path(tmp) / LORA_FILE)
         save_file(tensors, Path(tmp) / "out.safetensors", metadata={**(metadata or {}), **header})
         os.replace(Path(tmp) / "out.safetensors", path)
     return path

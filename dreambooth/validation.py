@@ -210,10 +210,11 @@ class Validator:
                         warnings.catch_warnings():
                     # diffusers' DPM++ set_timesteps calls np.array on a tensor; numpy 2 warns about it every call.
                     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+                    negative = t.encode_prompts([v.negative_prompt or ""])  # the same for every prompt
                     for prompt in bar:
                         images[prompt] = pipe(
                             prompt_embeds=t.encode_prompts([prompt]),
-                            negative_prompt_embeds=t.encode_prompts([v.negative_prompt or ""]),
+                            negative_prompt_embeds=negative,
                             height=t.cfg.resolution, width=t.cfg.resolution,
                             num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                             num_images_per_prompt=len(self.seeds),
