@@ -4,7 +4,6 @@ stats), plus the stop signals that make the loop write one. Layout on disk: chec
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import shutil
@@ -152,7 +151,7 @@ def _write(trainer, final: Path, count: int, keep: bool) -> int:
     try:
         store.write_atomic(final, write, {"format": store.FORMAT, "step": step, "keep": keep})
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not store.is_disk_full(e):
             raise
         store.no_space(trainer, root, str(e))
         return SKIPPED

@@ -4,7 +4,6 @@ checkpoint; the main process moves them in before marking it complete; on resume
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config
+from . import checkpoint_store as store
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def stage(trainer, final: Path, index: int) -> bool:
         save_file(tensors, folder / f"{RANK.format(index)}.safetensors")
         (folder / f"{RANK.format(index)}.json").write_text(json.dumps(state))
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not store.is_disk_full(e):
             raise
         return False
     return True

@@ -3,6 +3,7 @@ atomically and marked complete, pruning, and the free-space policy. checkpoint.p
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -167,6 +168,11 @@ def free_bytes(path: Path) -> int:
 
 def nbytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def is_disk_full(error: OSError) -> bool:
+    """Whether a failed write ran out of space (or quota): the case on_disk_full decides."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def no_space(trainer, root: Path, detail: str) -> None:
