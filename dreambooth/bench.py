@@ -306,10 +306,10 @@ def run_bench(options: BenchOptions) -> dict:
     workdir = Path(o.workdir or tmp.name)
     try:
         subject, classes = _write_data(workdir / "data", o.resolution)
-        if o.model.startswith("builtin:sd21"):
-            build_builtin_sd21(o.model, remember=True)  # built once, copied for every row
         result["bf16_matmul_peak_tflops"] = bf16_matmul_peak_tflops(device)
-        parts = load_components(Config(model=o.model))
+        # A copy to count FLOPs on (it is discarded); a builtin model is built once here and copied for every row.
+        parts = (build_builtin_sd21(o.model, remember=True) if o.model.startswith("builtin:sd21")
+                 else load_components(Config(model=o.model)))
         vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         priors = {"on": [True], "off": [False], "both": [True, False]}[o.prior]  # the targets have prior on
         result["model_flops_per_step"] = {
