@@ -88,9 +88,11 @@ def trainable(trainer) -> list[tuple[str, torch.nn.Parameter]]:
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
 
 
-def assert_finite(trainer, what: str) -> None:
-    """Refuse to write non-finite trainable weights anywhere."""
-    bad = [name for name, p in trainable(trainer) if not torch.isfinite(p.detach()).all()]
+def assert_finite(trainer, what: str, named: list | None = None) -> None:
+    """Refuse to write non-finite trainable weights anywhere (`named`: trainable(trainer), if already listed)."""
+    named = trainable(trainer) if named is None else named
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()  # one device sync
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         last = f"the last good checkpoint {trainer.last_checkpoint} is kept; " if trainer.last_checkpoint else ""
         raise UserError(f"trainable weights became NaN/inf by step {trainer.global_step} ({bad[0]} and "
@@ -104,7 +106,8 @@ def save(trainer, keep: bool = False) -> Path | None:
     """Write the trainer's full state to output_dir/checkpoints/step-NNNNNN, then prune; None if skipped.
     Every process stages its own state; the main process writes the rest and moves them in."""
     index, count = ranks.process_rank(trainer)
-    assert_finite(trainer, "checkpoint")  # the weights are the same in every process, so all stop here together
+    named = trainable(trainer)
+    assert_finite(trainer, "checkpoint", named)  # the weights are the same in every process: all stop here
     final = store.root_of(trainer.out) / f"step-{trainer.global_step:06d}"
     staged = not any_process(trainer.accelerator, not ranks.stage(trainer, final, index))  # also a barrier
     code = FAILED
@@ -112,7 +115,7 @@ def save(trainer, keep: bool = False) -> Path | None:
         if index != 0:
             code = WRITTEN
         elif staged:
-            code = _write(trainer, final, count, keep)
+            code = _write(trainer, named, final, count, keep)
         else:  # a process's disk was full: on_disk_full decides, as for the main write
             store.no_space(trainer, final.parent, "a process could not write its state (disk full)")
             code = SKIPPED
@@ -128,10 +131,9 @@ def save(trainer, keep: bool = False) -> Path | None:
     return final
 
 
-def _write(trainer, final: Path, count: int, keep: bool) -> int:
+def _write(trainer, named: list, final: Path, count: int, keep: bool) -> int:
     """The main process's part of save: weights and shared state into `final`, with every process's state."""
     cfg, step = trainer.cfg, trainer.global_step
-    named = trainable(trainer)
     weights = {name: p.detach() for name, p in named}
     tensors: dict[str, torch.Tensor] = {}
     state = _shared_state(trainer, named, tensors, count)
