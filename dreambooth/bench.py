@@ -381,8 +381,3 @@ def bench_from_args(args) -> int:
     print(f"results: {args.out}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python scripts/benchmark.py [options]`: the same as `dreambooth bench`."""
-    from .cli import main as cli_main
-    return cli_main(["bench", *(argv if argv is not None else __import__("sys").argv[1:])])

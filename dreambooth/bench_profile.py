@@ -13,11 +13,6 @@ import torch
 TOP = 12  # operators listed per profiled row
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _device_us(event) -> float:
     """Self GPU time of one averaged profiler event, in µs (the attribute was renamed in torch 2.4)."""
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) or 0.0)
@@ -26,6 +21,7 @@ def _device_us(event) -> float:
 def profile_steps(trainer, batches, steps: int = 2) -> dict:
     """Profile `steps` more training steps of a set-up trainer; per-step figures, in milliseconds."""
     from torch.autograd import DeviceType
+    from .bench import _sync
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()

@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
         print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
               f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
     if cfg.finetune == "lora":
-        print(f"LoRA: {Path(cfg.output_dir) / 'pytorch_lora_weights.safetensors'}  (`dreambooth generate "
+        from .lora import LORA_FILE
+        print(f"LoRA: {Path(cfg.output_dir) / LORA_FILE}  (`dreambooth generate "
               f"{cfg.output_dir} --prompt ...` applies it to {cfg.model})")
     return 0
 

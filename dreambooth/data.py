@@ -13,7 +13,6 @@ from PIL import Image, ImageOps
 
 from dreambooth.config import Config, subjects_of
 from dreambooth.errors import UserError
-from dreambooth.subjects import MultiSubjectDataset, subject_schedule  # noqa: F401  (moved there; old imports)
 
 logger = logging.getLogger(__name__)
 

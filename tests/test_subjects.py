@@ -7,17 +7,11 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from dreambooth.data import (
-    DreamBoothDataset,
-    ImageTransform,
-    MultiSubjectDataset,
-    collate,
-    resolve_subjects,
-    subject_schedule,
-)
+from dreambooth.data import DreamBoothDataset, ImageTransform, collate, resolve_subjects
 from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
 from dreambooth.generate import Request, generate, load_pipeline
+from dreambooth.subjects import MultiSubjectDataset, subject_schedule
 from dreambooth.tiny import TINY_RESOLUTION
 from dreambooth.train import run_training
 
