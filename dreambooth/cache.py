@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import CacheRows, ImageTransform
+from .data import CacheRows, ImageTransform, mixed_seed
 from .errors import UserError
 from .models import on_device
 
@@ -33,8 +32,7 @@ def pixel_key(pixels: torch.Tensor) -> bytes:
 
 def view_generator(seed: int, image: int, view: int) -> torch.Generator:
     """The generator of augmented view `view` of image number `image`; fixed by the seed."""
-    state = np.random.SeedSequence([int(seed), 0x1A7E, int(image), int(view)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(mixed_seed(seed, 0x1A7E, image, view))
 
 
 class CachedViews:

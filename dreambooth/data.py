@@ -202,11 +202,16 @@ class ImageTransform:
         return (x / 127.5 - 1.0).contiguous()
 
 
+def mixed_seed(*keys: int) -> int:
+    """A 63-bit seed made from KEYS, identical across processes and restarts."""
+    # SeedSequence mixes the ints well (unlike seed + index) and, unlike hash(), is stable across runs.
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A torch.Generator seeded from (seed, epoch, index), identical across processes and restarts."""
-    # SeedSequence mixes the three ints well (unlike seed + index) and, unlike hash(), is stable across runs.
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(mixed_seed(seed, epoch, index))
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):

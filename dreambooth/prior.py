@@ -12,13 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .config import Config
 from .data import CLASS_MANIFEST as MANIFEST
-from .data import IMAGE_EXTENSIONS, Subject, load_image, resolve_subjects
+from .data import IMAGE_EXTENSIONS, Subject, load_image, mixed_seed, resolve_subjects
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,7 @@ def settings_for(cfg: Config, prompt: str) -> dict:
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of class image INDEX: fixed per index, so an interrupted run resumes with the same images."""
-    state = np.random.SeedSequence([int(seed), int(index), 0xC1A55]).generate_state(1, np.uint64)[0]
-    return int(state) & 0x7FFF_FFFF
+    return mixed_seed(seed, index, 0xC1A55) & 0x7FFF_FFFF
 
 
 @dataclass
