@@ -398,7 +398,7 @@ def flatten_config(cfg: Config, skip: set[str] = frozenset()) -> dict[str, Any]:
     return flat
 
 
-def resolve_key(cfg: Config, key: str, value: Any, why: str, apply: bool = True) -> None:
+def resolve_key(cfg: Config, key: str, value: Any, why: str = "", apply: bool = True) -> None:
     """Record that this run resolved top-level `key` (one that accepts auto) to `value`; set it too if `apply`.
     config.yaml then writes the value as given: the user's, or auto when unset."""
     given = getattr(cfg, key) if key in cfg.provided else "auto"
@@ -413,13 +413,12 @@ def _scalar(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
-def save_config(cfg: Config, path: str | Path, this_run: dict[str, Any] | None = None) -> None:
+def save_config(cfg: Config, path: str | Path) -> None:
     """Write config.yaml as a rerunnable record: each key as the user gave it (auto where this machine resolved it),
-    with what this run resolved in a comment. `this_run`: other top-level keys' resolved values, e.g. optimizer."""
-    data = config_to_dict(cfg)
-    notes = {k: _scalar(v) for k, v in (this_run or {}).items() if _scalar(v) != _scalar(data[k])}
+    with what this run resolved in a comment."""
+    data, notes = config_to_dict(cfg), {}
     for key, (given, value, why) in cfg.resolved.items():
-        data[key], notes[key] = given, f"{_scalar(value)} ({why})"
+        data[key], notes[key] = given, f"{_scalar(value)} ({why})" if why else _scalar(value)
     if cfg.finetune == "lora" and "export_formats" not in cfg.provided:
         from .export import formats_of
         # Unset, a LoRA run exports its LoRA alone; the written default [diffusers] would add a merged pipeline.

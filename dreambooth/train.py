@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import Config, save_config
+from .config import Config, resolve_key, save_config
 from .errors import UserError
 from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
@@ -69,9 +69,10 @@ class Trainer(TrainerInputs):
         c = self.components = load_components(cfg)
 
         mark_output_dir(self.out)
-        # auto values keep `auto` in config.yaml; what this machine chose goes into its comments.
-        save_config(cfg, self.out / "config.yaml",
-                    this_run={"mixed_precision": self.precision, "optimizer": self.optimizer_name})
+        for key, value in (("mixed_precision", self.precision), ("optimizer", self.optimizer_name)):
+            if getattr(cfg, key) == "auto":  # recorded like the memory profile's choices, cfg left as given
+                resolve_key(cfg, key, value, apply=False)
+        save_config(cfg, self.out / "config.yaml")  # auto keys stay auto; this machine's choices in comments
         self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 
         device = self.accelerator.device

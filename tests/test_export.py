@@ -110,6 +110,7 @@ def test_training_exports_and_cli_half(make_cfg, tmp_path):
     with safe_open(str(half), "pt") as f:  # read back from config.yaml (which keeps auto): the values trained with
         later = json.loads(f.metadata()["dreambooth.training"])
     assert later == json.loads(meta["dreambooth.training"]) and later["prior_mode"] == "concat"
+    assert (later["optimizer"], later["mixed_precision"]) == ("adamw", "no")  # what ran on this CPU, not auto
     assert max_diff(trained.unet, load_single_file(half).unet) < 1e-3
     with safe_open(str(half), "pt") as f:
         assert f.metadata()["dreambooth.steps"] == "2"
