@@ -306,20 +306,27 @@ class Trainer(TrainerInputs):
     def after_step(self, logs: dict[str, float]) -> None:
         """Bookkeeping after each optimisation step (checkpoints, validation and logging hook in here)."""
         self.losses.append(logs["loss"])
-        # A checkpoint only after a good step, so the newest one is never inside a NaN streak.
+        # A checkpoint only after a good step, so the newest one is never inside a NaN streak. A step about to be
+        # validated with keep_checkpoints is kept from the start, so validation need not write it again.
         if self.cfg.checkpoint_steps and self.global_step % self.cfg.checkpoint_steps == 0 and not self.bad_steps:
-            checkpoint.save(self)
+            checkpoint.save(self, keep=self._keeps_validated_step())
         self.runlog.step(self.global_step, logs)
         self.validate_if_due()
 
     def validate_if_due(self) -> None:
         """Validation images at the scheduled steps (validation.steps / every_n_steps)."""
         if self.validator is not None and self.validator.due(self.global_step):
-            if self.cfg.validation.keep_checkpoints:  # exempt from keep_last, so any validated step can be exported
+            # Exempt from keep_last, so any validated step can be exported (unless this step's is written already).
+            if self._keeps_validated_step() and self.last_checkpoint_step != self.global_step:
                 checkpoint.save(self, keep=True)
             start = time.time()
             images = self.validator.run(self.global_step)
             self.runlog.validated(self.global_step, images, time.time() - start)
+
+    def _keeps_validated_step(self) -> bool:
+        """This step is validated and validation.keep_checkpoints asks for its checkpoint to be kept."""
+        return (self.cfg.validation.keep_checkpoints and self.validator is not None
+                and self.validator.due(self.global_step))
 
     def end_of_training(self) -> None:
         """The final sweep grid and the loss history the report draws."""

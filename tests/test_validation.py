@@ -175,6 +175,19 @@ def test_kept_validation_checkpoint_exports_that_step(make_cfg, tmp_path):
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
 
 
+def test_a_validated_checkpoint_step_is_written_once(make_cfg, tmp_path, monkeypatch):
+    from dreambooth import checkpoint_store
+    written = []
+    real = checkpoint_store.write_atomic
+    monkeypatch.setattr(checkpoint_store, "write_atomic",
+                        lambda final, *a: written.append(final.name) or real(final, *a))
+    run = tmp_path / "run"
+    _train(make_cfg(output_dir=str(run), max_steps=4, keep_last=1, checkpoint_steps=2, **FAST,
+                    **{"validation.steps": [2, 4], "validation.keep_checkpoints": True}))
+    assert written == ["step-000002", "step-000004"]  # once each, though both schedules name them
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
 @pytest.mark.gpu
 @cuda
 def test_validation_under_fp16_on_cuda(make_cfg, tmp_path):
