@@ -46,31 +46,44 @@ def _processes(n: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- RNG streams
 
+def rng_snapshot(generators: list[torch.Generator]) -> dict:
+    """Every RNG stream training draws from, in memory: Python, NumPy, torch CPU and CUDA, and `generators`."""
+    cuda = dict(enumerate(torch.cuda.get_rng_state_all())) if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda, "generators": [(g, g.get_state()) for g in generators]}
+
+
+def restore_rng(snapshot: dict) -> None:
+    """Put back the streams of an rng_snapshot (CUDA devices it does not name keep theirs)."""
+    random.setstate(snapshot["python"])
+    np.random.set_state(snapshot["numpy"])
+    torch.set_rng_state(snapshot["torch"])
+    for i, state in snapshot["cuda"].items():
+        torch.cuda.set_rng_state(state, i)
+    for g, state in snapshot["generators"]:
+        g.set_state(state)
+
+
 def rng_state(trainer, tensors: dict) -> dict:
     """This process's RNG states: tensors into `tensors`, Python's and NumPy's as JSON-able lists."""
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    tensors["rng.gen"] = trainer.gen.get_state()
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    snap = rng_snapshot([trainer.gen])
+    tensors["rng.torch"], tensors["rng.gen"] = snap["torch"], snap["generators"][0][1]
+    tensors.update({f"rng.cuda.{i}": state for i, state in snap["cuda"].items()})
+    version, mt, gauss = snap["python"]
+    name, keys, pos, has_gauss, cached = snap["numpy"]
     return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
                                                              float(cached)]}
 
 
 def set_rng(rng: dict, tensors: dict, trainer) -> None:
     """The inverse of rng_state."""
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"rng.cuda.{i}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
-    trainer.gen.set_state(tensors["rng.gen"])
     version, mt, gauss = rng["python"]
-    random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()
+    restore_rng({"python": (version, tuple(mt), gauss),
+                 "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
+                 "torch": tensors["rng.torch"], "generators": [(trainer.gen, tensors["rng.gen"])],
+                 "cuda": {i: tensors[f"rng.cuda.{i}"] for i in devices if f"rng.cuda.{i}" in tensors}})
 
 
 # ----------------------------------------------------------------------------------------------- files

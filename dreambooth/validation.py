@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import shutil
 import time
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import Config, ValidationConfig
 from .data import Subject, resolve_subjects
 from .generate import save_png, slug
+from .checkpoint_ranks import restore_rng, rng_snapshot
 from .models import eager, on_device
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,7 @@ def make_grid(rows: list[list[Image.Image | None]], col_labels: list[str] | None
 def preserved_training_state(modules: list[torch.nn.Module], generators: list[torch.Generator]):
     """Run the body in eval mode under no_grad, then restore every RNG stream and train/eval flag exactly,
     so training continues as if the body had not run."""
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    gens = [(g, g.get_state()) for g in generators]
+    rng = rng_snapshot(generators)
     flags = [(m, m.training) for module in modules for m in module.modules()]
     try:
         for module in modules:
@@ -146,13 +144,7 @@ def preserved_training_state(modules: list[torch.nn.Module], generators: list[to
     finally:
         for m, training in flags:
             m.training = training
-        for g, state in gens:
-            g.set_state(state)
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        restore_rng(rng)
 
 
 # ----------------------------------------------------------------------------------------------- validator
