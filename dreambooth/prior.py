@@ -181,8 +181,9 @@ def load_sampler(cfg: Config):
     return pipe
 
 
-def _sample(plans: list[Plan], cfg: Config) -> None:
-    """Sample every plan's missing images in batches, recording each batch in the manifest as it lands."""
+def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None:
+    """Sample every plan's missing images in batches, recording each batch in the manifest as it lands; DECODED,
+    if given, keeps each new image (PNG is lossless, so training need not read it back)."""
     from .generate import save_png
 
     todo = sum(len(p.indices) for p in plans)
@@ -209,6 +210,8 @@ def _sample(plans: list[Plan], cfg: Config) -> None:
                     os.replace(tmp, plan.folder / name)
                     plan.manifest["images"][name] = record
                     plan.usable.append(plan.folder / name)
+                    if decoded is not None:
+                        decoded[plan.folder / name] = image
                 plan.manifest["next_index"] = max(plan.manifest["next_index"], indices[-1] + 1)
                 _write_manifest(plan.folder, plan.manifest)
                 plan.generated += n
@@ -225,7 +228,7 @@ def _sample(plans: list[Plan], cfg: Config) -> None:
 def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
                         decoded: dict | None = None) -> list[list[Path]]:
     """Top up every subject's class folder to its num_class_images; returns each subject's class image paths.
-    DECODED, if given, receives {path: image} for the images decoded while checking the folders."""
+    DECODED, if given, receives {path: image} for the images decoded while checking the folders or sampled."""
     subjects = subjects if subjects is not None else resolve_subjects(cfg, need_class_prompt=True)
     plans: dict[Path, Plan] = {}
     for s in subjects:
@@ -244,7 +247,7 @@ def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
         log.info("%s: %d usable class images, %d to sample", p.folder, len(p.usable), len(p.indices))
     if any(p.indices for p in plans.values()):
         start = time.time()
-        _sample([p for p in plans.values() if p.indices], cfg)
+        _sample([p for p in plans.values() if p.indices], cfg, decoded)
         log.info("sampled %d class images in %.1f s", sum(p.generated for p in plans.values()), time.time() - start)
     # With more images than wanted, the first ones by name are used, the same ones on every run.
     return [sorted(plans[s.class_dir.resolve()].usable)[:s.num_class_images] for s in subjects]

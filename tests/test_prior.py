@@ -169,7 +169,11 @@ def test_each_class_image_is_decoded_once_during_setup(make_cfg, subject_dir, mo
     trainer = Trainer(prior_cfg(make_cfg, num_class_images=3)).setup()
     files = sorted(p.resolve() for p in folder.glob("*.png"))
     assert len(files) == 3 and len(trainer.dataset.class_images) == 3  # 2 of the user's, 1 sampled
-    assert {p.name: opened[p] for p in files} == {p.name: 1 for p in files}
+    sampled = [p for p in files if p.name.startswith("class-")]
+    assert len(sampled) == 1  # the user's are opened once (checked, then trained on); the sampled one never
+    assert {p.name: opened[p] for p in files} == {p.name: 0 if p in sampled else 1 for p in files}
+    on_disk = np.asarray(Image.open(sampled[0]).convert("RGB"))  # the kept image is the file's pixels exactly
+    assert any(np.array_equal(np.asarray(im), on_disk) for im in trainer.dataset.class_images)
 
 
 def test_class_images_past_the_wanted_ones_are_not_opened(make_cfg, subject_dir, monkeypatch):
