@@ -374,6 +374,12 @@ def subjects_of(cfg: Config) -> list[SubjectConfig]:
                           class_data_dir=d.class_data_dir)]
 
 
+def backward_passes(cfg: Config) -> int:
+    """Backward passes in one optimisation step: one per micro-batch, two with the sequential prior."""
+    sequential = cfg.with_prior_preservation and cfg.prior_mode == "sequential"
+    return cfg.gradient_accumulation_steps * (2 if sequential else 1)
+
+
 def config_to_dict(cfg: Config) -> dict:
     """Plain-data form of the config, as written to output_dir/config.yaml."""
     out = dataclasses.asdict(cfg)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import Config, resolve_key
+from .config import Config, backward_passes, resolve_key
 from .errors import UserError
 from .models import launched_processes
 
@@ -133,8 +133,7 @@ def apply_memory_profile(cfg: Config, total_gib: float | None = ..., num_process
         # DDP reduces gradients after the per-tensor hooks would already have used them.
         plan.fused_backward = False
         plan.notes.append("several processes: optimizer step after backward (gradients are all-reduced first)")
-    sequential = cfg.with_prior_preservation and cfg.prior_mode == "sequential"
-    plan.backwards_per_step = cfg.gradient_accumulation_steps * (2 if sequential else 1)
+    plan.backwards_per_step = backward_passes(cfg)
     for note in plan.notes:
         log.info("memory_profile: %s", note)
     return plan

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, backward_passes
 from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,7 @@ def check_compile(cfg: Config) -> None:
     """Refuse CUDA graphs where a step runs several backward passes; say when compile_mode has no effect."""
     if cfg.compile_mode != "default" and not cfg.compile:
         log.warning("compile_mode: %s has no effect without compile: true", cfg.compile_mode)
-    passes = cfg.gradient_accumulation_steps > 1 or (cfg.with_prior_preservation and cfg.prior_mode == "sequential")
-    if cfg.compile and cfg.compile_mode == "reduce-overhead" and passes:
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and backward_passes(cfg) > 1:
         # The graph owns the memory of the gradients its backward returns; the step's next pass would replay
         # it over gradients still being accumulated.
         raise UserError("compile_mode: reduce-overhead (CUDA graphs) cannot run several backward passes per step "
