@@ -79,7 +79,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 self._comp[p] = torch.zeros_like(p, dtype=torch.int16)
         self.fused = False
         self.backwards_per_step, self.max_grad_norm = 1, None
-        self._handles, self._counts = [], {}
+        self._counts = {}
         self._sq_norm = None                       # this step's summed squared gradient norm (device tensor)
         self._clip_coef = None                     # from the previous step's norm; None: no clipping yet
         self.last_grad_norm = float("nan")
@@ -170,12 +170,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
             if optimizer is not None:
                 optimizer._hook(p)
         for p in self._params:
-            self._handles.append(p.register_post_accumulate_grad_hook(hook))
-
-    def unfuse(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self.fused = [], False
+            p.register_post_accumulate_grad_hook(hook)
 
     def _hook(self, p: torch.Tensor) -> None:
         n = self._counts.get(p, 0) + 1
