@@ -155,7 +155,8 @@ def _write_data(root: Path, resolution: int) -> tuple[Path, Path]:
 
 def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, out: Path):
     """A row is a profile (or baseline, lora), optionally with `+key=value` config overrides; `+key` means true."""
-    from .config import _apply_override, config_from_dict
+    from .config import config_from_dict
+    from .config_file import apply_override
     profile, *extras = name.split("+")
     data = {"model": o.model, "output_dir": str(out), "data": {"dir": str(subject), "class_data_dir": str(classes)},
             "resolution": o.resolution, "max_steps": o.warmup + o.steps, "batch_size": 1,
@@ -168,7 +169,7 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
     else:
         data["memory_profile"] = profile
     for extra in extras:
-        _apply_override(data, extra if "=" in extra else f"{extra}=true")
+        apply_override(data, extra if "=" in extra else f"{extra}=true")
     return config_from_dict(data, f"benchmark row {name}")
 
 
