@@ -43,7 +43,7 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 # ------------------------------------------------------------------------------------------ optimizer
 
 def _inner_optimizer(name: str, tensor: torch.Tensor, group: dict) -> torch.optim.Optimizer:
-    from .models import adamw
+    from .optim import adamw
     return adamw([tensor], name, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                  weight_decay=group["weight_decay"])
 

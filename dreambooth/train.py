@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,20 +13,21 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, resolve_key, save_config
-from .errors import UserError
+from .hooks import TrainerHooks
 from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .cache import build_latent_cache
 from .memory import apply_memory_profile
-from .models import check_compile, compile_unet, load_components, make_optimizer, resolve_optimizer, resolve_precision
-from .output import check_output_dir, mark_output_dir, write_pipeline
-from .runlog import RunLog, run_summary, tracker_kwargs
+from .models import check_compile, compile_unet, load_components, resolve_precision
+from .optim import make_optimizer, resolve_optimizer
+from .output import TrainerOutput, check_output_dir, mark_output_dir
+from .runlog import RunLog, tracker_kwargs
 from .validation import Validator
 
 log = logging.getLogger(__name__)
 
-class Trainer(TrainerInputs):
+class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
     """DreamBooth fine-tuning of one SD pipeline: setup() -> train() -> save()."""
 
     def __init__(self, cfg: Config):
@@ -291,77 +291,6 @@ class Trainer(TrainerInputs):
         self.end_of_training()
         self.wall_time = time.time() - start
         return self.summary()
-
-    def _stop_requested(self, stop: checkpoint.StopSignals) -> bool:
-        # Every process must stop after the same step.
-        return checkpoint.any_process(self.accelerator, stop.requested is not None)
-
-    def _stop_non_finite(self) -> None:
-        kept = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint
-                else "no checkpoint was written")
-        raise UserError(f"stopped at step {self.global_step}: loss or gradients were NaN/inf for "
-                        f"{self.bad_steps} steps in a row (nan_patience: {self.cfg.nan_patience}); train with "
-                        f"mixed_precision: bf16 or a lower learning_rate (now {self.cfg.learning_rate:g}); {kept}")
-
-    def after_step(self, logs: dict[str, float]) -> None:
-        """Bookkeeping after each optimisation step (checkpoints, validation and logging hook in here)."""
-        self.losses.append(logs["loss"])
-        # A checkpoint only after a good step, so the newest one is never inside a NaN streak. A step about to be
-        # validated with keep_checkpoints is kept from the start, so validation need not write it again.
-        if self.cfg.checkpoint_steps and self.global_step % self.cfg.checkpoint_steps == 0 and not self.bad_steps:
-            checkpoint.save(self, keep=self._keeps_validated_step())
-        self.runlog.step(self.global_step, logs)
-        self.validate_if_due()
-
-    def validate_if_due(self) -> None:
-        """Validation images at the scheduled steps (validation.steps / every_n_steps)."""
-        if self.validator is not None and self.validator.due(self.global_step):
-            # Exempt from keep_last, so any validated step can be exported (unless this step's is written already).
-            if self._keeps_validated_step() and self.last_checkpoint_step != self.global_step:
-                checkpoint.save(self, keep=True)
-            start = time.time()
-            images = self.validator.run(self.global_step)
-            self.runlog.validated(self.global_step, images, time.time() - start)
-
-    def _keeps_validated_step(self) -> bool:
-        """This step is validated and validation.keep_checkpoints asks for its checkpoint to be kept."""
-        return (self.cfg.validation.keep_checkpoints and self.validator is not None
-                and self.validator.due(self.global_step))
-
-    def end_of_training(self) -> None:
-        """The final sweep grid and the loss history the report draws."""
-        if self.validator is not None:
-            self.validator.finish()
-        self.runlog.write_history()
-
-    # ------------------------------------------------------------------------------------------ output
-    def summary(self) -> dict:
-        return run_summary(self)
-
-    def pipeline(self):
-        """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
-        from .models import load_frozen, sd_pipeline
-        c, unwrap = self.components, self.accelerator.unwrap_model
-        text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
-        vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
-        unet = unwrap(self.unet).to("cpu", torch.float32)
-        if self.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
-            self.paramwise.export_master_weights_()
-        return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
-                           c.scheduler)
-
-    def save(self, summary: dict | None = None) -> Path:
-        """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (safetensors, swapped
-        in when complete), a LoRA run's LoRA file, single-file and kohya exports (export.py)."""
-        if not self.accelerator.is_main_process:
-            return self.out
-        from .export import export_run
-        pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
-        if pipe is not None:
-            write_pipeline(pipe, self.out)
-        if summary is not None:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        return self.out
 
 
 def run_training(cfg: Config) -> dict:

@@ -221,7 +221,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     from bitsandbytes.optim import optimizer as bnb_optimizer
 
-    from dreambooth.models import adamw8bit
+    from dreambooth.optim import adamw8bit
     waits = []
 
     def wait(tensor):
@@ -282,8 +282,8 @@ def test_discard_step_forgets_a_half_accumulated_step():
 
 def fused_torch_adamw(monkeypatch, fused_kernel: bool = True) -> None:
     """Make ParamwiseOptimizer's per-tensor AdamW torch's fused kernel (its CUDA choice) or the plain one."""
-    import dreambooth.models
-    monkeypatch.setattr(dreambooth.models, "adamw",
+    import dreambooth.optim
+    monkeypatch.setattr(dreambooth.optim, "adamw",
                         lambda params, name, **kw: torch.optim.AdamW(params, fused=fused_kernel, **kw))
 
 
@@ -395,7 +395,7 @@ def test_8bit_paramwise_fused_on_cuda():
 @pytest.mark.gpu
 def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from dreambooth.models import adamw8bit
+    from dreambooth.optim import adamw8bit
     ours, theirs = _wide().cuda(), _wide().cuda()
     opt_ours, opt_theirs = adamw8bit(ours.parameters(), lr=1e-2), bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2)
     waits = []

@@ -9,7 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.errors import UserError
-from dreambooth.models import load_components, model_kind, resolve_optimizer, resolve_precision
+from dreambooth.models import load_components, model_kind, resolve_precision
+from dreambooth.optim import resolve_optimizer
 from dreambooth.train import Trainer, run_training
 
 
