@@ -275,14 +275,13 @@ def _load_for_export(model: Path, allow_pickle: bool):
     names (that config returned, so the header needs no second read), or a single file."""
     from .config import load_config
     from .generate import load_pipeline
-    from .lora import LORA_FILE, merged_pipeline
+    from .lora import LORA_FILE, lora_run_config, merged_pipeline
     if model.is_dir() and (model / "model_index.json").is_file():
         return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle), None  # fp32 on the CPU
-    if model.is_dir() and (model / LORA_FILE).is_file():
-        if not (model / "config.yaml").is_file():
-            raise UserError(f"{model} holds a LoRA but no config.yaml naming its base model: export from the "
-                            "run's output folder, or merge with `dreambooth generate BASE --lora FILE`")
-        cfg = load_config(model / "config.yaml")
+    config = lora_run_config(model, "export from the run's output folder, or merge with "
+                                    "`dreambooth generate BASE --lora FILE`")
+    if config is not None:
+        cfg = load_config(config)
         return merged_pipeline(base_pipeline(cfg), model / LORA_FILE), cfg
     if model.is_file():
         from .single_file import load_single_file

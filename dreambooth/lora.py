@@ -180,16 +180,31 @@ def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]
     return tensors, header, alphas
 
 
+def lora_run_config(folder: str | Path, fix: str) -> Path | None:
+    """The config.yaml of FOLDER if it is a LoRA run's output (a LoRA file, no model_index.json), else None; a
+    LoRA run without one is a UserError that ends with FIX."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or (folder / "model_index.json").is_file() or not (folder / LORA_FILE).is_file():
+        return None
+    if not (folder / "config.yaml").is_file():
+        raise _no_base_model(folder, fix)
+    return folder / "config.yaml"
+
+
+def _no_base_model(folder: Path, fix: str) -> UserError:
+    return UserError(f"{folder} holds a LoRA but no config.yaml naming its base model: {fix}")
+
+
 def split_lora_run(model: str, lora: str | None) -> tuple[str, str | None, dict]:
     """A LoRA run's output folder (no model_index.json) names its base model in config.yaml: (base, LoRA file,
     the base's revision/variant as trained); anything else comes back as given."""
     folder = Path(model).expanduser()
-    if lora is not None or not folder.is_dir() or (folder / "model_index.json").is_file() \
-            or not (folder / LORA_FILE).is_file():
+    fix = f"dreambooth generate BASE_MODEL --lora {folder / LORA_FILE}"
+    if lora is not None or (config := lora_run_config(folder, fix)) is None:
         return model, lora, {}
     import yaml
-    run = (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if (folder / "config.yaml").is_file() else {}
+    # Read leniently, not with load_config: generating needs only the base, whatever else the config holds.
+    run = yaml.safe_load(config.read_text()) or {}
     if not run.get("model"):
-        raise UserError(f"{folder} holds a LoRA but no config.yaml naming its base model: "
-                        f"dreambooth generate BASE_MODEL --lora {folder / LORA_FILE}")
+        raise _no_base_model(folder, fix)
     return str(run["model"]), str(folder / LORA_FILE), {k: run[k] for k in ("revision", "variant") if run.get(k)}

@@ -207,6 +207,26 @@ def test_lora_mistakes_are_one_line_errors(make_cfg, tmp_path):
         apply_lora(pipe, tmp_path / "other.safetensors")
 
 
+
+def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_path):
+    from dreambooth.export import export_model
+    from dreambooth.lora import split_lora_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LORA_FILE).write_bytes(b"")
+    with pytest.raises(UserError, match="no config.yaml naming its base model: dreambooth generate BASE_MODEL"):
+        split_lora_run(str(run), None)
+    with pytest.raises(UserError, match="no config.yaml naming its base model: export from the run's output"):
+        export_model(run, "single-file")
+    assert split_lora_run(str(run), "other.safetensors") == (str(run), "other.safetensors", {})  # --lora wins
+    (run / "config.yaml").write_text("revision: abc\n")
+    with pytest.raises(UserError, match="naming its base model"):
+        split_lora_run(str(run), None)
+    (run / "config.yaml").write_text("model: someone/sd\nrevision: abc\n")
+    assert split_lora_run(str(run), None) == ("someone/sd", str(run / LORA_FILE), {"revision": "abc"})
+    (run / "model_index.json").write_text("{}")  # a merged full pipeline: loaded as it is
+    assert split_lora_run(str(run), None) == (str(run), None, {})
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lora_fp16_on_cuda_keeps_base_half_and_adapters_fp32(make_cfg):
