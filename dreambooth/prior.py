@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import CLASS_MANIFEST as MANIFEST
-from .data import IMAGE_EXTENSIONS, Subject, load_image, mixed_seed, resolve_subjects
+from .data import Subject, list_images, load_image, mixed_seed, resolve_subjects
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,9 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
             log.warning("%s: %d class images were made with %s=%r (now %r); kept (regenerate_class_images: true "
                         "replaces them)", folder, len(other), key, old, settings[key])
     _write_manifest(folder, manifest)
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # The instance folder's listing and warning: by now our .tmp files are gone and list_images never names the
+    # manifest, so only what the user put here is warned about (a sub-folder too: no class_data_dir exclusion).
+    files = list_images(folder, exclude=())
     plan = Plan(folder, settings, wanted, manifest)
     _check_usable(plan, files, decoded)
     index = manifest["next_index"]

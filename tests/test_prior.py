@@ -127,6 +127,30 @@ def test_images_named_like_ours_without_a_manifest_are_the_users(make_cfg, subje
     assert sorted(manifest(folder)["images"]) == ["class-00003.png"]  # the one sampled image takes a new number
 
 
+def test_class_folder_lists_like_the_instance_folder_and_names_only_the_users_strays(make_cfg, subject_dir,
+                                                                                     caplog):
+    """Any image the instance folder takes counts as a class image; each run names the user's non-images in
+    one warning, never the manifest or the images we sampled."""
+    folder = subject_dir / "class_data_dir"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(folder / "a.JPG", format="JPEG")
+    Image.new("RGB", (40, 40), (50, 100, 200)).save(folder / "b.webp")
+    Image.new("RGB", (40, 40)).save(folder / ".hidden.png")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "old").mkdir()
+    cfg = prior_cfg(make_cfg, num_class_images=3)
+    for _ in range(2):  # the first run samples one image and writes the manifest; the second finds both
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            paths = prior.ensure_class_images(cfg)[0]
+        assert [p.name for p in paths] == ["a.JPG", "b.webp", "class-00000.png"]
+        (msg,) = [r.getMessage() for r in caplog.records
+                  if r.name.startswith("dreambooth") and r.levelno >= logging.WARNING]
+        assert all(name in msg for name in ("notes.txt", ".hidden.png", "old/"))
+        assert "manifest" not in msg and "class-" not in msg
+    assert sorted(manifest(folder)["images"]) == ["class-00000.png"]
+
+
 def test_changed_class_prompt_is_refused_unless_regenerating(make_cfg, subject_dir, caplog):
     folder = subject_dir / "class_data_dir"
     mine = user_images(folder, 1)
