@@ -3,10 +3,7 @@ each memory profile, with and without prior preservation; plus class-image sampl
 
 from __future__ import annotations
 
-import argparse
 import copy
-import ctypes
-import gc
 import json
 import logging
 import platform
@@ -20,14 +17,12 @@ import torch
 
 from . import __version__
 from .errors import UserError, first_line
-from .bench_table import finish_rows, format_table, merge_runs  # noqa: F401  (re-exported)
-from .runlog import peak_rss
+from .bench_table import ROWS, finish_rows, format_table, merge_runs  # noqa: F401  (re-exported)
+from .bench_measure import bf16_matmul_peak_tflops, count_unet_flops, read_peak, reset_peak, status_bytes, sync
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "dreambooth-bench/1"
-# 16gb and 12gb are the default profile's settings, so the matrix runs them once, as default.
-ROWS = ("baseline", "default", "8gb", "6gb", "24gb", "lora")  # the targets' rows first, should time run out
 # What diffusers' train_dreambooth.py does: VAE and text encoder every step, fp32 weights, AdamW, checkpointing.
 BASELINE = {"memory_profile": "default", "cache_latents": False, "cache_prompts": False, "optimizer": "adamw",
             "gradient_checkpointing": True, "prior_mode": "concat"}
@@ -62,80 +57,6 @@ class BenchOptions:
         if o.prior not in ("on", "off", "both"):
             raise UserError(f"--prior must be on, off or both (got {o.prior})")
         return o
-
-
-# --------------------------------------------------------------------------------------------- measuring
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def reset_peak(collect: bool = True) -> bool:
-    """Start a fresh peak-memory window; False when the CPU peak cannot be reset (then it is the process's)."""
-    if collect:
-        gc.collect()
-        try:  # hand freed heap back to the OS, so the next row's RSS starts low (glibc keeps it otherwise)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(key: str) -> int | None:
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak); None off Linux."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return None
-
-
-def read_peak() -> dict:
-    peak = {}
-    if torch.cuda.is_available():
-        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        peak["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    peak["cpu_peak_rss_bytes"] = _status_bytes("VmHWM") or peak_rss()
-    return peak
-
-
-def bf16_matmul_peak_tflops(device: torch.device) -> float:
-    """bf16 matrix-product throughput measured here and now: the MFU denominator."""
-    n, reps = (8192, 20) if device.type == "cuda" else (1024, 3)
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device, autocast_dtype) -> int:
-    """FLOPs of one UNet forward + backward on `images` latents (no checkpointing, so no recomputation).
-
-    Moves `unet` to `device` and leaves gradients on it: pass a copy you will discard."""
-    from torch.utils.flop_counter import FlopCounterMode
-    unet = unet.to(device).train()
-    side = resolution // vae_scale
-    latents = torch.randn(images, unet.config.in_channels, side, side, device=device)
-    embeds = torch.randn(images, 77, unet.config.cross_attention_dim, device=device)
-    t = torch.randint(0, 1000, (images,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = unet(latents, t, embeds).sample
-        out.float().square().mean().backward()
-    return counter.get_total_flops()
 
 
 # --------------------------------------------------------------------------------------------- one row
@@ -176,18 +97,18 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
 def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
     """Set up the trainer, run warm-up and timed steps, fill in `row`; everything it made dies on return."""
     from .train import Trainer
-    rss_start = _status_bytes("VmRSS")  # the process's own footprint (prebuilt model, libraries) before the row
+    rss_start = status_bytes("VmRSS")  # the process's own footprint (prebuilt model, libraries) before the row
     start = time.perf_counter()
     trainer = Trainer(cfg).setup()
     try:
-        _sync()
+        sync()
         row["setup_s"] = round(time.perf_counter() - start, 3)
         batches, times = trainer.batches(), []
         for _ in range(o.warmup + o.steps):
-            _sync()
+            sync()
             t0 = time.perf_counter()
             logs = trainer.train_step(batches)
-            _sync()
+            sync()
             times.append(time.perf_counter() - t0)
         row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
         row["warmup_s"] = round(sum(times[:o.warmup]), 3)  # torch.compile's compilation shows up here
@@ -252,10 +173,10 @@ def sampling_throughput(o: BenchOptions, subject: Path, workdir: Path) -> dict:
                          num_inference_steps=steps, guidance_scale=7.5,
                          generator=torch.Generator(pipe.device).manual_seed(0))
             sample(2)  # warm-up: kernels, allocator
-            _sync()
+            sync()
             start = time.perf_counter()
             sample(s["steps"])
-            _sync()
+            sync()
             seconds = time.perf_counter() - start
             out[key] = {**s, "seconds": round(seconds, 4), "images_per_s": s["batch"] / seconds}
     finally:
@@ -346,23 +267,6 @@ def _write(result: dict, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
-
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
-    p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
-    p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--repeats", type=int, help="interleaved passes over the matrix (default 1 on CUDA, 2 on CPU)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; a row "
-                   "may add config overrides: default+compile, default+compile+compile_mode=reduce-overhead")
-    p.add_argument("--profile", default="", help="comma list of rows to profile for 2 more steps: host vs GPU "
-                   "time, kernel launches, top operators")
-    p.add_argument("--prior", default="both", choices=["on", "off", "both"])
-    p.add_argument("--no-sampling", action="store_true", help="skip the class-image sampling measurement")
-    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
-    p.add_argument("--table", help="also write the Markdown table here")
-    p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
 
 
 def _names(text: str) -> list[str]:

@@ -21,17 +21,17 @@ def _device_us(event) -> float:
 def profile_steps(trainer, batches, steps: int = 2) -> dict:
     """Profile `steps` more training steps of a set-up trainer; per-step figures, in milliseconds."""
     from torch.autograd import DeviceType
-    from .bench import _sync
+    from .bench_measure import sync
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync()
+    sync()
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             trainer.train_step(batches)
-        _sync()
+        sync()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]

@@ -25,12 +25,13 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import Interrupted
     from .config import load_config
-    from .train import run_training
 
     config, overrides = _split_config_args(args.items)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # before the heavy imports: a config mistake is reported at once
+    _quiet_library_bars()
+    from .checkpoint import Interrupted
+    from .train import run_training
     try:
         summary = run_training(cfg)
     except Interrupted as e:
@@ -54,10 +55,12 @@ def cmd_train(args) -> int:
 
 def cmd_classes(args) -> int:
     from .config import load_config
-    from .prior import class_report
 
     config, overrides = _split_config_args(args.items)
-    class_report(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    _quiet_library_bars()
+    from .prior import class_report
+    class_report(cfg)
     return 0
 
 
@@ -83,6 +86,7 @@ def cmd_generate(args) -> int:
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     request = Request(**fields).check()
+    _quiet_library_bars()
     from .lora import apply_lora, split_lora_run
     # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
     model, lora, base = split_lora_run(args.model, args.lora)
@@ -98,20 +102,41 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _quiet_library_bars()
     from .export import export_model
     print(export_model(args.model, args.format, args.out, half=args.half, allow_pickle=args.allow_pickle))
     return 0
 
 
 def cmd_bench(args) -> int:
+    _quiet_library_bars()
     from .bench import bench_from_args
     return bench_from_args(args)
 
 
 def cmd_demo(args) -> int:
+    _quiet_library_bars()
     from .demo import run_demo
     run_demo(Path(args.out), quiet=args.quiet)
     return 0
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench_table import ROWS  # not .bench: building the parser must not import torch
+    p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
+    p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
+    p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=int, help="interleaved passes over the matrix (default 1 on CUDA, 2 on CPU)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; a row "
+                   "may add config overrides: default+compile, default+compile+compile_mode=reduce-overhead")
+    p.add_argument("--profile", default="", help="comma list of rows to profile for 2 more steps: host vs GPU "
+                   "time, kernel launches, top operators")
+    p.add_argument("--prior", default="both", choices=["on", "off", "both"])
+    p.add_argument("--no-sampling", action="store_true", help="skip the class-image sampling measurement")
+    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
     p.set_defaults(func=cmd_export)
 
-    from .bench import add_bench_args
     p = sub.add_parser("bench", help="benchmark speed and memory of the baseline and each memory profile",
                        description="dreambooth bench [options]: SD 2.1 base architecture with random weights (scaled "
                                    "down on CPU), baseline and profiles, with and without prior; JSON + table")
@@ -170,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_library_bars() -> None:
-    """Hide the libraries' weight loading/saving bars; ours (training, sampling, generation) stay."""
+    """Hide the libraries' weight loading/saving bars; ours (training, sampling, generation) stay.
+
+    Each command calls it once the user's input has been checked: importing the libraries takes seconds."""
     import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()
@@ -190,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     args = build_parser().parse_args(argv)
     try:
-        _quiet_library_bars()
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -71,6 +71,15 @@ def test_scripts_are_thin_wrappers(tmp_path):
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_config_mistakes_are_answered_before_the_heavy_imports():
+    """A bad key is reported at once: torch, diffusers and transformers (seconds to import) are not loaded."""
+    code = ("import sys; from dreambooth.cli import main; rc = main(['train', 'data.dir=x', 'learnig_rate=1']); "
+            "print(rc, [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
+    assert "did you mean 'learning_rate'" in result.stderr
+
+
 def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, capsys):
     """A hub id loads at the asked revision and variant; a LoRA run's folder uses the ones its base trained on."""
     from diffusers import StableDiffusionPipeline
