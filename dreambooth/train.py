@@ -17,7 +17,7 @@ from .hooks import TrainerHooks
 from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
-from .cache import build_latent_cache
+from .cache import build_latent_cache, image_sources, should_cache
 from .memory import apply_memory_profile
 from .models import check_compile, compile_unet, load_components, resolve_precision
 from .optim import make_optimizer, resolve_optimizer
@@ -69,9 +69,11 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
         c = self.components = load_components(cfg)
 
         mark_output_dir(self.out)
-        for key, value in (("mixed_precision", self.precision), ("optimizer", self.optimizer_name)):
+        caching = should_cache(cfg.cache_latents, True, image_sources(self.dataset))  # the VAE is never trained
+        for key, value, why in (("mixed_precision", self.precision, ""), ("optimizer", self.optimizer_name, ""),
+                                ("cache_latents", *caching)):
             if getattr(cfg, key) == "auto":  # recorded like the memory profile's choices, cfg left as given
-                resolve_key(cfg, key, value, apply=False)
+                resolve_key(cfg, key, value, why, apply=False)
         save_config(cfg, self.out / "config.yaml")  # auto keys stay auto; this machine's choices in comments
         self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 

@@ -56,6 +56,7 @@ def test_comments_say_what_this_run_resolved(subject_dir, tmp_path, monkeypatch)
     assert "memory_profile: auto  # this run: 24gb (auto on a 79.6 GiB GPU)" in lines
     assert "optimizer: auto  # this run: adamw" in lines  # CPU: plain AdamW
     assert "mixed_precision: auto  # this run: no" in lines
+    assert "cache_latents: auto  # this run: true (VAE frozen)" in lines
 
 
 def test_user_set_values_are_written_as_set(make_cfg, tmp_path):
