@@ -303,8 +303,8 @@ def test_skip_flag_leaves_fused_adamw_updates_as_they_were(monkeypatch):
 @pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
 @pytest.mark.parametrize("fused_kernel", [True, False])
 def test_overflowed_gradient_skips_its_tensor_under_torchs_fused_adamw(monkeypatch, rounding, fused_kernel):
-    """Torch's fused AdamW (on CUDA without bitsandbytes; forced on CPU here) skips a tensor whose gradient is not
-    finite, on the device. Other inner optimizers step the zeroed gradient: the weight stays finite."""
+    """Torch's fused AdamW (ours without bitsandbytes) skips a tensor whose gradient is not finite, on the device.
+    Other inner optimizers step the zeroed gradient: the weight stays finite."""
     fused_torch_adamw(monkeypatch, fused_kernel)
     model = _mlp(torch.bfloat16)
     opt = ParamwiseOptimizer(model.parameters(), lr=1e-2, weight_decay=0.1, rounding=rounding)
