@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dreambooth.config import Config, subjects_of
 from dreambooth.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -286,58 +284,3 @@ def collate(examples: list[dict]) -> dict:
     if "subject" in examples[0]:
         batch["subjects"] = [e["subject"] for e in examples]
     return batch
-
-
-# ------------------------------------------------------------------------------------------- subjects
-
-@dataclass
-class Subject:
-    """One subject of a run, its prompts and class-image folder resolved."""
-    name: str
-    dir: Path
-    instance_prompt: str
-    class_prompt: str | None
-    class_dir: Path
-    num_class_images: int
-    weight: float
-
-
-def prompts_as_trained(folder, instance_prompt: str | None, class_prompt: str | None) -> tuple:
-    """(instance, class) prompts as a finished run used them; the config's own values if the folder moved since."""
-    try:
-        return resolve_prompts(folder or "", instance_prompt, class_prompt)
-    except (UserError, OSError):
-        return instance_prompt, class_prompt
-
-
-def class_folder(subject_dir: str, class_data_dir: str | None) -> Path:
-    """Where a subject's class images live: its class_data_dir, else class_data_dir/ inside its folder."""
-    return (Path(class_data_dir) if class_data_dir else Path(subject_dir) / "class_data_dir").expanduser()
-
-
-def resolve_subjects(cfg: Config, need_class_prompt: bool | None = None) -> list[Subject]:
-    """The run's subjects with prompts merged from dataset_info.json; refuses duplicate instance prompts."""
-    need_class_prompt = cfg.with_prior_preservation if need_class_prompt is None else need_class_prompt
-    several = bool(cfg.subjects)
-    out, names = [], set()
-    for i, s in enumerate(subjects_of(cfg)):
-        where = f"subjects[{i}]" if several else "data"
-        instance, klass = resolve_prompts(s.dir, s.instance_prompt, s.class_prompt)
-        if need_class_prompt and not klass:
-            raise UserError(f"prior preservation needs a class prompt for {s.dir}: add \"class_prompt\" to its "
-                            f"{INFO_FILE} or set {where}.class_prompt (e.g. 'a photo of a dog')")
-        name = Path(s.dir).name or f"subject{i}"
-        name = name if name not in names else f"{name}-{i}"
-        names.add(name)
-        out.append(Subject(name, Path(s.dir), instance, klass, class_folder(s.dir, s.class_data_dir),
-                           s.num_class_images or cfg.num_class_images, s.weight))
-    for i, a in enumerate(out):
-        for b in out[i + 1:]:
-            if a.instance_prompt == b.instance_prompt:
-                raise UserError(f"subjects {a.dir} and {b.dir} share the instance prompt {a.instance_prompt!r}: give "
-                                "each subject its own identifier (e.g. 'a photo of sks dog', 'a photo of zwx cat')")
-        for b in out:
-            if a is not b and a.instance_prompt in b.instance_prompt:
-                logger.warning("instance prompt %r (%s) is part of %r (%s): the subjects may blend; use distinct "
-                               "identifiers", a.instance_prompt, a.dir, b.instance_prompt, b.dir)
-    return out

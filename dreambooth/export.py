@@ -1,8 +1,7 @@
 """Exports for the usual UIs: one-file checkpoints in the original SD 2.x key layout (with the v2 inference YAML
 beside them), kohya-layout LoRA files, and the training metadata both carry in their safetensors header.
 
-diffusers ships only the original -> diffusers direction (loaders/single_file_utils.py); the inverse maps here
-are ours, and tests check them by loading our files back with `from_single_file` (exact equality)."""
+The key maps from diffusers to the original layout are in single_file.py."""
 
 from __future__ import annotations
 
@@ -11,119 +10,14 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import yaml
 
 from . import __version__
 from .errors import UserError
 from .models import base_pipeline
+from .single_file import CONFIGS_KEY, pipeline_to_original
 
-UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
-CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
 SINGLE_FILE, KOHYA_FILE = "model.safetensors", "lora-kohya.safetensors"
-
-
-# ------------------------------------------------------------------------------------- diffusers -> original
-def _rename(key: str, pairs: list[tuple[str, str]], inner: dict[str, list[tuple[str, str]]]) -> str:
-    """Swap the longest matching prefix, then rename the part after it with that prefix's kind of sub-names."""
-    for old, new, kind in pairs:  # longest first
-        if key.startswith(old):
-            rest = key[len(old):]
-            for a, b in inner.get(kind, []):
-                if rest.startswith(a):
-                    rest = b + rest[len(a):]
-                    break
-            return new + rest
-    raise ValueError(f"no original-layout name for weight '{key}'")
-
-
-_UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
-                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
-_VAE_RESNET = [("conv_shortcut.", "nin_shortcut.")]
-_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
-
-
-def unet_to_original(state: dict, config) -> dict:
-    """UNet2DConditionModel weights -> `model.diffusion_model.*` (SD 1.x/2.x openaimodel layout)."""
-    n, per = len(config["block_out_channels"]), config["layers_per_block"]
-    pairs = [("time_embedding.linear_1.", "time_embed.0.", ""), ("time_embedding.linear_2.", "time_embed.2.", ""),
-             ("conv_in.", "input_blocks.0.0.", ""), ("conv_norm_out.", "out.0.", ""), ("conv_out.", "out.2.", ""),
-             ("mid_block.resnets.0.", "middle_block.0.", "res"), ("mid_block.attentions.0.", "middle_block.1.", ""),
-             ("mid_block.resnets.1.", "middle_block.2.", "res")]
-    for i in range(n):
-        for j in range(per):  # input_blocks: [resnet, attention] per layer, then the downsampler
-            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * (per + 1) + j}.0.", "res"),
-                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{1 + i * (per + 1) + j}.1.", "")]
-        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (per + 1)}.0.op.", ""))
-        for j in range(per + 1):  # output_blocks: one more layer per block; the upsampler sits after attention
-            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (per + 1) + j}.0.", "res"),
-                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (per + 1) + j}.1.", "")]
-        slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (per + 1) + per}.{slot}.", ""))
-    pairs.sort(key=lambda p: -len(p[0]))
-    return {UNET + _rename(k, pairs, {"res": _UNET_RESNET}): v for k, v in state.items()}
-
-
-def vae_to_original(state: dict, config) -> dict:
-    """AutoencoderKL weights -> `first_stage_model.*`; attention projections become 1x1 convolutions."""
-    n, per = len(config["block_out_channels"]), config["layers_per_block"]
-    pairs = [(p, p, "") for p in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.",
-                                  "quant_conv.", "post_quant_conv.")]
-    for part in ("encoder", "decoder"):
-        pairs += [(f"{part}.conv_norm_out.", f"{part}.norm_out.", ""),
-                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", "res"),
-                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", "res"),
-                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", "attn")]
-    for i in range(n):
-        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", "res") for j in range(per)]
-        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", ""))
-        up = n - 1 - i  # the original decoder counts its blocks from the lowest resolution up
-        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{up}.block.{j}.", "res") for j in range(per + 1)]
-        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample.", ""))
-    pairs.sort(key=lambda p: -len(p[0]))
-    out = {}
-    for k, v in state.items():
-        new = _rename(k, pairs, {"res": _VAE_RESNET, "attn": _VAE_ATTN})
-        if ".mid.attn_1." in new and new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
-            v = v.reshape(*v.shape, 1, 1)
-        out[VAE + new] = v
-    return out
-
-
-_TEXT_LAYER = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
-               ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
-
-
-def text_encoder_to_original(state: dict) -> dict:
-    """CLIPTextModel (SD 2.x's OpenCLIP ViT-H text tower) -> `cond_stage_model.model.*`, q/k/v fused as in OpenCLIP."""
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    out = {TEXT + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-           TEXT + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
-           TEXT + "ln_final.weight": state.pop("final_layer_norm.weight"),
-           TEXT + "ln_final.bias": state.pop("final_layer_norm.bias")}
-    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
-    for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{TEXT}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{kind}"] = torch.cat([state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
-        for a, b in _TEXT_LAYER:
-            for kind in ("weight", "bias"):
-                out[dst + b + kind] = state.pop(src + a + kind)
-    if state:
-        raise ValueError(f"no original-layout name for text encoder weights {sorted(state)[:3]}")
-    hidden = out[TEXT + "ln_final.weight"].shape[0]
-    # SD 2.x conditions on hidden states, never on the projection; OpenCLIP loaders still expect the tensor, and
-    # diffusers reads its first dimension as the width when it splits in_proj back into q/k/v.
-    out[TEXT + "text_projection"] = torch.eye(hidden, dtype=out[TEXT + "ln_final.weight"].dtype)
-    return out
-
-
-def pipeline_to_original(pipe) -> dict:
-    """One state dict of the whole pipeline in the original SD 2.x layout."""
-    out = unet_to_original(pipe.unet.state_dict(), pipe.unet.config)
-    out.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
-    out.update(text_encoder_to_original(pipe.text_encoder.state_dict()))
-    return out
 
 
 # ------------------------------------------------------------------------------------- YAML and metadata
@@ -170,7 +64,7 @@ def _architecture(pipe) -> str:
 def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None) -> dict[str, str]:
     """Header entries (all strings) naming the base model, prompts, steps and training settings of a run."""
     from .config import NON_TRAINING_KEYS, config_to_dict, load_config, subjects_of
-    from .data import prompts_as_trained
+    from .subjects import prompts_as_trained
     run_dir = Path(run_dir) if run_dir else None
     meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": datetime.date.today().isoformat()}

@@ -9,10 +9,10 @@ from contextlib import nullcontext
 
 import torch
 
-from .data import DreamBoothDataset, ImageTransform, collate, load_image_files, load_images, resolve_subjects
+from .data import DreamBoothDataset, ImageTransform, collate, load_image_files, load_images
 from .models import launched_processes, on_device
 from .runlog import SubjectStats
-from .subjects import MultiSubjectDataset
+from .subjects import MultiSubjectDataset, resolve_subjects
 
 
 class TrainerInputs:

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import CLASS_MANIFEST as MANIFEST
-from .data import Subject, list_images, load_image, mixed_seed, resolve_subjects
+from .data import list_images, load_image, mixed_seed
 from .errors import UserError
+from .subjects import Subject, resolve_subjects
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from urllib.parse import quote
 
 import yaml
 
-from .data import class_folder, list_images, load_image, prompts_as_trained
+from .data import list_images, load_image
 from .runlog import hms
+from .subjects import class_folder, prompts_as_trained
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .config import Config, ValidationConfig
-from .data import Subject, resolve_subjects
 from .generate import save_png, slug
 from .checkpoint_ranks import restore_rng, rng_snapshot
 from .models import eager, on_device
+from .subjects import Subject, resolve_subjects
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet

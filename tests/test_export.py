@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from dreambooth.cli import main
 from dreambooth.data import resolve_prompts
 from dreambooth.errors import UserError
-from dreambooth.export import save_single_file, text_encoder_to_original, unet_to_original, vae_to_original
-from dreambooth.single_file import load_single_file
+from dreambooth.export import save_single_file
+from dreambooth.single_file import load_single_file, text_encoder_to_original, unet_to_original, vae_to_original
 from dreambooth.tiny import build_sd21_components, build_tiny_pipeline
 from dreambooth.train import Trainer, run_training
 

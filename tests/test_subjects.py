@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from dreambooth.data import DreamBoothDataset, ImageTransform, collate, resolve_subjects
+from dreambooth.data import DreamBoothDataset, ImageTransform, collate
 from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
 from dreambooth.generate import Request, generate, load_pipeline
-from dreambooth.subjects import MultiSubjectDataset, subject_schedule
+from dreambooth.subjects import MultiSubjectDataset, resolve_subjects, subject_schedule
 from dreambooth.tiny import TINY_RESOLUTION
 from dreambooth.train import run_training
 
@@ -39,7 +39,7 @@ def test_subject_prompts_must_differ(make_cfg, subject_dir, tmp_path, caplog):
     with pytest.raises(UserError, match="share the instance prompt"):
         resolve_subjects(two_subjects(make_cfg, subject_dir, same))
     (same / "dataset_info.json").write_text(json.dumps({"instance_prompt": "a photo of riobugger toy car"}))
-    with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth.subjects"):
         resolve_subjects(two_subjects(make_cfg, subject_dir, same))
     assert any("part of" in r.getMessage() for r in caplog.records)
 
