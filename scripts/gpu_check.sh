@@ -49,7 +49,7 @@ print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench-$name.json" >"$OU
   fi
   tail -n 30 "$OUT/bench-$name.log"
 }
-TESTS_S=100  # kept back for the GPU tests at the end
+TESTS_S=130  # kept back for the GPU tests at the end (one of them compiles the tiny UNet)
 
 # 1. The targets' rows at 512 px, prior on (batch 1+1): builtin:sd21 (exact SD 2.1 base, random weights), 3 warm-up +
 #    10 timed steps per row; baseline and default also profiled (host time vs GPU kernel time, launches).
