@@ -12,12 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .cache import build_latent_cache, image_sources, should_cache
 from .config import Config, resolve_key, save_config
 from .hooks import TrainerHooks
 from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
-from .cache import build_latent_cache, image_sources, should_cache
 from .memory import apply_memory_profile
 from .models import check_compile, compile_unet, load_components, resolve_precision
 from .optim import make_optimizer, resolve_optimizer
@@ -26,6 +26,7 @@ from .runlog import RunLog, tracker_kwargs
 from .validation import Validator
 
 log = logging.getLogger(__name__)
+
 
 class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
     """DreamBooth fine-tuning of one SD pipeline: setup() -> train() -> save()."""
