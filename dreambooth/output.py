@@ -1,5 +1,6 @@
 """The output folder: refuse foreign or unwritable places before anything is written, mark it as ours, and swap
-a saved pipeline in only once it is complete; the Trainer's pipeline() and save() are mixed in from here."""
+a saved pipeline in only once it is complete; the Trainer's summary(), pipeline() and save() are mixed in
+from here."""
 
 from __future__ import annotations
 

@@ -207,7 +207,6 @@ def test_lora_mistakes_are_one_line_errors(make_cfg, tmp_path):
         apply_lora(pipe, tmp_path / "other.safetensors")
 
 
-
 def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_path):
     from dreambooth.export import export_model
     from dreambooth.lora import split_lora_run
@@ -226,6 +225,7 @@ def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_pat
     assert split_lora_run(str(run), None) == ("someone/sd", str(run / LORA_FILE), {"revision": "abc"})
     (run / "model_index.json").write_text("{}")  # a merged full pipeline: loaded as it is
     assert split_lora_run(str(run), None) == (str(run), None, {})
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
