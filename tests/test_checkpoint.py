@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import cuda
 from safetensors.torch import load_file, save_file
 
 from dreambooth import checkpoint, checkpoint_store
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.train import Trainer, run_training
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Random crops and flips, a warm-up plus cosine schedule and runs longer than an epoch (4 images), so a resume
 # has a data position, an LR schedule and RNG streams to get right.

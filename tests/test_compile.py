@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda
 
 from dreambooth import models
 from dreambooth.train import Trainer
@@ -41,7 +42,7 @@ def test_compiled_unet_trains_like_eager_and_validates_without_recompiling(make_
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cuda
 def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
     """compile_mode: reduce-overhead with inductor on a GPU (bf16, 8-bit AdamW where installed, checkpointing):
     CUDA graphs really replay, the first loss is eager's up to rounding, later ones follow eager's run (Adam turns

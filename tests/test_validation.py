@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cuda
 from PIL import Image
 
 from dreambooth.config import ValidationConfig
@@ -15,7 +16,6 @@ from dreambooth.tiny import TINY_RESOLUTION
 from dreambooth.train import Trainer
 from dreambooth.validation import config_prompts, default_prompts, label_bands, make_grid, validation_steps
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FAST = {"validation.enabled": True, "validation.num_inference_steps": 2}
 
 
