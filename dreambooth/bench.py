@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .errors import UserError, first_line
 from .bench_table import ROWS, finish_rows, format_table, merge_runs  # noqa: F401  (re-exported)
 from .bench_measure import bf16_matmul_peak_tflops, count_unet_flops, read_peak, reset_peak, status_bytes, sync
+from .runlog import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,6 @@ def _describe_model(o: BenchOptions) -> tuple[str, bool]:
 
 def run_bench(options: BenchOptions) -> dict:
     """Run the matrix and return the results (also written to options.out as JSON when set)."""
-    import accelerate
-    import diffusers
-    import transformers
-
     from .config import Config
     from .models import build_builtin_sd21, forget_builtin, load_components
     o = options.resolved()
@@ -221,8 +217,7 @@ def run_bench(options: BenchOptions) -> dict:
         "batch": "1 instance (+1 class with prior)", "warmup_steps": o.warmup, "timed_steps": o.steps,
         "repeats": o.repeats,
         "statistic": "median", "flops_note": FLOPS_NOTE, "complete": False,
-        "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "versions": library_versions(),
     }
     tmp = tempfile.TemporaryDirectory(prefix="dreambooth-bench-") if o.workdir is None else None
     workdir = Path(o.workdir or tmp.name)

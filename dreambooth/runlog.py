@@ -222,12 +222,8 @@ def run_summary(t) -> dict:
     """train_summary.json of a finished Trainer: steps, losses, time, throughput, peak memory, device, versions."""
     import platform
 
-    import accelerate
-    import diffusers
     import torch
-    import transformers
 
-    from . import __version__
     cuda = torch.cuda.is_available()
     samples = t.global_step * t.cfg.batch_size * t.cfg.gradient_accumulation_steps
     return {
@@ -245,9 +241,20 @@ def run_summary(t) -> dict:
         # What config.yaml keeps as auto, as this run resolved it (export headers read it back).
         "resolved": {k: value for k, (_, value, _) in t.cfg.resolved.items()},
         "subjects": t.subject_stats.summary(),
-        "versions": {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "versions": library_versions(),
     }
+
+
+def library_versions() -> dict:
+    """The versions of this package and the libraries it trains with (train_summary.json and bench JSON)."""
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+    return {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
 def peak_rss() -> int:
