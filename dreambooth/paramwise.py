@@ -59,7 +59,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  inner: str = "adamw", rounding: str | None = None, seed: int = 0):
-        if rounding not in (None, "kahan", "stochastic", "nearest"):
+        if rounding not in (None, "kahan", "stochastic"):
             raise ValueError(f"unknown rounding {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.inner_name, self.rounding, self.seed = inner, rounding, seed
@@ -70,7 +70,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         for p in self._params:
             low = p.dtype != torch.float32
             if low and rounding is None:
-                raise ValueError("half-precision weights need rounding='kahan', 'stochastic' or 'nearest'")
+                raise ValueError("half-precision weights need rounding='kahan' or 'stochastic'")
             # bf16 weights step through an fp32 stand-in whose data is swapped in only while it steps.
             target = torch.nn.Parameter(torch.empty(0, device=p.device), requires_grad=False) if low else p
             self._shadow[p] = target
@@ -124,10 +124,8 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         """Store the fp32 update `new` into bf16 `p` with the chosen rounding."""
         if p in self._comp:
             split_bf16_(p, self._comp[p], new)  # what rounding lost is kept and added back next step
-        elif self.rounding == "stochastic":
+        else:  # rounding "stochastic": "kahan" gave every half-precision weight a buffer in __init__
             stochastic_round_(p, new, self._generator(p.device))
-        else:
-            p.copy_(new)  # round to nearest
 
     @torch.no_grad()
     def master_weight(self, p: torch.Tensor) -> torch.Tensor:
