@@ -155,12 +155,12 @@ class LatentCache:
         return (mean + std * noise.to(self.device)) * self.scaling
 
 
-def build_latent_cache(dataset, vae, device, dtype, seed: int, views: int, setting="auto",
+def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, seed: int, views: int,
                        quiet: bool = False, offload: bool = True) -> LatentCache | None:
-    """Cache the latents of every view the dataset's items can get, installing CachedViews so that items carry
-    cache rows instead of pixels; then move the VAE to the CPU. Returns None when caching is off or not valid."""
-    sources = image_sources(dataset)
-    on, why = should_cache(setting, not any(p.requires_grad for p in vae.parameters()), sources)
+    """Cache the latents of every view the dataset's items can get (SOURCES, from image_sources), installing
+    CachedViews so that items carry cache rows instead of pixels; then move the VAE to the CPU. CACHING is
+    should_cache's (on, why) for those sources. Returns None when caching is off or not valid."""
+    on, why = caching
     if not on:
         log.info("latent cache off: %s", why)
         return None

@@ -70,7 +70,8 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
         c = self.components = load_components(cfg)
 
         mark_output_dir(self.out)
-        caching = should_cache(cfg.cache_latents, True, image_sources(self.dataset))  # the VAE is never trained
+        sources = image_sources(self.dataset)
+        caching = should_cache(cfg.cache_latents, True, sources)  # the VAE is never trained (frozen below)
         for key, value, why in (("mixed_precision", self.precision, ""), ("optimizer", self.optimizer_name, ""),
                                 ("cache_latents", *caching)):
             if getattr(cfg, key) == "auto":  # recorded like the memory profile's choices, cfg left as given
@@ -104,8 +105,8 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
             compile_unet(c.unet, cfg.compile_mode)
 
         self.text_cache = self._encode_prompts_once() if self._caches_prompts else {}
-        self.latent_cache = build_latent_cache(self.dataset, c.vae, device, self.weight_dtype, cfg.seed,
-                                               cfg.latent_cache_views, cfg.cache_latents, quiet=cfg.quiet)
+        self.latent_cache = build_latent_cache(sources, caching, c.vae, device, self.weight_dtype, cfg.seed,
+                                               cfg.latent_cache_views, quiet=cfg.quiet)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
         self.params = params
         optimizer = make_optimizer(params, cfg, self.optimizer_name, plan=self.memory)  # LoRA's rate set in __init__
