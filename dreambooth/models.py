@@ -65,15 +65,19 @@ def model_kind(model: str, allow_pickle: bool = False) -> str:
     return "hub"
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for the Hugging Face cache only (any value but empty or 0)."""
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
 def _hub_call(cfg: Config, what: str, fn):
     """Run one load from a folder or hub id, turning its failure into one line that says what to do."""
     try:
         return fn()
     except (OSError, ValueError) as e:
         first = first_line(e)
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = ("HF_HUB_OFFLINE is set, so it must already be in the Hugging Face cache"
-                if offline else "check the hub id or pass a local diffusers folder")
+                if hub_offline() else "check the hub id or pass a local diffusers folder")
         if "safetensors" in first.lower() and not cfg.allow_pickle:
             hint = "it has no .safetensors weights: convert them, or set allow_pickle: true if you trust the files"
         raise UserError(f"cannot load {what} of model '{cfg.model}': {first} ({hint})") from None

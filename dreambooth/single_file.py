@@ -10,7 +10,6 @@ assets/sd21-base."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, first_line
-from .models import PICKLE_SUFFIXES, refuse_pickle
+from .models import PICKLE_SUFFIXES, hub_offline, refuse_pickle
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
@@ -192,7 +191,7 @@ def _tokenizer(path: Path, vocab_rows: int):
         return tiny
     try:  # one file holds no tokenizer; SD 2.x all share OpenCLIP's, which the hub model carries
         return CLIPTokenizer.from_pretrained(HUB_BASE, subfolder="tokenizer",
-                                             local_files_only=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"))
+                                             local_files_only=hub_offline())
     except (OSError, ValueError):
         raise UserError(f"model file {path} needs the SD 2.x tokenizer, which is not in the Hugging Face cache: "
                         f"run once online, or `huggingface-cli download {HUB_BASE} --include 'tokenizer/*'`") from None
