@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -10,12 +11,44 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from dreambooth.config import config_from_dict  # noqa: E402
 from dreambooth.demo import write_demo_dataset  # noqa: E402
 from dreambooth.tiny import TINY_RESOLUTION  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# --- comparing weights -------------------------------------------------------------------------------------------
+
+def final_unet(out: Path) -> dict:
+    """The UNet weights a finished run wrote to its output folder."""
+    return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts, which must hold the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_bits_equal(a, b):
+    """Nested dicts/lists of tensors and plain values, equal bit for bit (tensors by their bytes; dicts by their
+    keys too, lists by their length)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bits_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bits_equal(x, y)
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    else:
+        assert a == b
 
 
 @pytest.fixture(scope="session")

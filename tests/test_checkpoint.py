@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cuda
+from conftest import cuda, final_unet, max_diff
 from safetensors.torch import load_file, save_file
 
 from dreambooth import checkpoint, checkpoint_store
@@ -24,19 +24,10 @@ from dreambooth.train import Trainer, run_training
 EXACT = {"center_crop": False, "random_flip": True, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "max_steps": 7}
 
 
-def final_unet(out: Path) -> dict:
-    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-
-
 def trained(out: Path) -> dict:
     """Every tensor of the final output (pipeline weights, LoRA files), keyed by file and name."""
     files = [f for f in sorted(out.rglob("*.safetensors")) if "checkpoints" not in f.relative_to(out).parts]
     return {f"{f.relative_to(out)}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT):

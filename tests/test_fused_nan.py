@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import assert_bits_equal
 
 from dreambooth.errors import UserError
 from dreambooth.train import Trainer
-
-from test_memory import assert_bits_equal
 
 PRIOR = dict(with_prior_preservation=True, num_class_images=2, class_sampling_steps=2, sample_batch_size=2)
 SEQ = {**PRIOR, "prior_mode": "sequential"}

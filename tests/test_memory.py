@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import assert_bits_equal, cuda, final_unet
 
 from dreambooth.errors import UserError
 from dreambooth.memory import apply_memory_profile, auto_profile
 from dreambooth.paramwise import ParamwiseOptimizer, join_bf16, split_bf16_, stochastic_round_
 from dreambooth.train import Trainer, run_training
-
-from conftest import cuda
 
 LR = 2e-6  # JumpStart's learning rate: far below bf16's resolution for weights of ordinary size
 
@@ -155,8 +153,7 @@ def test_fused_backward_equals_the_separate_step(dtype, rounding, passes):
     separate = ParamwiseOptimizer(a.parameters(), lr=1e-2, weight_decay=0.01, rounding=rounding)
     fused = ParamwiseOptimizer(b.parameters(), lr=1e-2, weight_decay=0.01, rounding=rounding)
     fused.fuse_into_backward(backwards_per_step=passes)
-    for x, y in zip(_train(a, separate, passes), _train(b, fused, passes, fused=True)):
-        assert torch.equal(x, y)
+    assert_bits_equal(_train(a, separate, passes), _train(b, fused, passes, fused=True))
     if dtype == torch.float32:  # and the per-tensor steps are torch's AdamW
         c = _mlp()
         reference = _train(c, torch.optim.AdamW(c.parameters(), lr=1e-2, weight_decay=0.01), passes)
@@ -197,8 +194,7 @@ def test_paramwise_state_dict_resumes_exactly():
         ((resumed(x.bfloat16()).float() - y) ** 2).mean().backward()
         opt3.step()
         opt3.zero_grad()
-    for x, y in zip(expected, resumed.parameters()):
-        assert torch.equal(x, y.detach())
+    assert_bits_equal(expected, list(resumed.parameters()))
 
 
 def test_8bit_inner_optimizer_is_bitsandbytes():
@@ -239,25 +235,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
     assert len(waits) == 3 * 4  # bitsandbytes' own step: one wait per tensor, every step; ours none
     assert bnb_optimizer.sync_gpu is wait  # ours put bitsandbytes' function back after each step
     assert opt_ours.state[ours[0].weight]["state1"].dtype == torch.uint8  # the 8-bit kernels ran
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(a, b)
-
-
-def assert_bits_equal(a, b):
-    """Nested dicts/lists of tensors and plain values, equal bit for bit (tensors by their bytes)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_bits_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bits_equal(x, y)
-    elif torch.is_tensor(a):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
-    else:
-        assert a == b
+    assert_bits_equal(list(ours.parameters()), list(theirs.parameters()))
 
 
 def test_discard_step_forgets_a_half_accumulated_step():
@@ -271,8 +249,7 @@ def test_discard_step_forgets_a_half_accumulated_step():
     # Nothing of the dropped pass is left: the next step is a fresh optimizer's first, bit for bit.
     reference = ParamwiseOptimizer(fresh.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
     reference.fuse_into_backward(backwards_per_step=2)
-    for x, y in zip(_train(model, opt, 2, steps=1, fused=True), _train(fresh, reference, 2, steps=1, fused=True)):
-        assert torch.equal(x, y)
+    assert_bits_equal(_train(model, opt, 2, steps=1, fused=True), _train(fresh, reference, 2, steps=1, fused=True))
     assert_bits_equal(opt.state_dict(), reference.state_dict())
     for _ in range(2):  # the step's last pass steps every tensor: too late to discard
         ((model(torch.randn(5, 8).bfloat16()).float()) ** 2).mean().backward()
@@ -295,8 +272,7 @@ def test_skip_flag_leaves_fused_adamw_updates_as_they_were(monkeypatch):
     separate = ParamwiseOptimizer(a.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
     fused = ParamwiseOptimizer(b.parameters(), lr=1e-2, weight_decay=0.01, rounding="kahan")
     fused.fuse_into_backward(backwards_per_step=2)
-    for x, y in zip(_train(a, separate, 2), _train(b, fused, 2, fused=True)):
-        assert torch.equal(x, y)
+    assert_bits_equal(_train(a, separate, 2), _train(b, fused, 2, fused=True))
     assert_bits_equal(separate.state_dict()["state"], fused.state_dict()["state"])
 
 
@@ -358,9 +334,7 @@ def test_low_memory_profiles_resume_exactly(make_cfg, tmp_path, profile):
     # Only max_steps differs, and the constant schedule does not depend on it.
     run_training(make_cfg(output_dir=str(tmp_path / "split"), max_steps=4, resume="latest", resume_force=True,
                           **extra))
-    name = "unet/diffusion_pytorch_model.safetensors"
-    straight, split = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
-    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    assert_bits_equal(final_unet(tmp_path / "straight"), final_unet(tmp_path / "split"))
 
 
 @cuda
@@ -412,8 +386,7 @@ def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     assert counted == 3 * 4  # bitsandbytes' own: a wait per tensor per step
     assert len(waits) == counted  # ours: none
     assert opt_ours.state[ours[0].weight]["state1"].dtype == torch.uint8
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(a, b)
+    assert_bits_equal(list(ours.parameters()), list(theirs.parameters()))
 
 
 def test_adamw_first_step_ignores_the_gradient_scale():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import max_diff
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.errors import UserError
@@ -13,10 +14,6 @@ from dreambooth.train import Trainer, run_training
 
 def state(module):
     return {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

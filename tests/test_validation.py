@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cuda
+from conftest import assert_bits_equal, cuda
 from PIL import Image
 
 from dreambooth.config import ValidationConfig
@@ -77,9 +77,8 @@ def test_validation_leaves_training_unchanged(make_cfg, tmp_path):
     cfg = make_cfg(output_dir=str(tmp_path / "val"), **common, **FAST,
                    **{"validation.steps": [1, 3, 4], "validation.num_images": 2})
     validated = _train(cfg)
-    a = plain.accelerator.unwrap_model(plain.unet).state_dict()
-    b = validated.accelerator.unwrap_model(validated.unet).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bits_equal(plain.accelerator.unwrap_model(plain.unet).state_dict(),
+                      validated.accelerator.unwrap_model(validated.unet).state_dict())
     assert plain.losses == validated.losses
     assert torch.equal(plain.gen.get_state(), validated.gen.get_state())
     assert validated.unet.training and not validated.components.vae.training
@@ -172,7 +171,7 @@ def test_kept_validation_checkpoint_exports_that_step(make_cfg, tmp_path):
     short = _train(make_cfg(output_dir=str(tmp_path / "short"), max_steps=2))
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "step2" / "unet").state_dict()
     reference = short.accelerator.unwrap_model(short.unet).state_dict()
-    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    assert_bits_equal(exported, reference)
 
 
 def test_a_validated_checkpoint_step_is_written_once(make_cfg, tmp_path, monkeypatch):
@@ -197,9 +196,8 @@ def test_validation_under_fp16_on_cuda(make_cfg, tmp_path):
     plain = _train(make_cfg(output_dir=str(tmp_path / "plain"), max_steps=3, mixed_precision="fp16"))
     validated = _train(make_cfg(output_dir=str(tmp_path / "val"), max_steps=3, mixed_precision="fp16", **FAST,
                                 **{"validation.steps": [2, 3]}))
-    a = plain.accelerator.unwrap_model(plain.unet).state_dict()
-    b = validated.accelerator.unwrap_model(validated.unet).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bits_equal(plain.accelerator.unwrap_model(plain.unet).state_dict(),
+                      validated.accelerator.unwrap_model(validated.unet).state_dict())
     index = json.loads((validated.out / "validation" / "index.json").read_text())
     pixels = np.asarray(Image.open(validated.out / index["done"]["3"]["images"][0][0]))
     assert pixels.std() > 1  # not a flat (NaN-decoded) image
