@@ -4,7 +4,6 @@ pipeline for inference, and merge one into a full pipeline."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -92,8 +91,8 @@ def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str] | None = None) -> Path:
     """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
 
+    from .export import _atomic_save  # export imports this module (lazily), so lazily here too
     unet_state, te_state = lora_state_dicts(unet, text_encoder)
     unet_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules).to_dict()
     te_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS).to_dict()
@@ -104,8 +103,7 @@ def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str
             unet_lora_adapter_metadata=_json_safe(unet_meta), text_encoder_lora_adapter_metadata=_json_safe(te_meta))
         # Re-write with our training metadata added beside diffusers' own header entries.
         tensors, header, _ = read_lora(Path(tmp) / LORA_FILE)
-        save_file(tensors, Path(tmp) / "out.safetensors", metadata={**(metadata or {}), **header})
-        os.replace(Path(tmp) / "out.safetensors", path)
+        _atomic_save(tensors, path, {**(metadata or {}), **header}, half=False)
     return path
 
 
