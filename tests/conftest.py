@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,6 +63,18 @@ def tiny_model_dir(tmp_path_factory):
 def subject_dir(tmp_path):
     """A JumpStart-format folder: 4 synthetic images plus dataset_info.json."""
     return write_demo_dataset(tmp_path / "subject", n=4, size=48)
+
+
+def second_subject(tmp_path, prompt="a photo of zwx dog", klass="a photo of a dog"):
+    """A second JumpStart-format subject folder, tmp_path/dog: 2 images (another seed) and its own prompts."""
+    folder = write_demo_dataset(tmp_path / "dog", n=2, size=48, seed=1)
+    (folder / "dataset_info.json").write_text(json.dumps({"instance_prompt": prompt, "class_prompt": klass}))
+    return folder
+
+
+def two_subjects(make_cfg, subject_dir, dog, **overrides):
+    """A Config training `subject_dir` and `dog` as two subjects (data.dir unset)."""
+    return make_cfg(**{"data.dir": None, "subjects": [{"dir": str(subject_dir)}, {"dir": str(dog)}], **overrides})
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import max_diff
+from conftest import max_diff, second_subject, two_subjects
 from safetensors.torch import load_file, save_file
 
 from dreambooth import checkpoint, checkpoint_ranks
 from dreambooth.cli import main
-from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
 from dreambooth.train import Trainer, run_training
 
@@ -110,13 +109,11 @@ def test_resume_with_another_process_count_is_refused(make_cfg, subject_dir, tmp
 
 
 def test_subject_stats_survive_a_resume(make_cfg, subject_dir, tmp_path, monkeypatch):
-    dog = write_demo_dataset(tmp_path / "dog", n=2, size=48, seed=1)
-    (dog / "dataset_info.json").write_text(json.dumps({"instance_prompt": "a photo of zwx dog"}))
+    dog = second_subject(tmp_path)
 
     def cfg(name, **extra):
-        return make_cfg(**{"data.dir": None, "subjects": [{"dir": str(subject_dir)}, {"dir": str(dog)}],
-                           "output_dir": str(tmp_path / name), "max_steps": 5, "gradient_accumulation_steps": 2,
-                           "subject_sampling": "weighted", **extra})
+        return two_subjects(make_cfg, subject_dir, dog, output_dir=str(tmp_path / name), max_steps=5,
+                            gradient_accumulation_steps=2, subject_sampling="weighted", **extra)
     straight = run_training(cfg("straight"))["subjects"]
 
     original = Trainer.after_step

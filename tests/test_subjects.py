@@ -5,25 +5,15 @@ import logging
 from collections import Counter
 
 import pytest
+from conftest import second_subject, two_subjects
 from PIL import Image
 
 from dreambooth.data import DreamBoothDataset, ImageTransform, collate
-from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
 from dreambooth.generate import Request, generate, load_pipeline
 from dreambooth.subjects import MultiSubjectDataset, resolve_subjects, subject_schedule
 from dreambooth.tiny import TINY_RESOLUTION
 from dreambooth.train import run_training
-
-
-def second_subject(tmp_path, prompt="a photo of zwx dog", klass="a photo of a dog"):
-    folder = write_demo_dataset(tmp_path / "dog", n=2, size=48, seed=1)
-    (folder / "dataset_info.json").write_text(json.dumps({"instance_prompt": prompt, "class_prompt": klass}))
-    return folder
-
-
-def two_subjects(make_cfg, subject_dir, dog, **overrides):
-    return make_cfg(**{"data.dir": None, "subjects": [{"dir": str(subject_dir)}, {"dir": str(dog)}], **overrides})
 
 
 def test_single_folder_is_a_one_subject_list(make_cfg, subject_dir):
