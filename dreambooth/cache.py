@@ -52,13 +52,9 @@ class CachedViews:
         return self.rows[id(img)][1]
 
     def __call__(self, img, generator: torch.Generator | None = None) -> int:
-        hit = self.rows.get(id(img))
-        rows = hit[1] if hit is not None else self.add(img, late=True)  # late: an image added after caching
+        rows = self.add(img, late=True)  # late: only an image added after caching is not in self.rows yet
         # A deterministic transform draws nothing from the generator, so neither does its single view.
         return rows[int(torch.randint(0, len(rows), (1,), generator=generator))] if len(rows) > 1 else rows[0]
-
-    def __getattr__(self, name):  # resolution, center_crop, ... of the wrapped transform
-        return getattr(self.transform, name)
 
 
 def image_sources(dataset) -> list[tuple[object, str, list]] | None:
@@ -67,7 +63,7 @@ def image_sources(dataset) -> list[tuple[object, str, list]] | None:
         parts = [image_sources(d) for d in dataset.datasets]
         return None if any(p is None for p in parts) else [s for p in parts for s in p]
     transform = getattr(dataset, "transform", None)
-    if not hasattr(dataset, "instance_images") or not isinstance(transform, (ImageTransform, CachedViews)):
+    if not hasattr(dataset, "instance_images") or not isinstance(transform, ImageTransform):
         return None
     # DreamBoothDataset transforms instance and class images alike, with its one `transform`.
     lists = (dataset.instance_images, getattr(dataset, "class_images", None) or [])
@@ -169,7 +165,8 @@ def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, s
     jobs = []  # (wrapper, image)
     for owner, attr, images in sources:
         transform = getattr(owner, attr)
-        transform = transform.transform if isinstance(transform, CachedViews) else transform  # cached afresh
+        # An owner's class images come after its instance images, whose loop turn already installed the wrapper.
+        transform = transform.transform if isinstance(transform, CachedViews) else transform
         count = 1 if transform.is_deterministic else views
         wrapper = wrappers.setdefault(id(transform), CachedViews(transform, count, seed, cache))
         setattr(owner, attr, wrapper)
