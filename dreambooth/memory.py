@@ -147,8 +147,7 @@ def make_paramwise_optimizer(params, cfg: Config, inner: str, plan: MemoryPlan, 
     if plan.master_weights == "bf16" and inner != "adamw8bit" and on_cuda:
         log.warning("memory_profile %s expects 8-bit AdamW states (pip install bitsandbytes, optimizer: auto); "
                     "fp32 states take 8 bytes per weight, about 5 GB more on SD 2.1", plan.profile)
-    opt = ParamwiseOptimizer(params, **hparams, inner=inner,
-                             rounding=plan.rounding if plan.master_weights == "bf16" else None, seed=cfg.seed)
+    opt = ParamwiseOptimizer(params, **hparams, inner=inner, rounding=plan.rounding, seed=cfg.seed)
     if plan.fused_backward:
         opt.fuse_into_backward(plan.backwards_per_step, cfg.max_grad_norm)
     return opt
