@@ -118,16 +118,17 @@ def test_log_file_content(make_cfg):
     assert "Traceback" not in text and len(text) < 4000  # concise
 
 
-def test_log_file_notes_the_error_that_stopped_the_run(make_cfg):
-    trainer = Trainer(make_cfg(max_steps=3)).setup()
-    trainer.train_step = lambda batches: (_ for _ in ()).throw(RuntimeError("boom"))
-    with pytest.raises(RuntimeError):
-        try:
-            trainer.train()
-        except RuntimeError as e:
-            trainer.runlog.close(e)
-            raise
-    text = (trainer.out / "train.log").read_text()
+def test_log_file_notes_the_error_that_stopped_the_run(make_cfg, monkeypatch):
+    """run_training itself hands the error that stopped training to the log."""
+    from dreambooth.train import run_training
+
+    def boom(self, batches):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(Trainer, "train_step", boom)
+    cfg = make_cfg(max_steps=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_training(cfg)
+    text = (Path(cfg.output_dir) / "train.log").read_text()
     assert "run stopped at step 0: RuntimeError: boom" in text and "Traceback" in text
 
 
