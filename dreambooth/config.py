@@ -246,6 +246,11 @@ def backward_passes(cfg: Config) -> int:
     return cfg.gradient_accumulation_steps * (2 if sequential else 1)
 
 
+def resolved_values(cfg: Config) -> dict[str, Any]:
+    """What this run resolved each auto key to: {key: value resolved} (train_summary.json, export headers)."""
+    return {key: value for key, (_, value, _) in cfg.resolved.items()}
+
+
 def resolve_key(cfg: Config, key: str, value: Any, why: str = "", apply: bool = True) -> None:
     """Record that this run resolved top-level `key` (one that accepts auto) to `value`; set it too if `apply`.
     config.yaml then writes the value as given: the user's, or auto when unset."""

@@ -63,7 +63,7 @@ def _architecture(pipe) -> str:
 
 def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None) -> dict[str, str]:
     """Header entries (all strings) naming the base model, prompts, steps and training settings of a run."""
-    from .config import NON_TRAINING_KEYS, config_to_dict, load_config, subjects_of
+    from .config import NON_TRAINING_KEYS, config_to_dict, load_config, resolved_values, subjects_of
     from .subjects import prompts_as_trained
     run_dir = Path(run_dir) if run_dir else None
     meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
@@ -79,7 +79,7 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
             cfg = None  # an old or hand-edited config: export the weights without its settings
     if cfg is not None:
         # config.yaml keeps auto where the machine chose; the header says what the run used.
-        resolved = {**(summary or {}).get("resolved", {}), **{k: v for k, (_, v, _) in cfg.resolved.items()}}
+        resolved = {**(summary or {}).get("resolved", {}), **resolved_values(cfg)}
         prompts = [p for s in subjects_of(cfg) if (p := prompts_as_trained(s.dir, s.instance_prompt, None)[0])]
         settings = {k: v for k, v in config_to_dict(cfg).items()
                     if k not in NON_TRAINING_KEYS | {"model", "revision", "variant", "data", "subjects"}}

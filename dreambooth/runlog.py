@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, flatten_config
+from .config import Config, flatten_config, resolved_values
 from .errors import UserError
 
 log = logging.getLogger("dreambooth")
@@ -239,7 +239,7 @@ def run_summary(t) -> dict:
         "mixed_precision": t.precision,
         "optimizer": t.optimizer_name,
         # What config.yaml keeps as auto, as this run resolved it (export headers read it back).
-        "resolved": {k: value for k, (_, value, _) in t.cfg.resolved.items()},
+        "resolved": resolved_values(t.cfg),
         "subjects": t.subject_stats.summary(),
         "versions": library_versions(),
     }
