@@ -290,4 +290,12 @@ def test_half_precision_trainable_weights_are_upcast(make_cfg, monkeypatch):
         c.unet.half()
         return c
     monkeypatch.setattr(train_module, "load_components", half)
+    dtypes, real_setup = [], Trainer.setup
+
+    def setup(trainer):  # setup is where the trainable weights take their dtype
+        real_setup(trainer)
+        dtypes.append({p.dtype for p in trainer.params})
+        return trainer
+    monkeypatch.setattr(Trainer, "setup", setup)
     assert run_training(make_cfg(max_steps=1))["steps"] == 1
+    assert dtypes == [{torch.float32}]
