@@ -13,11 +13,6 @@ import torch
 TOP = 12  # operators listed per profiled row
 
 
-def _device_us(event) -> float:
-    """Self GPU time of one averaged profiler event, in µs (the attribute was renamed in torch 2.4)."""
-    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) or 0.0)
-
-
 def profile_steps(trainer, batches, steps: int = 2) -> dict:
     """Profile `steps` more training steps of a set-up trainer; per-step figures, in milliseconds."""
     from torch.autograd import DeviceType
@@ -35,7 +30,7 @@ def profile_steps(trainer, batches, steps: int = 2) -> dict:
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    gpu_ms = sum(_device_us(e) for e in kernels) / 1e3 / steps
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     top = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
                  reverse=True)[:TOP]
     return {
@@ -48,7 +43,7 @@ def profile_steps(trainer, batches, steps: int = 2) -> dict:
                                 and e.key.startswith("aten::")) / steps,
         "top_ops": [{"op": e.key, "calls": e.count / steps,
                      "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / steps, 3),
-                     "self_gpu_ms": round(_device_us(e) / 1e3 / steps, 3)} for e in top],
+                     "self_gpu_ms": round(e.self_device_time_total / 1e3 / steps, 3)} for e in top],
     }
 
 
