@@ -18,14 +18,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def reset_peak(collect: bool = True) -> bool:
+def reset_peak() -> bool:
     """Start a fresh peak-memory window; False when the CPU peak cannot be reset (then it is the process's)."""
-    if collect:
-        gc.collect()
-        try:  # hand freed heap back to the OS, so the next row's RSS starts low (glibc keeps it otherwise)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    gc.collect()
+    try:  # hand freed heap back to the OS, so the next row's RSS starts low (glibc keeps it otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
