@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, first_line
-from .bench_table import ROWS, finish_rows, format_table, merge_runs  # noqa: F401  (re-exported)
+from .bench_table import ROWS, finish_rows, format_table
 from .bench_measure import bf16_matmul_peak_tflops, count_unet_flops, read_peak, reset_peak, status_bytes, sync
 from .runlog import library_versions
 

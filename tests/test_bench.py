@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import cuda
 
-from dreambooth.bench import SCHEMA, BenchOptions, format_table, merge_runs, run_bench
+from dreambooth.bench import SCHEMA, BenchOptions, run_bench
+from dreambooth.bench_table import format_table, merge_runs
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.models import build_builtin_sd21, model_kind
