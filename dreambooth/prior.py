@@ -71,7 +71,6 @@ class Plan:
     manifest: dict
     usable: list[Path] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)  # image indices to sample
-    generated: int = 0
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -216,7 +215,6 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
                         decoded[plan.folder / name] = image
                 plan.manifest["next_index"] = max(plan.manifest["next_index"], indices[-1] + 1)
                 _write_manifest(plan.folder, plan.manifest)
-                plan.generated += n
                 bar.update(n)
         bar.close()
     finally:
@@ -247,10 +245,11 @@ def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
              for k, p in plans.items()}
     for p in plans.values():
         log.info("%s: %d usable class images, %d to sample", p.folder, len(p.usable), len(p.indices))
-    if any(p.indices for p in plans.values()):
+    missing = [p for p in plans.values() if p.indices]
+    if missing:
         start = time.time()
-        _sample([p for p in plans.values() if p.indices], cfg, decoded)
-        log.info("sampled %d class images in %.1f s", sum(p.generated for p in plans.values()), time.time() - start)
+        _sample(missing, cfg, decoded)  # samples every index of every plan, or raises
+        log.info("sampled %d class images in %.1f s", sum(len(p.indices) for p in missing), time.time() - start)
     # With more images than wanted, the first ones by name are used, the same ones on every run.
     return [sorted(plans[s.class_dir.resolve()].usable)[:s.num_class_images] for s in subjects]
 
