@@ -98,8 +98,11 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str], half: bool
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no half-written file behind
     return path
 
 

@@ -164,3 +164,19 @@ def test_single_file_mistakes_are_one_line_errors(tmp_path, capsys):
     assert err.count("error:") == 2 and "Traceback" not in err
     with pytest.raises(UserError, match=".safetensors"):
         save_single_file(build_tiny_pipeline(), tmp_path / "model.ckpt")
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_partial_one(tmp_path, monkeypatch):
+    """export's single files and LoRA files go through _atomic_save: a write that fails part-way (disk full)
+    leaves the folder as it was."""
+    import safetensors.torch
+
+    from dreambooth.export import _atomic_save
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        _atomic_save({"w": torch.zeros(2)}, tmp_path / "model.safetensors", {}, half=False)
+    assert list(tmp_path.iterdir()) == []
