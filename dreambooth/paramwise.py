@@ -238,7 +238,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         for i, p in enumerate(self._params):
-            entry = dict(state_dict["state"].get(i, state_dict["state"].get(str(i), {})))
+            entry = dict(state_dict["state"].get(i, {}))
             comp = entry.pop("kahan_comp", None)
             if comp is not None and p in self._comp:
                 self._comp[p].copy_(comp)
