@@ -108,15 +108,19 @@ def _subjects(config: dict) -> list[dict]:
     return config.get("subjects") or [config.get("data") or {}]
 
 
-def _thumbnails(out: Path, config: dict) -> str:
-    """Small PNG copies of the training (and class) images in report_files/, so the page survives a move."""
+def _prompts(subject: dict) -> tuple:
+    """A config subject's (instance, class) prompts as trained (reads its dataset_info.json)."""
+    return prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"), subject.get("class_prompt"))
+
+
+def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
+    """Small PNG copies of the training (and class) images in report_files/, so the page survives a move.
+    SUBJECTS: each config subject with its prompts as trained (_prompts)."""
     assets = out / ASSETS
     assets.mkdir(exist_ok=True)
     blocks = []
-    for i, subject in enumerate(_subjects(config)):
+    for i, (subject, (instance, cls)) in enumerate(subjects):
         folder = Path(subject.get("dir") or "")
-        instance, cls = prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"),
-                                           subject.get("class_prompt"))
         blocks.append(f"<p>Subject {i + 1}: instance prompt <b>{html.escape(str(instance))}</b>, "
                       f"class prompt <b>{html.escape(str(cls))}</b></p>")
         class_dir = class_folder(subject.get("dir") or "", subject.get("class_data_dir"))
@@ -214,9 +218,8 @@ def write_report(out_dir: str | Path) -> Path:
     history = _read_json(out / "loss_history.json", [])
     validation = _read_json(out / "validation" / "index.json", {})
     marks = sorted(int(s) for s in validation.get("done", {}))
-    instances = (prompts_as_trained(s.get("dir"), s.get("instance_prompt"), s.get("class_prompt"))[0]
-                 for s in _subjects(config))
-    prompts = ", ".join(dict.fromkeys(str(p) for p in instances if p))
+    subjects = [(s, _prompts(s)) for s in _subjects(config)]  # each dataset_info.json read once
+    prompts = ", ".join(dict.fromkeys(str(p) for _, (p, _cls) in subjects if p))
     head = (f"model {config.get('model', '?')} &middot; {summary.get('steps', '?')} steps &middot; "
             f"learning rate {config.get('learning_rate', '?')} &middot; final loss "
             f"{_fmt('loss', summary.get('final_loss', '?'))}")
@@ -235,7 +238,7 @@ def write_report(out_dir: str | Path) -> Path:
 <h2>Timings and memory</h2>
 {_summary_table(summary, validation)}
 <h2>Training data</h2>
-{_thumbnails(out, config)}
+{_thumbnails(out, subjects)}
 <h2>Resolved config</h2>
 <pre>{html.escape(config_text)}</pre>
 {CHECK}

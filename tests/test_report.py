@@ -70,6 +70,16 @@ def test_report_content(run):
     assert {"loss", "instance_loss", "lr", "grad_norm"} <= set(history[0])
 
 
+def test_report_reads_each_subjects_prompts_once(run, monkeypatch):
+    from dreambooth import report
+    calls = []
+    real = report.prompts_as_trained
+    monkeypatch.setattr(report, "prompts_as_trained", lambda *a: calls.append(a) or real(*a))
+    page = write_report(run).read_text()
+    assert len(calls) == 1  # one subject: its dataset_info.json serves the header and the thumbnails alike
+    assert "Prompts: a photo of riobugger toy" in page and "instance prompt <b>a photo of riobugger toy</b>" in page
+
+
 def test_report_without_validation_or_history(tmp_path):
     (tmp_path / "config.yaml").write_text("model: m\ndata:\n  dir: /nowhere\n")
     page = write_report(tmp_path).read_text()
