@@ -14,6 +14,7 @@ import torch
 from .config import Config, backward_passes, resolve_key
 from .errors import UserError
 from .models import launched_processes
+from .optim import param_tensors
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def make_paramwise_optimizer(params, cfg: Config, inner: str, plan: MemoryPlan, 
     """The ParamwiseOptimizer a plan asks for, with the AdamW hyperparameters make_optimizer chose."""
     from .paramwise import ParamwiseOptimizer
     params = list(params)
-    on_cuda = any(t.is_cuda for g in params for t in (g["params"] if isinstance(g, dict) else [g]))
+    on_cuda = any(t.is_cuda for t in param_tensors(params))
     if plan.master_weights == "bf16" and inner != "adamw8bit" and on_cuda:
         log.warning("memory_profile %s expects 8-bit AdamW states (pip install bitsandbytes, optimizer: auto); "
                     "fp32 states take 8 bytes per weight, about 5 GB more on SD 2.1", plan.profile)
