@@ -48,6 +48,7 @@ def assert_bits_equal(a, b):
     elif torch.is_tensor(a):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+        assert torch.equal(a, b)  # as strict as torch.equal too: a NaN never counts as equal to itself
     else:
         assert a == b
 
