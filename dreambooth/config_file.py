@@ -150,26 +150,13 @@ def flatten_keys(data: dict, prefix: str = "") -> set[str]:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Plain-data form of the config, as written to output_dir/config.yaml."""
+    """Plain-data form of the config, as written to output_dir/config.yaml (without the fields the schema marks
+    internal, which are all top-level: provided, resolved)."""
     out = dataclasses.asdict(cfg)
-    _drop_internal(cfg, out)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            del out[f.name]
     return out
-
-
-def _drop_internal(obj: Any, data: Any) -> None:
-    """Remove from `data` (dataclasses.asdict of `obj`) every field the schema marks internal, at any depth."""
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            if f.metadata.get("internal"):
-                del data[f.name]
-            else:
-                _drop_internal(getattr(obj, f.name), data[f.name])
-    elif isinstance(obj, (list, tuple)):
-        for item, plain in zip(obj, data):
-            _drop_internal(item, plain)
-    elif isinstance(obj, dict):
-        for key, item in obj.items():
-            _drop_internal(item, data[key])
 
 
 def flatten_config(cfg: Config, skip: set[str] = frozenset()) -> dict[str, Any]:
