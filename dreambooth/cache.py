@@ -152,7 +152,7 @@ class LatentCache:
 
 
 def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, seed: int, views: int,
-                       quiet: bool = False, offload: bool = True) -> LatentCache | None:
+                       quiet: bool = False) -> LatentCache | None:
     """Cache the latents of every view the dataset's items can get (SOURCES, from image_sources), installing
     CachedViews so that items carry cache rows instead of pixels; then move the VAE to the CPU. CACHING is
     should_cache's (on, why) for those sources. Returns None when caching is off or not valid."""
@@ -178,9 +178,8 @@ def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, s
             bar.update(wrapper.views)
         cache.encode_queued()
     cache._join()
-    if offload:
-        vae.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    vae.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     log.info("latent cache: %d entries for %d images (%s)", len(cache), len(jobs), why)
     return cache
