@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import cuda
+from conftest import assert_bits_equal, cuda
 
 from dreambooth import cache as cache_module
 from dreambooth.cache import CachedViews, should_cache
@@ -29,8 +29,7 @@ def test_cached_training_matches_uncached_with_deterministic_transforms(make_cfg
     assert cached.latent_cache is not None and len(cached.latent_cache) == 4  # one entry per image
     assert plain.latent_cache is None
     assert cached.losses == plain.losses  # same seed, same draws: the same run
-    for a, b in zip(cached.params, plain.params):
-        assert torch.equal(a, b)
+    assert_bits_equal(list(cached.params), list(plain.params))
 
 
 def test_random_transforms_cache_fixed_views_from_the_seed(make_cfg, tmp_path):

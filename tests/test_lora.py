@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_bits_equal, cuda, max_diff
+
 from dreambooth.cli import main
 from dreambooth.config import config_from_dict
 from dreambooth.errors import UserError
@@ -155,7 +157,7 @@ def test_kohya_layout_round_trip(tmp_path):
 
     tensors, _, alphas = read_lora(ours)
     back, back_alphas = kohya_to_peft(kohya)
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert_bits_equal(back, tensors)
     assert back_alphas == alphas == {"unet": 8.0, "text_encoder": 8.0}
     assert peft_to_kohya(back, back_alphas).keys() == kohya.keys()
 
@@ -188,7 +190,7 @@ def test_lora_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
     monkeypatch.undo()
     run_training(make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, resume="latest", **exact))
     a, b = (load_file(tmp_path / d / LORA_FILE) for d in ("straight", "stopped"))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_diff(a, b) <= 1e-6
 
 
 def test_lora_mistakes_are_one_line_errors(make_cfg, tmp_path):
@@ -228,7 +230,7 @@ def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_pat
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cuda
 def test_lora_fp16_on_cuda_keeps_base_half_and_adapters_fp32(make_cfg):
     cfg = make_cfg(mixed_precision="fp16", optimizer="adamw", **LORA)
     trainer = Trainer(cfg).setup()
