@@ -4,6 +4,8 @@
 # GPU-marked tests; then, with time left, the CUDA-graph row with a warm compile cache, the other rows and those
 # without prior. Runs from the repository root with `.whl` carried; results in $OUT.
 # Budget: under 8 minutes in all; each part gets a share of what is left, and stops with its finished rows kept.
+# The device returns at most 8 files, so every result is written to $RES and packed after each part into
+# $OUT/results.tgz, with the tables and test summaries in $OUT/summary.md.
 #
 #   device run:  bash scripts/gpu_check.sh          (carry: .whl; timeout_s 540)
 #   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1 --rows baseline,default" \
@@ -13,7 +15,8 @@
 #                  -d .whl diffusers==0.42.1 bitsandbytes==0.50.2 importlib_metadata
 set -uo pipefail
 OUT="${OUT:-gpu-check}"
-mkdir -p "$OUT"
+RES="${RES:-$(mktemp -d)/gpu-check}"
+mkdir -p "$OUT" "$RES"
 start=$SECONDS
 left() { echo $((465 - (SECONDS - start))); }  # seconds left of the 8 minutes, less a margin for the copy back
 
@@ -32,23 +35,33 @@ export TOKENIZERS_PARALLELISM=false
   python3 -c "import torch, diffusers, transformers, accelerate, bitsandbytes as b; \
 print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__, '|', torch.cuda.get_device_name())"
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} >"$RES/env.txt" 2>&1
+cat "$RES/env.txt"
+# pack: copy what is finished into $OUT (run after each part, so a cut-off run still returns its finished parts).
+pack() {
+  tar -czf "$OUT/results.tgz.partial" -C "$(dirname "$RES")" "$(basename "$RES")" && mv "$OUT/results.tgz.partial" "$OUT/results.tgz"
+  { cat "$RES/env.txt"; for f in "$RES"/bench-*.md; do [ -s "$f" ] && printf '\n## %s\n' "$(basename "$f")" && cat "$f"; done
+    for f in "$RES"/bench-*.log; do printf '\n## %s (tail)\n' "$(basename "$f")"; tail -n 6 "$f"; done
+    [ -f "$RES/gpu-tests.log" ] && printf '\n## gpu-tests.log (tail)\n' && tail -n 25 "$RES/gpu-tests.log"
+  } >"$OUT/summary.md" 2>/dev/null
+}
+pack
 
-# bench NAME SECONDS ARGS...: one benchmark run into $OUT/bench-NAME.{json,md,log}, cut off after SECONDS (the rows
+# bench NAME SECONDS ARGS...: one benchmark run into $RES/bench-NAME.{json,md,log}, cut off after SECONDS (the rows
 # finished by then are kept in the JSON and tabled).
 bench() {
   local name=$1 limit=$2; shift 2
-  if [ "$limit" -lt 30 ]; then echo "bench $name skipped: $limit s left" | tee "$OUT/bench-$name.log"; return; fi
+  if [ "$limit" -lt 30 ]; then echo "bench $name skipped: $limit s left" | tee "$RES/bench-$name.log"; return; fi
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  timeout "$limit" python3 -m dreambooth.cli bench --out "$OUT/bench-$name.json" --table "$OUT/bench-$name.md" \
-    "$@" ${BENCH_ARGS:-} >"$OUT/bench-$name.log" 2>&1
-  echo "bench $name exit $? after $((SECONDS - start)) s" >>"$OUT/bench-$name.log"
-  if [ ! -s "$OUT/bench-$name.md" ] && [ -s "$OUT/bench-$name.json" ]; then
+  timeout "$limit" python3 -m dreambooth.cli bench --out "$RES/bench-$name.json" --table "$RES/bench-$name.md" \
+    "$@" ${BENCH_ARGS:-} >"$RES/bench-$name.log" 2>&1
+  echo "bench $name exit $? after $((SECONDS - start)) s" >>"$RES/bench-$name.log"
+  if [ ! -s "$RES/bench-$name.md" ] && [ -s "$RES/bench-$name.json" ]; then
     python3 -c "import json, sys; from dreambooth.bench_table import format_table; \
-print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench-$name.json" >"$OUT/bench-$name.md" 2>>"$OUT/bench-$name.log"
+print(format_table(json.load(open(sys.argv[1]))))" "$RES/bench-$name.json" >"$RES/bench-$name.md" 2>>"$RES/bench-$name.log"
   fi
-  tail -n 30 "$OUT/bench-$name.log"
+  tail -n 30 "$RES/bench-$name.log"
+  pack
 }
 TESTS_S=150  # kept back for the GPU tests (the CUDA-graph test compiles the tiny UNet, so it runs last)
 GRAPHS_TEST=tests/test_compile.py::test_cuda_graphs_train_like_eager_on_cuda
@@ -64,21 +77,23 @@ bench compile $(($(left) - TESTS_S - 20)) --prior on --no-sampling \
 # 3. GPU-marked tests (they skip without CUDA elsewhere); the one that compiles last, with the rest of the share.
 t=$(left); t=$(( t < TESTS_S ? t : TESTS_S )); t=$(( t < 20 ? 20 : t )); t0=$SECONDS
 timeout $((t * 2 / 5)) python3 -m pytest -m gpu -q -p no:cacheprovider tests --deselect "$GRAPHS_TEST" \
-  >"$OUT/gpu-tests.log" 2>&1
-echo "gpu tests exit $?" >>"$OUT/gpu-tests.log"
-timeout $((t - (SECONDS - t0))) python3 -m pytest -q -p no:cacheprovider "$GRAPHS_TEST" >>"$OUT/gpu-tests.log" 2>&1
-echo "gpu CUDA-graph test exit $?" >>"$OUT/gpu-tests.log"
-tail -n 8 "$OUT/gpu-tests.log"
+  >"$RES/gpu-tests.log" 2>&1
+echo "gpu tests exit $?" >>"$RES/gpu-tests.log"
+timeout $((t - (SECONDS - t0))) python3 -m pytest -q -p no:cacheprovider "$GRAPHS_TEST" >>"$RES/gpu-tests.log" 2>&1
+echo "gpu CUDA-graph test exit $?" >>"$RES/gpu-tests.log"
+tail -n 8 "$RES/gpu-tests.log"
+pack
 # 4. With time left: the CUDA-graph row again in a new process, if part 2 finished it (inductor's cache is then warm,
 #    as for a user's second run: its warm-up is the compile cost a repeat run pays); then plain inductor, 24gb, LoRA,
 #    every row without prior, and class-image sampling speed.
 if python3 -c "import json, sys; rows = json.load(open(sys.argv[1])).get('rows', []); \
 sys.exit(not any(r['name'] == 'default+compile+compile_mode=reduce-overhead' and r['status'] == 'ok' for r in rows))" \
-    "$OUT/bench-compile.json" 2>/dev/null; then
+    "$RES/bench-compile.json" 2>/dev/null; then
   t=$(left); bench compile-warm $(( t < 120 ? t : 120 )) --prior on --no-sampling \
     --rows default+compile+compile_mode=reduce-overhead
 else
-  echo "compile-warm skipped: part 2 did not finish the CUDA-graph row" | tee "$OUT/bench-compile-warm.log"
+  echo "compile-warm skipped: part 2 did not finish the CUDA-graph row" | tee "$RES/bench-compile-warm.log"
 fi
 bench rest "$(left)" --prior both --rows default+compile,24gb,lora,baseline,default,6gb,8gb
-echo "total $((SECONDS - start)) s"
+echo "total $((SECONDS - start)) s" | tee -a "$RES/env.txt"
+pack
