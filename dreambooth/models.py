@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, backward_passes
+from .config import Config
 from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -219,45 +219,6 @@ def on_device(module: torch.nn.Module, device: torch.device):
         yield module
     finally:
         module.to(before)
-
-
-COMPILE_BACKEND = "inductor"  # tests trace with "eager": the same graph capture without minutes of code generation
-
-
-def compile_unet(unet: torch.nn.Module, mode: str = "default") -> None:
-    """torch.compile the UNet in place, so parameter names (checkpoints, export) stay as they are."""
-    import torch._dynamo
-    # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
-    # the whole run to a slower dynamic-shape graph.
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch
-    setattr(dynamo, limit, max(getattr(dynamo, limit), 16))
-    inductor = COMPILE_BACKEND == "inductor"
-    unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
-
-
-def check_compile(cfg: Config) -> None:
-    """Refuse CUDA graphs where a step runs several backward passes; say when compile_mode has no effect."""
-    if cfg.compile_mode != "default" and not cfg.compile:
-        log.warning("compile_mode: %s has no effect without compile: true", cfg.compile_mode)
-    if cfg.compile and cfg.compile_mode == "reduce-overhead" and backward_passes(cfg) > 1:
-        # The graph owns the memory of the gradients its backward returns; the step's next pass would replay
-        # it over gradients still being accumulated.
-        raise UserError("compile_mode: reduce-overhead (CUDA graphs) cannot run several backward passes per step "
-                        "(gradient_accumulation_steps > 1 or prior_mode: sequential): "
-                        "set compile_mode: default, or gradient_accumulation_steps: 1 and prior_mode: concat")
-
-
-@contextmanager
-def eager(module: torch.nn.Module):
-    """Run an in-place-compiled module eagerly for a while (validation: other shapes, no gradients), sparing
-    a second compilation that would cost more than it saves."""
-    compiled = getattr(module, "_compiled_call_impl", None)
-    module._compiled_call_impl = None
-    try:
-        yield module
-    finally:
-        module._compiled_call_impl = compiled
 
 
 # --------------------------------------------------------------------------------------- machine choices

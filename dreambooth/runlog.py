@@ -78,9 +78,10 @@ class RunLog:
         t = self.t
         self.interval = max(1, t.total_steps // 50)  # at most ~50 step lines per run
         log.info("training %s for %d steps (%d per epoch), batch %d x %d accumulation, lr %g, "
-                 "mixed precision %s, optimizer %s, device %s -> %s", self.cfg.model, t.total_steps,
+                 "mixed precision %s, optimizer %s, compile %s, device %s -> %s", self.cfg.model, t.total_steps,
                  t.steps_per_epoch, self.cfg.batch_size, self.cfg.gradient_accumulation_steps,
-                 self.cfg.learning_rate, t.precision, t.optimizer_name, t.accelerator.device, t.out)
+                 self.cfg.learning_rate, t.precision, t.optimizer_name,
+                 self.cfg.compile_mode if self.cfg.compile else "off", t.accelerator.device, t.out)
         self._last_time, self._last_step = time.time(), t.global_step
 
     def step(self, step: int, logs: dict[str, float]) -> None:

@@ -19,7 +19,8 @@ from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .memory import apply_memory_profile
-from .models import check_compile, compile_unet, load_components, resolve_precision
+from .compiling import check_compile, compile_unet, resolve_compile
+from .models import load_components, resolve_precision
 from .optim import make_optimizer, resolve_optimizer
 from .output import TrainerOutput, check_output_dir, mark_output_dir
 from .runlog import RunLog, tracker_kwargs
@@ -98,11 +99,14 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if torch.cuda.is_available() and not (self.memory.fused_backward or torch.backends.cudnn.deterministic):
             torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
+        self.total_steps = self._total_steps()
+        auto_compile = cfg.compile == "auto"
+        resolve_compile(cfg, self.memory, self.total_steps, processes=self.accelerator.num_processes)
         if cfg.compile:
             if self.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
                             "step fused into backward exists to avoid: expect more memory", self.memory.profile)
-            compile_unet(c.unet, cfg.compile_mode)
+            compile_unet(c.unet, cfg.compile_mode, fall_back=auto_compile)
 
         self.text_cache = self._encode_prompts_once() if self._caches_prompts else {}
         self.latent_cache = build_latent_cache(sources, caching, c.vae, device, self.weight_dtype, cfg.seed,
@@ -111,7 +115,6 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
         self.params = params
         optimizer = make_optimizer(params, cfg, self.optimizer_name, plan=self.memory)  # LoRA's rate set in __init__
         self.paramwise = optimizer if self.memory.paramwise else None  # bf16 weights and/or steps inside backward
-        self.total_steps = self._total_steps()
         from diffusers.optimization import get_scheduler
         schedule = cfg.lr_scheduler
         if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up

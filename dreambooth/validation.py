@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .config import Config, ValidationConfig
 from .generate import save_png, slug
 from .checkpoint_ranks import restore_rng, rng_snapshot
-from .models import eager, on_device
+from .compiling import eager
+from .models import on_device
 from .subjects import Subject, resolve_subjects
 
 log = logging.getLogger(__name__)

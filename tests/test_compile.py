@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import cuda
 
-from dreambooth import models
+from dreambooth import compiling
+from dreambooth.compiling import PAYBACK_STEPS, compile_unet, resolve_compile
+from dreambooth.memory import apply_memory_profile
 from dreambooth.train import Trainer
 
 
@@ -19,10 +21,89 @@ def _steps(cfg, n=2):
     return trainer, losses
 
 
+def _resolve(cfg, steps=PAYBACK_STEPS, profile_gib=16.0, **machine):
+    """compile and compile_mode as `compile: auto` settles them on a CUDA machine with Triton (unless overridden)."""
+    plan = apply_memory_profile(cfg, total_gib=profile_gib, num_processes=1, bf16_ok=True)
+    resolve_compile(cfg, plan, steps, **{"cuda": True, "processes": 1, "triton": True, **machine})
+    return cfg.compile, cfg.compile_mode, cfg.resolved.get("compile", (None, None, ""))[2]
+
+
+def test_auto_compiles_long_single_gpu_runs_with_cuda_graphs(make_cfg):
+    on, mode, why = _resolve(make_cfg())
+    assert (on, mode) == (True, "reduce-overhead") and f"{PAYBACK_STEPS} steps on one CUDA GPU" in why
+    assert _resolve(make_cfg(memory_profile="24gb"))[:2] == (True, "reduce-overhead")
+    cfg = make_cfg()
+    _resolve(cfg)
+    assert cfg.resolved["compile"][0] == "auto"  # config.yaml keeps auto, so another machine decides afresh
+
+
+@pytest.mark.parametrize("overrides, machine, reason", [
+    ({}, {"steps": PAYBACK_STEPS - 1}, f"under the {PAYBACK_STEPS}"),
+    ({}, {"cuda": False}, "no CUDA GPU"),
+    ({}, {"processes": 2}, "several processes"),
+    ({}, {"triton": False}, "Triton"),
+    ({"memory_profile": "8gb"}, {}, "memory_profile 8gb"),
+    ({"memory_profile": "6gb"}, {}, "memory_profile 6gb"),
+    ({"finetune": "lora"}, {}, "full UNet"),
+    ({"train_text_encoder": True}, {}, "frozen text encoder"),
+    ({"gradient_accumulation_steps": 2}, {}, "several backward passes"),
+    ({"with_prior_preservation": True, "prior_mode": "sequential"}, {},
+     "several backward passes"),
+])
+def test_auto_stays_eager_where_compiling_does_not_pay_or_cannot_graph(make_cfg, overrides, machine, reason):
+    on, mode, why = _resolve(make_cfg(**overrides), **machine)
+    assert (on, mode) == (False, "default") and reason in why
+
+
+def test_explicit_compile_wins_over_auto(make_cfg):
+    assert _resolve(make_cfg(compile=True), steps=10)[:2] == (True, "reduce-overhead")  # short runs too
+    assert _resolve(make_cfg(compile=False))[:2] == (False, "default")
+    # Several backward passes: auto picks the mode without CUDA graphs instead of refusing the run.
+    assert _resolve(make_cfg(compile=True, gradient_accumulation_steps=2))[:2] == (True, "default")
+    assert _resolve(make_cfg(compile=True, compile_mode="default"))[:2] == (True, "default")
+    assert _resolve(make_cfg(compile=True), cuda=False)[:2] == (True, "default")
+
+
+def test_cpu_run_records_why_it_did_not_compile(make_cfg):
+    trainer = Trainer(make_cfg()).setup()
+    try:
+        assert trainer.cfg.compile is False and trainer.cfg.compile_mode == "default"
+        assert trainer.cfg.resolved["compile"] == ("auto", False, "no CUDA GPU")
+        assert getattr(trainer.components.unet, "_compiled_call_impl", None) is None
+    finally:
+        trainer.runlog.close(None)
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, x):  # defined here: dynamo does not trace torch.nn's own modules as a top frame
+        return x * 2
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """compile: auto must not end a run where inductor cannot build (no compiler, say); explicit compile does."""
+    import torch._dynamo
+
+    def broken_backend(graph, inputs):
+        raise RuntimeError("no C compiler")
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    x = torch.randn(2, 3)
+    for fall_back in (True, False):
+        torch._dynamo.reset()
+        layer = _Doubler()
+        compile_unet(layer, fall_back=fall_back)
+        if fall_back:
+            assert torch.equal(layer(x), x * 2)
+        else:
+            with pytest.raises(Exception, match="no C compiler"):
+                layer(x)
+    torch._dynamo.reset()
+
+
 def test_compiled_unet_trains_like_eager_and_validates_without_recompiling(make_cfg, tmp_path, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(models, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     fast = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}
     _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True, **fast))

@@ -80,7 +80,7 @@ CASES = [
     case("adamw8bit without CUDA", setting(optimizer="adamw8bit"), "adamw8bit needs a CUDA GPU", no_cuda),
     case("fp16 without CUDA", setting(mixed_precision="fp16"), "fp16 needs a CUDA GPU", no_cuda),
     case("CUDA graphs with accumulation", setting(compile=True, compile_mode="reduce-overhead",
-                                                 gradient_accumulation_steps=2), "set compile_mode: default"),
+                                                 gradient_accumulation_steps=2), "set compile_mode: auto"),
 ]
 
 
