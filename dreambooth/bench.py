@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, first_line
-from .bench_table import ROWS, finish_rows, format_table
+from .bench_table import COMPILED, ROWS, finish_rows, format_table
 from .bench_measure import bf16_matmul_peak_tflops, count_unet_flops, read_peak, reset_peak, status_bytes, sync
 from .runlog import library_versions
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "dreambooth-bench/1"
 # What diffusers' train_dreambooth.py does: VAE and text encoder every step, fp32 weights, AdamW, checkpointing.
 BASELINE = {"memory_profile": "default", "cache_latents": False, "cache_prompts": False, "optimizer": "adamw",
-            "gradient_checkpointing": True, "prior_mode": "concat"}
+            "gradient_checkpointing": True, "prior_mode": "concat", "compile": False}
 FLOPS_NOTE = ("model FLOPs = UNet forward + backward of one step's images (torch.utils.flop_counter, counted once, "
               "no recomputation); VAE/text encoding and checkpoint recomputation are overhead, so MFU compares "
               "useful work across rows")
@@ -54,6 +54,8 @@ class BenchOptions:
         o.steps = o.steps or (10 if cuda else 4)
         o.warmup = o.warmup if o.warmup is not None else (3 if cuda else 1)
         o.repeats = o.repeats or (1 if cuda else 2)
+        if cuda and o.rows == list(ROWS):  # on CPU, compiling says nothing about a GPU and takes minutes
+            o.rows = [*ROWS[:2], COMPILED, *ROWS[2:]]
         if o.prior not in ("on", "off", "both"):
             raise UserError(f"--prior must be on, off or both (got {o.prior})")
         return o
@@ -112,6 +114,7 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
             times.append(time.perf_counter() - t0)
         row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
         row["warmup_s"] = round(sum(times[:o.warmup]), 3)  # torch.compile's compilation shows up here
+        row["warmup_step_times_s"] = [round(t, 5) for t in times[:o.warmup]]
         row["step_times_s"] = [round(t, 5) for t in times[o.warmup:]]
         row["s_per_step"] = statistics.median(times[o.warmup:])
         row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)

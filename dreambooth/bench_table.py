@@ -6,6 +6,7 @@ import statistics
 
 # 16gb and 12gb are the default profile's settings, so the matrix runs them once, as default.
 ROWS = ("baseline", "default", "8gb", "6gb", "24gb", "lora")  # the targets' rows first, should time run out
+COMPILED = "default+compile"  # the default profile with CUDA graphs, as compile: auto runs long jobs on CUDA
 
 
 def finish_rows(result: dict, runs: dict) -> None:
@@ -19,6 +20,7 @@ def finish_rows(result: dict, runs: dict) -> None:
             row["mfu"] = row["achieved_tflops"] / result["bf16_matmul_peak_tflops"]
     result["rows"] = rows
     result["default_vs_baseline"] = ratios(rows)
+    result["compiled_vs_baseline"] = ratios(rows, COMPILED)
 
 
 def merge_runs(parts: list[dict]) -> dict:
@@ -38,11 +40,11 @@ def merge_runs(parts: list[dict]) -> dict:
     return row
 
 
-def ratios(rows: list[dict]) -> dict:
-    """Throughput of the default profile over the baseline's, per prior setting."""
+def ratios(rows: list[dict], name: str = "default") -> dict:
+    """Throughput of row `name` (the default profile) over the baseline's, per prior setting."""
     ok = {(r["name"], r["prior"]): r for r in rows if r["status"] == "ok"}
-    return {("prior" if p else "no_prior"): ok[("baseline", p)]["s_per_step"] / ok[("default", p)]["s_per_step"]
-            for p in (False, True) if ("baseline", p) in ok and ("default", p) in ok}
+    return {("prior" if p else "no_prior"): ok[("baseline", p)]["s_per_step"] / ok[(name, p)]["s_per_step"]
+            for p in (False, True) if ("baseline", p) in ok and (name, p) in ok}
 
 
 def _gib(n) -> str:
@@ -79,6 +81,8 @@ def format_table(r: dict) -> str:
             lines += format_profile(row["name"], row["prior"], row["profile"])
     for k, v in r.get("default_vs_baseline", {}).items():
         lines.append(f"\ndefault profile vs baseline ({k.replace('_', ' ')}): {v:.2f}x the throughput")
+    for k, v in r.get("compiled_vs_baseline", {}).items():
+        lines.append(f"\ndefault profile compiled ({COMPILED}) vs baseline ({k.replace('_', ' ')}): {v:.2f}x")
     s = r.get("sampling")
     if s and "ours" in s:
         lines.append(f"class-image sampling: ours ({s['ours']['scheduler']}, {s['ours']['steps']} steps, batch "

@@ -128,8 +128,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, help="interleaved passes over the matrix (default 1 on CUDA, 2 on CPU)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb; a row "
-                   "may add config overrides: default+compile, default+compile+compile_mode=reduce-overhead")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}, 16gb, 12gb (on CUDA "
+                   "the default list adds default+compile); a row may add config overrides: default+compile, "
+                   "24gb+compile+compile_mode=default, default+cache_latents=false")
     p.add_argument("--profile", default="", help="comma list of rows to profile for 2 more steps: host vs GPU "
                    "time, kernel launches, top operators")
     p.add_argument("--prior", default="both", choices=["on", "off", "both"])

@@ -9,7 +9,7 @@ import torch
 from conftest import cuda
 
 from dreambooth.bench import SCHEMA, BenchOptions, run_bench
-from dreambooth.bench_table import format_table, merge_runs
+from dreambooth.bench_table import COMPILED, format_table, merge_runs, ratios
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.models import build_builtin_sd21, model_kind
@@ -115,9 +115,19 @@ def test_rows_take_config_overrides(tmp_path):
     o = BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1).resolved()
     cfg = row_config("default+compile+compile_mode=reduce-overhead", True, o, tmp_path, tmp_path, tmp_path / "o")
     assert cfg.compile is True and cfg.compile_mode == "reduce-overhead" and cfg.memory_profile == "default"
-    assert row_config("baseline", True, o, tmp_path, tmp_path, tmp_path / "o").cache_latents is False
+    baseline = row_config("baseline", True, o, tmp_path, tmp_path, tmp_path / "o")
+    assert baseline.cache_latents is False and baseline.compile is False  # never compiled, on any machine
     with pytest.raises(UserError, match="compile_mod"):
         row_config("default+compile_mod=x", True, o, tmp_path, tmp_path, tmp_path / "o")
+
+
+def test_gpu_matrix_adds_the_compiled_default_and_its_ratio(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert BenchOptions().resolved().rows == ["baseline", "default", COMPILED, "8gb", "6gb", "24gb", "lora"]
+    assert BenchOptions(rows=["default"]).resolved().rows == ["default"]  # rows named are run as named
+    rows = [{"name": n, "prior": True, "status": "ok", "s_per_step": t}
+            for n, t in (("baseline", 0.3), ("default", 0.25), (COMPILED, 0.1))]
+    assert ratios(rows) == {"prior": pytest.approx(1.2)} and ratios(rows, COMPILED) == {"prior": pytest.approx(3.0)}
 
 
 def test_profiled_rows_say_where_the_step_time_goes(tmp_path):
