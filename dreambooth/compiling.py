@@ -42,7 +42,8 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def why_not_auto(cfg: Config, plan: MemoryPlan, total_steps: int, cuda: bool, processes: int, triton: bool) -> str | None:
+def why_not_auto(cfg: Config, plan: MemoryPlan, total_steps: int, cuda: bool, processes: int,
+                 triton: bool) -> str | None:
     """Why `compile: auto` leaves this run eager, or None when it compiles (with CUDA graphs)."""
     if not cuda:
         return "no CUDA GPU"

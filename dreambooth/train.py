@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .cache import build_latent_cache, image_sources, should_cache
+from .compiling import check_compile, compile_unet, resolve_compile
 from .config import Config, resolve_key, save_config
 from .hooks import TrainerHooks
 from .inputs import TrainerInputs
 from .lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
 from .loss import add_noise, dreambooth_loss, mse, training_target
 from .memory import apply_memory_profile
-from .compiling import check_compile, compile_unet, resolve_compile
 from .models import load_components, resolve_precision
 from .optim import make_optimizer, resolve_optimizer
 from .output import TrainerOutput, check_output_dir, mark_output_dir
