@@ -17,7 +17,8 @@ import torch
 
 from .errors import UserError, first_line
 from .bench_table import COMPILED, ROWS, finish_rows, format_table
-from .bench_measure import bf16_matmul_peak_tflops, count_unet_flops, read_peak, reset_peak, status_bytes, sync
+from .bench_measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops, read_peak,
+                            reset_peak, status_bytes, sync)
 from .runlog import library_versions
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
     """Set up the trainer, run warm-up and timed steps, fill in `row`; everything it made dies on return."""
     from .train import Trainer
     rss_start = status_bytes("VmRSS")  # the process's own footprint (prebuilt model, libraries) before the row
+    compiled_before = compile_snapshot()
     start = time.perf_counter()
     trainer = Trainer(cfg).setup()
     try:
@@ -115,6 +117,8 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
         row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
         row["warmup_s"] = round(sum(times[:o.warmup]), 3)  # torch.compile's compilation shows up here
         row["warmup_step_times_s"] = [round(t, 5) for t in times[:o.warmup]]
+        if cfg.compile:
+            row["compile_stats"] = compile_stats(compiled_before)  # phases and disk-cache hits of this row
         row["step_times_s"] = [round(t, 5) for t in times[o.warmup:]]
         row["s_per_step"] = statistics.median(times[o.warmup:])
         row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)

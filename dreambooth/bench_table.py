@@ -79,6 +79,11 @@ def format_table(r: dict) -> str:
         lines += ["", "Profiled steps (bench --profile):"]
         for row in profiled:
             lines += format_profile(row["name"], row["prior"], row["profile"])
+    for row in r["rows"]:
+        if row.get("compile_stats"):
+            parts = [f"{k[:-2].replace('_', ' ')} {v:.1f} s" if k.endswith("_s") else f"{k} {v:g}"
+                     for k, v in row["compile_stats"].items()]
+            lines.append(f"\ncompile of {row['name']} (prior {'on' if row['prior'] else 'off'}): " + ", ".join(parts))
     for k, v in r.get("default_vs_baseline", {}).items():
         lines.append(f"\ndefault profile vs baseline ({k.replace('_', ' ')}): {v:.2f}x the throughput")
     for k, v in r.get("compiled_vs_baseline", {}).items():

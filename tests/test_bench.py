@@ -130,6 +130,23 @@ def test_gpu_matrix_adds_the_compiled_default_and_its_ratio(monkeypatch):
     assert ratios(rows) == {"prior": pytest.approx(1.2)} and ratios(rows, COMPILED) == {"prior": pytest.approx(3.0)}
 
 
+def test_compiled_rows_say_where_the_compile_time_went(monkeypatch):
+    import torch._dynamo
+
+    from dreambooth import compiling
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")  # dynamo + AOTAutograd, no code generation
+    torch._dynamo.reset()
+    result = run_bench(BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=2, repeats=1,
+                                    rows=["default", COMPILED], prior="on", sampling=False))
+    torch._dynamo.reset()
+    rows = {r["name"]: r for r in result["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
+    stats = rows[COMPILED]["compile_stats"]
+    assert stats["dynamo_and_forward_s"] > 0 and stats["aot_joint_trace_s"] > 0
+    assert "compile_stats" not in rows["default"] and len(rows[COMPILED]["warmup_step_times_s"]) == 2
+    assert "compile of default+compile (prior on): dynamo and forward" in format_table(result)
+
+
 def test_profiled_rows_say_where_the_step_time_goes(tmp_path):
     result = run_bench(BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1, rows=["default"],
                                     prior="on", sampling=False, profile=["default"]))
