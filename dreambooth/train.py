@@ -77,6 +77,9 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
                                 ("cache_latents", *caching)):
             if getattr(cfg, key) == "auto":  # recorded like the memory profile's choices, cfg left as given
                 resolve_key(cfg, key, value, why, apply=False)
+        self.total_steps = self._total_steps()
+        auto_compile = cfg.compile == "auto"
+        resolve_compile(cfg, self.memory, self.total_steps, processes=self.accelerator.num_processes)
         save_config(cfg, self.out / "config.yaml")  # auto keys stay auto; this machine's choices in comments
         self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
 
@@ -99,9 +102,6 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if torch.cuda.is_available() and not (self.memory.fused_backward or torch.backends.cudnn.deterministic):
             torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
-        self.total_steps = self._total_steps()
-        auto_compile = cfg.compile == "auto"
-        resolve_compile(cfg, self.memory, self.total_steps, processes=self.accelerator.num_processes)
         if cfg.compile:
             if self.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "

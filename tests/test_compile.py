@@ -69,6 +69,8 @@ def test_cpu_run_records_why_it_did_not_compile(make_cfg):
     try:
         assert trainer.cfg.compile is False and trainer.cfg.compile_mode == "default"
         assert trainer.cfg.resolved["compile"] == ("auto", False, "no CUDA GPU")
+        written = (trainer.out / "config.yaml").read_text()
+        assert "compile: auto  # this run: false (no CUDA GPU)" in written  # a GPU rerun decides afresh
         assert getattr(trainer.components.unet, "_compiled_call_impl", None) is None
     finally:
         trainer.runlog.close(None)
