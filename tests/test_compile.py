@@ -4,6 +4,8 @@ benchmark, not here."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import cuda
@@ -142,14 +144,20 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
     base = {"gradient_checkpointing": True, "max_steps": 5, "learning_rate": 1e-4, "mixed_precision": "bf16"}
     _, eager = _steps(make_cfg(output_dir=str(tmp_path / "eager"), **base), n=5)
     assert not replays
+    validation = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}
     trainer, graphed = _steps(make_cfg(output_dir=str(tmp_path / "graphs"), compile=True,
-                                       compile_mode="reduce-overhead", **base), n=5)  # steps 3-5 replay graphs
+                                       compile_mode="reduce-overhead", **base, **validation), n=5)  # 3-5 replay
     try:
         assert counters["stats"]["unique_graphs"] > 0 and counters["inductor"]["cudagraph_skips"] == 0
         assert len(replays) >= 3, "the compiled UNet never replayed a CUDA graph"
         assert graphed[0] == pytest.approx(eager[0], rel=1e-2)  # same weights, batch and noise: kernels differ
         assert graphed == pytest.approx(eager, rel=0.1)
         assert all(torch.isfinite(p).all() for p in trainer.params)
+        # Validation images run the UNet eagerly between replays; training then replays the same graphs again.
+        images = trainer.validator.run(5)
+        assert images["a toy"][0].size == (trainer.cfg.resolution, trainer.cfg.resolution)
+        replayed = len(replays)
+        assert math.isfinite(trainer.train_step(trainer.batches())["loss"]) and len(replays) > replayed
     finally:
         trainer.runlog.close(None)
         torch._dynamo.reset()  # free the graphs' memory pool for the tests after this one
