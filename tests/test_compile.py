@@ -23,9 +23,9 @@ def _steps(cfg, n=2):
     return trainer, losses
 
 
-def _resolve(cfg, steps=PAYBACK_STEPS, profile_gib=16.0, **machine):
-    """compile and compile_mode as `compile: auto` settles them on a CUDA machine with Triton (unless overridden)."""
-    plan = apply_memory_profile(cfg, total_gib=profile_gib, num_processes=1, bf16_ok=True)
+def _resolve(cfg, steps=PAYBACK_STEPS, **machine):
+    """compile and compile_mode as `compile: auto` settles them on a 16 GiB CUDA GPU with Triton (unless overridden)."""
+    plan = apply_memory_profile(cfg, total_gib=16.0, num_processes=1, bf16_ok=True)
     resolve_compile(cfg, plan, steps, **{"cuda": True, "processes": 1, "triton": True, **machine})
     return cfg.compile, cfg.compile_mode, cfg.resolved.get("compile", (None, None, ""))[2]
 
