@@ -259,9 +259,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 class CacheRows(list):
     """A batch's latent-cache rows (see dreambooth.cache), standing in for its pixels once latents are cached."""
 
-    def to(self, *args, **kwargs) -> "CacheRows":
-        return self  # rows stay on the host: the cache moves their latents to the device itself
-
 
 def _stack(values: list):
     """Pixel tensors as one [B,3,R,R] tensor; cache rows (ints) as CacheRows."""

@@ -62,7 +62,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         if rounding not in (None, "kahan", "stochastic"):
             raise ValueError(f"unknown rounding {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.inner_name, self.rounding, self.seed = inner, rounding, seed
+        self.seed = seed
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._shadow, self._inner, self._comp = {}, {}, {}
