@@ -139,6 +139,7 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
 def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, workdir: Path) -> dict:
     """One cell of the matrix; a failure becomes the row's status (skipped, oom, error), never the bench's end."""
     row = {"name": name, "prior": prior, "status": "ok", "reason": None}
+    cfg = None
     try:
         cfg = row_config(name, prior, o, subject, classes, workdir / f"{name}-{'prior' if prior else 'plain'}")
         row["cpu_peak_is_per_row"] = reset_peak()
@@ -150,7 +151,9 @@ def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Pat
     except Exception as e:  # a broken row must not lose the others' numbers
         log.exception("benchmark row %s failed", name)
         row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
-    if "+compile" in name:  # compiled graphs and their CUDA-graph memory pools would outlive the row
+    # As the trainer resolved it (compile: auto may compile a row not named +compile): compiled graphs and their
+    # CUDA-graph memory pools would outlive the row.
+    if cfg is not None and cfg.compile is not False:
         import torch._dynamo
         torch._dynamo.reset()
     reset_peak()  # the trainer is gone by now: hand its memory back before the next row

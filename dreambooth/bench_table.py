@@ -61,7 +61,6 @@ def format_table(r: dict) -> str:
              "| row | prior | s/step | x baseline | images/s | " + ("peak alloc GiB | peak reserved GiB" if cuda else
                                                                    "peak RSS GiB") + " | TFLOP/s | MFU | warm-up s |",
              "|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
-    base = {row["prior"]: row["s_per_step"] for row in r["rows"] if row["name"] == "baseline" and row["status"] == "ok"}
     for row in r["rows"]:
         prior = "on" if row["prior"] else "off"
         if row["status"] != "ok":
@@ -70,7 +69,8 @@ def format_table(r: dict) -> str:
         pm = row["peak_memory"]
         mem = (f"{_gib(pm['cuda_max_allocated_bytes'])} | {_gib(pm['cuda_max_reserved_bytes'])}" if cuda
                else _gib(pm["cpu_peak_rss_bytes"]))
-        speedup = f"{base[row['prior']] / row['s_per_step']:.2f}" if row["prior"] in base else "-"
+        x = ratios(r["rows"], row["name"]).get("prior" if row["prior"] else "no_prior")  # the one baseline rule
+        speedup = f"{x:.2f}" if x is not None else "-"
         lines.append(f"| {row['name']} | {prior} | {row['s_per_step']:.3f} | {speedup} | {row['images_per_s']:.2f} | "
                      f"{mem} | {row['achieved_tflops']:.3f} | {row['mfu']:.1%} | {row.get('warmup_s', 0):.1f} |")
     profiled = [row for row in r["rows"] if row.get("profile")]
