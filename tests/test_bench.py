@@ -147,7 +147,7 @@ def test_compiled_rows_say_where_the_compile_time_went(monkeypatch):
     assert "compile of default+compile (prior on): dynamo and forward" in format_table(result)
 
 
-def test_profiled_rows_say_where_the_step_time_goes(tmp_path):
+def test_profiled_rows_say_where_the_step_time_goes():
     result = run_bench(BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1, rows=["default"],
                                     prior="on", sampling=False, profile=["default"]))
     p = result["rows"][0]["profile"]

@@ -77,6 +77,9 @@ def test_cached_training_steps_do_no_image_work(make_cfg, tmp_path, monkeypatch,
     cached.train()
     assert counts == {"transform": 0, "hash": 0}
     assert cached.latent_cache.misses == 0
+    side = cached.cfg.resolution
+    cached.latent_cache.rows_of([torch.zeros(3, side, side)])
+    assert counts["hash"] == 1  # the hash counter is hooked up: hashing a view counts
 
 
 def test_latents_are_sampled_each_step_from_the_cached_distribution(make_cfg):

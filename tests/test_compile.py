@@ -16,6 +16,9 @@ from dreambooth.memory import apply_memory_profile
 from dreambooth.train import Trainer
 
 
+VALIDATION = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}
+
+
 def _steps(cfg, n=2):
     trainer = Trainer(cfg).setup()
     batches = trainer.batches()
@@ -31,12 +34,11 @@ def _resolve(cfg, steps=PAYBACK_STEPS, **machine):
 
 
 def test_auto_compiles_long_single_gpu_runs_with_cuda_graphs(make_cfg):
-    on, mode, why = _resolve(make_cfg())
-    assert (on, mode) == (True, "reduce-overhead") and f"{PAYBACK_STEPS} steps on one CUDA GPU" in why
-    assert _resolve(make_cfg(memory_profile="24gb"))[:2] == (True, "reduce-overhead")
     cfg = make_cfg()
-    _resolve(cfg)
+    on, mode, why = _resolve(cfg)
+    assert (on, mode) == (True, "reduce-overhead") and f"{PAYBACK_STEPS} steps on one CUDA GPU" in why
     assert cfg.resolved["compile"][0] == "auto"  # config.yaml keeps auto, so another machine decides afresh
+    assert _resolve(make_cfg(memory_profile="24gb"))[:2] == (True, "reduce-overhead")
 
 
 @pytest.mark.parametrize("overrides, machine, reason", [
@@ -109,11 +111,11 @@ def test_compiled_unet_trains_like_eager_and_validates_without_recompiling(make_
     from torch._dynamo.utils import counters
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
-    fast = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}
-    _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True, **fast))
+    _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True,
+                                      **VALIDATION))
     graphs = counters["stats"]["unique_graphs"]
     trainer, losses = _steps(make_cfg(output_dir=str(tmp_path / "compiled"), gradient_checkpointing=True,
-                                      compile=True, **fast))
+                                      compile=True, **VALIDATION))
     captured = counters["stats"]["unique_graphs"]
     assert captured > graphs  # the UNet really ran through dynamo
     assert losses == pytest.approx(eager_losses, rel=1e-5)
@@ -144,9 +146,8 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
     base = {"gradient_checkpointing": True, "max_steps": 5, "learning_rate": 1e-4, "mixed_precision": "bf16"}
     _, eager = _steps(make_cfg(output_dir=str(tmp_path / "eager"), **base), n=5)
     assert not replays
-    validation = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}
     trainer, graphed = _steps(make_cfg(output_dir=str(tmp_path / "graphs"), compile=True,
-                                       compile_mode="reduce-overhead", **base, **validation), n=5)  # 3-5 replay
+                                       compile_mode="reduce-overhead", **base, **VALIDATION), n=5)  # 3-5 replay
     try:
         assert counters["stats"]["unique_graphs"] > 0 and counters["inductor"]["cudagraph_skips"] == 0
         assert len(replays) >= 3, "the compiled UNet never replayed a CUDA graph"

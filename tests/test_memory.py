@@ -398,5 +398,7 @@ def test_adamw_first_step_ignores_the_gradient_scale():
         (model(x) ** 2).mean().mul(scale).backward()
         opt.step()
         return [p.detach().clone() for p in model.parameters()]
-    for a, b in zip(first_step(1.0), first_step(0.1)):  # a clip to a tenth of the norm: the same step
+    start = [p.detach().clone() for p in _mlp().parameters()]
+    for a, b, before in zip(first_step(1.0), first_step(0.1), start):  # a clip to a tenth of the norm: the same step
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * 1e-2)  # within 1% of the 1e-2 update
+        assert (a - before).abs().max() > 5e-3  # and the step did move the weights by about the 1e-2 rate

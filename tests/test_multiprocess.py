@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from dreambooth import checkpoint, checkpoint_ranks
 from dreambooth.cli import main
 from dreambooth.errors import UserError
+from dreambooth.tiny import TINY_RESOLUTION
 from dreambooth.train import Trainer, run_training
 
-BASE = {"model": "builtin:tiny", "resolution": 32, "learning_rate": 1e-3, "gradient_checkpointing": False,
+BASE = {"model": "builtin:tiny", "resolution": TINY_RESOLUTION, "learning_rate": 1e-3, "gradient_checkpointing": False,
         "validation": {"enabled": False}, "quiet": True}
 
 
