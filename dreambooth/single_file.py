@@ -21,7 +21,7 @@ from .models import PICKLE_SUFFIXES, hub_offline, refuse_pickle
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
-SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP: SD 2.x
+SD2_TEXT_KEY = TEXT + "token_embedding.weight"  # OpenCLIP: SD 2.x
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"  # CLIP-L: SD 1.x
 HUB_BASE = "stabilityai/stable-diffusion-2-1-base"
 
@@ -147,7 +147,7 @@ def _check_sd2(path: Path, shapes: dict[str, tuple]) -> None:
     if SD1_TEXT_KEY in shapes:
         raise UserError(f"model file {path} is an SD 1.x checkpoint (CLIP-L text encoder): this tool fine-tunes "
                         "SD 2.x; use an SD 2.x file such as v2-1_512-ema-pruned.safetensors")
-    if SD2_TEXT_KEY not in shapes or not any(k.startswith("model.diffusion_model.") for k in shapes):
+    if SD2_TEXT_KEY not in shapes or not any(k.startswith(UNET) for k in shapes):
         raise UserError(f"model file {path} is not a full SD 2.x checkpoint (no UNet or OpenCLIP text encoder "
                         "weights): pass a checkpoint with UNet, VAE and text encoder")
 

@@ -161,6 +161,7 @@ class Validator:
         self.seeds = [self.v.seed + i for i in range(self.v.num_images)]
         self.dir = trainer.out / "validation"
         self.done: dict[str, dict] = {}
+        self._swept: list[str] | None = None  # the steps the last sweep.png showed
         if getattr(trainer, "resume_from", None) is not None and (self.dir / INDEX).is_file():
             self.done = json.loads((self.dir / INDEX).read_text()).get("done", {})  # earlier steps stay in the sweep
         elif trainer.accelerator.is_main_process:
@@ -269,6 +270,6 @@ class Validator:
     def finish(self) -> Path | None:
         """At the end of training: the final sweep over every step validated (already written when the last
         validation was the final step, as it usually is)."""
-        if getattr(self, "_swept", None) == sorted(self.done):
+        if self._swept == sorted(self.done):
             return self.dir / "sweep.png"
         return self.write_sweep()
