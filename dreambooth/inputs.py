@@ -86,12 +86,11 @@ class TrainerInputs:
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(self.accelerator.device)
 
-    def _encode_prompts_once(self) -> dict[str, torch.Tensor]:
-        """Frozen text encoder: encode each distinct training prompt now, then move the encoder off the GPU."""
-        self.text_cache = {}
+    def _encode_prompts_once(self) -> None:
+        """Frozen text encoder: fill text_cache with each distinct training prompt, then move the encoder off the
+        GPU."""
         self.encode_prompts(sorted(set(self.prompts)))
         self.components.text_encoder.to("cpu")
-        return self.text_cache
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """[B, 77, D] embeddings; a frozen encoder's are computed once per distinct prompt and kept."""

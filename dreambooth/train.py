@@ -108,7 +108,9 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
                             "step fused into backward exists to avoid: expect more memory", self.memory.profile)
             compile_unet(c.unet, cfg.compile_mode, fall_back=auto_compile)
 
-        self.text_cache = self._encode_prompts_once() if self._caches_prompts else {}
+        self.text_cache: dict[str, torch.Tensor] = {}  # prompt -> embedding, filled by encode_prompts
+        if self._caches_prompts:
+            self._encode_prompts_once()
         self.latent_cache = build_latent_cache(sources, caching, c.vae, device, self.weight_dtype, cfg.seed,
                                                cfg.latent_cache_views, quiet=cfg.quiet)
         params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
