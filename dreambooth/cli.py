@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from dreambooth.errors import UserError
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -25,13 +25,13 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from dreambooth.config.schema import load_config
 
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)  # before the heavy imports: a config mistake is reported at once
     _quiet_library_bars()
-    from .checkpoint import Interrupted
-    from .train import run_training
+    from dreambooth.training.checkpoint import Interrupted
+    from dreambooth.training.trainer import run_training
     try:
         summary = run_training(cfg)
     except Interrupted as e:
@@ -42,24 +42,24 @@ def cmd_train(args) -> int:
         print(f"resume with: dreambooth train {' '.join(again)}", file=sys.stderr)
         return 130
     print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}")
-    from .export import formats_of
+    from dreambooth.export.formats import formats_of
     if "diffusers" in formats_of(cfg):
         print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
               f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
     if cfg.finetune == "lora":
-        from .lora import LORA_FILE
+        from dreambooth.models.lora import LORA_FILE
         print(f"LoRA: {Path(cfg.output_dir) / LORA_FILE}  (`dreambooth generate "
               f"{cfg.output_dir} --prompt ...` applies it to {cfg.model})")
     return 0
 
 
 def cmd_classes(args) -> int:
-    from .config import load_config
+    from dreambooth.config.schema import load_config
 
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)
     _quiet_library_bars()
-    from .prior import class_report
+    from dreambooth.data.class_images import class_report
     class_report(cfg)
     return 0
 
@@ -79,7 +79,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .generate import Request, generate, load_pipeline, read_payload, set_scheduler
+    from dreambooth.serve.generate import Request, generate, load_pipeline, read_payload, set_scheduler
 
     fields = read_payload(args.payload) if args.payload else {}
     for name in Request.__dataclass_fields__:
@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
             fields[name] = getattr(args, name)
     request = Request(**fields).check()
     _quiet_library_bars()
-    from .lora import apply_lora, split_lora_run
+    from dreambooth.models.lora import apply_lora, split_lora_run
     # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
     model, lora, base = split_lora_run(args.model, args.lora)
     pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),
@@ -103,26 +103,26 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     _quiet_library_bars()
-    from .export import export_model
+    from dreambooth.export.formats import export_model
     print(export_model(args.model, args.format, args.out, half=args.half, allow_pickle=args.allow_pickle))
     return 0
 
 
 def cmd_bench(args) -> int:
     _quiet_library_bars()
-    from .bench import bench_from_args
+    from dreambooth.bench.run import bench_from_args
     return bench_from_args(args)
 
 
 def cmd_demo(args) -> int:
     _quiet_library_bars()
-    from .demo import run_demo
+    from dreambooth.demo import run_demo
     run_demo(Path(args.out), quiet=args.quiet)
     return 0
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from .bench_table import ROWS  # not .bench: building the parser must not import torch
+    from dreambooth.bench.table import ROWS  # not .bench: building the parser must not import torch
     p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
     p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")

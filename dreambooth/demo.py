@@ -7,7 +7,7 @@ import random
 import shutil
 from pathlib import Path
 
-from .errors import UserError
+from dreambooth.errors import UserError
 
 DEMO_MARKER = ".dreambooth-demo"
 INSTANCE_PROMPT = "a photo of riobugger toy"
@@ -15,7 +15,7 @@ CLASS_PROMPT = "a photo of a toy"
 
 
 def demo_config_path() -> Path:
-    return Path(__file__).parent / "assets" / "demo-tiny.yaml"
+    return Path(__file__).resolve().parent / "assets" / "demo-tiny.yaml"
 
 
 def write_demo_dataset(folder: Path, n: int = 5, size: int = 96, seed: int = 0) -> Path:
@@ -41,9 +41,9 @@ def write_demo_dataset(folder: Path, n: int = 5, size: int = 96, seed: int = 0) 
 
 def run_demo(out: Path, quiet: bool = False) -> dict:
     """Write data, train the tiny model on it, generate two images; prints where everything is."""
-    from .config import load_config
-    from .generate import Request, generate, load_pipeline
-    from .train import run_training
+    from dreambooth.config.schema import load_config
+    from dreambooth.serve.generate import Request, generate, load_pipeline
+    from dreambooth.training.trainer import run_training
 
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():

@@ -57,7 +57,7 @@ bench() {
     "$@" ${BENCH_ARGS:-} >"$RES/bench-$name.log" 2>&1
   echo "bench $name exit $? after $((SECONDS - start)) s" >>"$RES/bench-$name.log"
   if [ ! -s "$RES/bench-$name.md" ] && [ -s "$RES/bench-$name.json" ]; then
-    python3 -c "import json, sys; from dreambooth.bench_table import format_table; \
+    python3 -c "import json, sys; from dreambooth.bench.table import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))" "$RES/bench-$name.json" >"$RES/bench-$name.md" 2>>"$RES/bench-$name.log"
   fi
   tail -n 30 "$RES/bench-$name.log"

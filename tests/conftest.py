@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dreambooth.config import config_from_dict  # noqa: E402
+from dreambooth.config.schema import config_from_dict  # noqa: E402
 from dreambooth.demo import write_demo_dataset  # noqa: E402
-from dreambooth.tiny import TINY_RESOLUTION  # noqa: E402
+from dreambooth.models.builtin import TINY_RESOLUTION  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,7 +56,7 @@ def assert_bits_equal(a, b):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny SD pipeline folder (diffusers layout, safetensors), shared by the whole session."""
-    from dreambooth.tiny import save_tiny_pipeline
+    from dreambooth.models.builtin import save_tiny_pipeline
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import cuda
 
-from dreambooth.bench import SCHEMA, BenchOptions, run_bench
-from dreambooth.bench_table import COMPILED, format_table, merge_runs, ratios
+from dreambooth.bench.run import SCHEMA, BenchOptions, run_bench
+from dreambooth.bench.table import COMPILED, format_table, merge_runs, ratios
 from dreambooth.cli import main
 from dreambooth.errors import UserError
-from dreambooth.models import build_builtin_sd21, model_kind
-from dreambooth.tiny import _sd21_config
+from dreambooth.models.load import build_builtin_sd21, model_kind
+from dreambooth.models.builtin import _sd21_config
 
 
 def _number(x):
@@ -111,7 +111,7 @@ def test_bench_on_cuda_measures_device_memory(tmp_path):
 
 
 def test_rows_take_config_overrides(tmp_path):
-    from dreambooth.bench import row_config
+    from dreambooth.bench.run import row_config
     o = BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1).resolved()
     cfg = row_config("default+compile+compile_mode=reduce-overhead", True, o, tmp_path, tmp_path, tmp_path / "o")
     assert cfg.compile is True and cfg.compile_mode == "reduce-overhead" and cfg.memory_profile == "default"
@@ -133,7 +133,7 @@ def test_gpu_matrix_adds_the_compiled_default_and_its_ratio(monkeypatch):
 def test_compiled_rows_say_where_the_compile_time_went(monkeypatch):
     import torch._dynamo
 
-    from dreambooth import compiling
+    from dreambooth.training import compiling
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")  # dynamo + AOTAutograd, no code generation
     torch._dynamo.reset()
     result = run_bench(BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=2, repeats=1,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import assert_bits_equal, cuda
 
-from dreambooth import cache as cache_module
-from dreambooth.cache import CachedViews, should_cache
-from dreambooth.data import CacheRows, ImageTransform
+from dreambooth.data import latent_cache as cache_module
+from dreambooth.data.latent_cache import CachedViews, should_cache
+from dreambooth.data.dataset import CacheRows, ImageTransform
 from dreambooth.errors import UserError
-from dreambooth.train import Trainer
+from dreambooth.training.trainer import Trainer
 
 
 def _run(make_cfg, tmp_path, name, **overrides):

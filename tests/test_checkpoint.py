@@ -14,10 +14,10 @@ import yaml
 from conftest import cuda, final_unet, max_diff
 from safetensors.torch import load_file, save_file
 
-from dreambooth import checkpoint, checkpoint_store
+from dreambooth.training import checkpoint, checkpoint_store
 from dreambooth.cli import main
 from dreambooth.errors import UserError
-from dreambooth.train import Trainer, run_training
+from dreambooth.training.trainer import Trainer, run_training
 
 # Random crops and flips, a warm-up plus cosine schedule and runs longer than an epoch (4 images), so a resume
 # has a data position, an LR schedule and RNG streams to get right.
@@ -231,7 +231,7 @@ def test_disk_full_stops_cleanly_or_continues(make_cfg, tmp_path, monkeypatch):
 def test_disk_full_while_staging_a_process_state_follows_on_disk_full(make_cfg, tmp_path, monkeypatch):
     import errno
 
-    from dreambooth import checkpoint_ranks
+    from dreambooth.training import checkpoint_ranks
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -282,7 +282,7 @@ def test_nan_weights_are_never_written(make_cfg):
 
 
 def test_half_precision_trainable_weights_are_upcast(make_cfg, monkeypatch):
-    import dreambooth.train as train_module
+    import dreambooth.training.trainer as train_module
     original = train_module.load_components
 
     def half(cfg):

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from dreambooth.cli import main
-from dreambooth.tiny import TINY_RESOLUTION
+from dreambooth.models.builtin import TINY_RESOLUTION
 
 
 def test_demo_end_to_end(tmp_path, capsys):

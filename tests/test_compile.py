@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import cuda
 
-from dreambooth import compiling
-from dreambooth.compiling import PAYBACK_STEPS, compile_unet, resolve_compile
-from dreambooth.memory import apply_memory_profile
-from dreambooth.train import Trainer
+from dreambooth.training import compiling
+from dreambooth.training.compiling import PAYBACK_STEPS, compile_unet, resolve_compile
+from dreambooth.training.memory import apply_memory_profile
+from dreambooth.training.trainer import Trainer
 
 
 VALIDATION = {"validation.enabled": True, "validation.num_inference_steps": 2, "validation.prompts": ["a toy"]}

@@ -1,4 +1,4 @@
-"""Tests for dreambooth.data: folder scanning, image loading, prompts, transforms, dataset and collate."""
+"""Tests for dreambooth.data.dataset: folder scanning, image loading, prompts, transforms, dataset and collate."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.data import (
+from dreambooth.data.dataset import (
     DreamBoothDataset,
     ImageTransform,
     collate,
@@ -22,7 +22,7 @@ from dreambooth.errors import UserError
 
 
 def warnings_from(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "dreambooth.data" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "dreambooth.data.dataset" and r.levelno == logging.WARNING]
 
 
 def save(path, size=(32, 32), color=(200, 100, 50), mode="RGB", **kw):

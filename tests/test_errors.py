@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from dreambooth.cli import main
-from dreambooth.tiny import TINY_RESOLUTION, build_tiny_pipeline
+from dreambooth.models.builtin import TINY_RESOLUTION, build_tiny_pipeline
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 

@@ -12,12 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
-from dreambooth.data import resolve_prompts
+from dreambooth.data.dataset import resolve_prompts
 from dreambooth.errors import UserError
-from dreambooth.export import save_single_file
-from dreambooth.single_file import load_single_file, text_encoder_to_original, unet_to_original, vae_to_original
-from dreambooth.tiny import build_sd21_components, build_tiny_pipeline
-from dreambooth.train import Trainer, run_training
+from dreambooth.export.formats import save_single_file
+from dreambooth.models.single_file import load_single_file, text_encoder_to_original, unet_to_original, vae_to_original
+from dreambooth.models.builtin import build_sd21_components, build_tiny_pipeline
+from dreambooth.training.trainer import Trainer, run_training
 
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -171,7 +171,7 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_partial_one(tmp_path, monk
     leaves the folder as it was."""
     import safetensors.torch
 
-    from dreambooth.export import _atomic_save
+    from dreambooth.export.formats import _atomic_save
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"half a file")

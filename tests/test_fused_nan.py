@@ -11,7 +11,7 @@ import torch
 from conftest import assert_bits_equal
 
 from dreambooth.errors import UserError
-from dreambooth.train import Trainer
+from dreambooth.training.trainer import Trainer
 
 PRIOR = dict(with_prior_preservation=True, num_class_images=2, class_sampling_steps=2, sample_batch_size=2)
 SEQ = {**PRIOR, "prior_mode": "sequential"}

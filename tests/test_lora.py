@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_bits_equal, cuda, max_diff
 
 from dreambooth.cli import main
-from dreambooth.config import config_from_dict
+from dreambooth.config.schema import config_from_dict
 from dreambooth.errors import UserError
-from dreambooth.export import save_kohya
-from dreambooth.lora import LORA_FILE, add_lora_layers, apply_lora, learning_rate, peft_to_kohya, read_lora, save_lora
-from dreambooth.tiny import build_sd21_components, build_tiny_pipeline
-from dreambooth.train import Trainer, run_training
+from dreambooth.export.formats import save_kohya
+from dreambooth.models.lora import LORA_FILE, add_lora_layers, apply_lora, learning_rate, peft_to_kohya, read_lora, save_lora
+from dreambooth.models.builtin import build_sd21_components, build_tiny_pipeline
+from dreambooth.training.trainer import Trainer, run_training
 
 LORA = {"finetune": "lora", "lora.text_encoder": True}
 
@@ -179,7 +179,7 @@ def test_kohya_names_cover_full_size_sd21():
 
 
 def test_lora_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
-    from dreambooth import checkpoint
+    from dreambooth.training import checkpoint
     exact = {**LORA, "max_steps": 5, "random_flip": True, "lr_scheduler": "cosine"}
     run_training(make_cfg(output_dir=str(tmp_path / "straight"), **exact))
 
@@ -210,8 +210,8 @@ def test_lora_mistakes_are_one_line_errors(make_cfg, tmp_path):
 
 
 def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_path):
-    from dreambooth.export import export_model
-    from dreambooth.lora import split_lora_run
+    from dreambooth.export.formats import export_model
+    from dreambooth.models.lora import split_lora_run
     run = tmp_path / "run"
     run.mkdir()
     (run / LORA_FILE).write_bytes(b"")
@@ -247,7 +247,7 @@ def test_lora_fp16_on_cuda_keeps_base_half_and_adapters_fp32(make_cfg):
 def test_rank4_lora_of_full_size_sd21_is_a_few_mb():
     from peft import inject_adapter_in_model
 
-    from dreambooth.lora import lora_config
+    from dreambooth.models.lora import lora_config
     unet = build_sd21_components(device="meta", parts=("unet",))["unet"]
     inject_adapter_in_model(lora_config(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"]), unet)
     n = sum(p.numel() for name, p in unet.named_parameters() if ".lora_" in name)
@@ -267,7 +267,7 @@ def test_lora_without_peft_is_one_clear_error(make_cfg, monkeypatch):
 def test_resolved_lora_rate_is_what_config_yaml_records(make_cfg, tmp_path):
     import yaml
 
-    from dreambooth.config import config_from_dict, config_to_dict, load_config
+    from dreambooth.config.schema import config_from_dict, config_to_dict, load_config
     data = config_to_dict(make_cfg(finetune="lora", max_steps=1))
     del data["learning_rate"]  # left unset: LoRA's default applies
     trainer = Trainer(config_from_dict(data)).setup()

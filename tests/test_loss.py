@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth.loss import add_noise, dreambooth_loss, training_target
+from dreambooth.training.loss import add_noise, dreambooth_loss, training_target
 
 
 def schedule():

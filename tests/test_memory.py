@@ -11,9 +11,9 @@ import torch
 from conftest import assert_bits_equal, cuda, final_unet
 
 from dreambooth.errors import UserError
-from dreambooth.memory import apply_memory_profile, auto_profile
-from dreambooth.paramwise import ParamwiseOptimizer, join_bf16, split_bf16_, stochastic_round_
-from dreambooth.train import Trainer, run_training
+from dreambooth.training.memory import apply_memory_profile, auto_profile
+from dreambooth.training.paramwise import ParamwiseOptimizer, join_bf16, split_bf16_, stochastic_round_
+from dreambooth.training.trainer import Trainer, run_training
 
 LR = 2e-6  # JumpStart's learning rate: far below bf16's resolution for weights of ordinary size
 
@@ -217,7 +217,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     from bitsandbytes.optim import optimizer as bnb_optimizer
 
-    from dreambooth.optim import adamw8bit
+    from dreambooth.training.optim import adamw8bit
     waits = []
 
     def wait(tensor):
@@ -259,8 +259,8 @@ def test_discard_step_forgets_a_half_accumulated_step():
 
 def fused_torch_adamw(monkeypatch, fused_kernel: bool = True) -> None:
     """Make ParamwiseOptimizer's per-tensor AdamW torch's fused kernel (its CUDA choice) or the plain one."""
-    import dreambooth.optim
-    monkeypatch.setattr(dreambooth.optim, "adamw",
+    import dreambooth.training.optim
+    monkeypatch.setattr(dreambooth.training.optim, "adamw",
                         lambda params, name, **kw: torch.optim.AdamW(params, fused=fused_kernel, **kw))
 
 
@@ -369,7 +369,7 @@ def test_8bit_paramwise_fused_on_cuda():
 @pytest.mark.gpu
 def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from dreambooth.optim import adamw8bit
+    from dreambooth.training.optim import adamw8bit
     ours, theirs = _wide().cuda(), _wide().cuda()
     opt_ours, opt_theirs = adamw8bit(ours.parameters(), lr=1e-2), bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2)
     waits = []

@@ -9,9 +9,9 @@ from conftest import assert_bits_equal, max_diff
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.errors import UserError
-from dreambooth.models import load_components, model_kind, resolve_precision
-from dreambooth.optim import resolve_optimizer
-from dreambooth.train import Trainer, run_training
+from dreambooth.models.load import load_components, model_kind, resolve_precision
+from dreambooth.training.optim import resolve_optimizer
+from dreambooth.training.trainer import Trainer, run_training
 
 
 def test_trains_from_a_local_diffusers_folder(make_cfg, tiny_model_dir):
@@ -33,7 +33,7 @@ def test_v_prediction_model_trains_on_the_velocity(make_cfg, tiny_model_dir, tmp
     cfg = make_cfg(model=str(folder), max_steps=1)
     assert load_components(cfg).noise_scheduler.config.prediction_type == "v_prediction"
     seen = []
-    import dreambooth.train as train_module
+    import dreambooth.training.trainer as train_module
     real = train_module.training_target
     monkeypatch.setattr(train_module, "training_target", lambda *a: seen.append(a[-1]) or real(*a))
     Trainer(cfg).setup().train()

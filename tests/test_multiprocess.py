@@ -15,11 +15,11 @@ import yaml
 from conftest import max_diff, second_subject, two_subjects
 from safetensors.torch import load_file, save_file
 
-from dreambooth import checkpoint, checkpoint_ranks
+from dreambooth.training import checkpoint, checkpoint_ranks
 from dreambooth.cli import main
 from dreambooth.errors import UserError
-from dreambooth.tiny import TINY_RESOLUTION
-from dreambooth.train import Trainer, run_training
+from dreambooth.models.builtin import TINY_RESOLUTION
+from dreambooth.training.trainer import Trainer, run_training
 
 BASE = {"model": "builtin:tiny", "resolution": TINY_RESOLUTION, "learning_rate": 1e-3, "gradient_checkpointing": False,
         "validation": {"enabled": False}, "quiet": True}

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth import prior
+from dreambooth.data import class_images as prior
 from dreambooth.errors import UserError
-from dreambooth.train import Trainer
+from dreambooth.training.trainer import Trainer
 
 PRIOR = {"with_prior_preservation": True, "class_sampling_steps": 2, "sample_batch_size": 2}
 
@@ -160,7 +160,7 @@ def test_changed_class_prompt_is_refused_unless_regenerating(make_cfg, subject_d
         prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=3, **{"data.class_prompt": "a photo of a cat"}))
     assert all(r["prompt"] == "a photo of a toy" for r in manifest(folder)["images"].values())  # nothing touched
 
-    with caplog.at_level(logging.WARNING, logger="dreambooth.prior"):  # sampler only: kept, with a warning
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data.class_images"):  # sampler only: kept, with a warning
         prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=3, class_sampler="ddim"))
     assert any("sampler" in r.getMessage() for r in caplog.records)
 

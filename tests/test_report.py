@@ -11,8 +11,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from dreambooth.report import loss_svg, smooth, write_report
-from dreambooth.train import run_training
+from dreambooth.report.page import loss_svg, smooth, write_report
+from dreambooth.training.trainer import run_training
 
 
 class Refs(HTMLParser):
@@ -37,7 +37,7 @@ def refs_of(page: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny run with validation, through run_training (which writes the report)."""
-    from dreambooth.config import config_from_dict
+    from dreambooth.config.schema import config_from_dict
     from dreambooth.demo import write_demo_dataset
     root = tmp_path_factory.mktemp("report")
     data = write_demo_dataset(root / "data", n=4, size=48)
@@ -71,7 +71,7 @@ def test_report_content(run):
 
 
 def test_report_reads_each_subjects_prompts_once(run, monkeypatch):
-    from dreambooth import report
+    from dreambooth.report import page as report
     calls = []
     real = report.prompts_as_trained
     monkeypatch.setattr(report, "prompts_as_trained", lambda *a: calls.append(a) or real(*a))

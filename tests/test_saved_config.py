@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth import memory
-from dreambooth.checkpoint import training_settings
-from dreambooth.config import config_from_dict, load_config, save_config
-from dreambooth.export import formats_of
-from dreambooth.memory import apply_memory_profile
-from dreambooth.tiny import TINY_RESOLUTION
-from dreambooth.train import Trainer
+from dreambooth.training import memory
+from dreambooth.training.checkpoint import training_settings
+from dreambooth.config.schema import config_from_dict, load_config, save_config
+from dreambooth.export.formats import formats_of
+from dreambooth.training.memory import apply_memory_profile
+from dreambooth.models.builtin import TINY_RESOLUTION
+from dreambooth.training.trainer import Trainer
 
 
 def run_data(subject_dir, out: Path, **extra) -> dict:
@@ -96,8 +96,8 @@ def test_resume_from_the_saved_config(subject_dir, tmp_path, monkeypatch):
 def test_lora_export_reads_config_yaml_once(make_cfg, monkeypatch):
     from safetensors import safe_open
 
-    from dreambooth import config
-    from dreambooth.export import export_model
+    from dreambooth.config import schema as config
+    from dreambooth.export.formats import export_model
     cfg = make_cfg(finetune="lora", max_steps=1)
     trainer = Trainer(cfg).setup()
     trainer.save(trainer.train())

@@ -8,12 +8,12 @@ import pytest
 from conftest import second_subject, two_subjects
 from PIL import Image
 
-from dreambooth.data import DreamBoothDataset, ImageTransform, collate
+from dreambooth.data.dataset import DreamBoothDataset, ImageTransform, collate
 from dreambooth.errors import UserError
-from dreambooth.generate import Request, generate, load_pipeline
-from dreambooth.subjects import MultiSubjectDataset, resolve_subjects, subject_schedule
-from dreambooth.tiny import TINY_RESOLUTION
-from dreambooth.train import run_training
+from dreambooth.serve.generate import Request, generate, load_pipeline
+from dreambooth.data.subjects import MultiSubjectDataset, resolve_subjects, subject_schedule
+from dreambooth.models.builtin import TINY_RESOLUTION
+from dreambooth.training.trainer import run_training
 
 
 def test_single_folder_is_a_one_subject_list(make_cfg, subject_dir):
@@ -29,7 +29,7 @@ def test_subject_prompts_must_differ(make_cfg, subject_dir, tmp_path, caplog):
     with pytest.raises(UserError, match="share the instance prompt"):
         resolve_subjects(two_subjects(make_cfg, subject_dir, same))
     (same / "dataset_info.json").write_text(json.dumps({"instance_prompt": "a photo of riobugger toy car"}))
-    with caplog.at_level(logging.WARNING, logger="dreambooth.subjects"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data.subjects"):
         resolve_subjects(two_subjects(make_cfg, subject_dir, same))
     assert any("part of" in r.getMessage() for r in caplog.records)
 

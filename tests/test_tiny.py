@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
 from conftest import assert_bits_equal  # noqa: E402
-from dreambooth.tiny import (  # noqa: E402
+from dreambooth.models.builtin import (  # noqa: E402
     TINY_RESOLUTION,
     asset_path,
     build_sd21_components,

@@ -8,8 +8,8 @@ from conftest import max_diff
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.errors import UserError
-from dreambooth.tiny import TINY_RESOLUTION, build_tiny_pipeline
-from dreambooth.train import Trainer, run_training
+from dreambooth.models.builtin import TINY_RESOLUTION, build_tiny_pipeline
+from dreambooth.training.trainer import Trainer, run_training
 
 
 def state(module):
@@ -19,7 +19,7 @@ def state(module):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short tiny run shared by the assertions below."""
-    from dreambooth.config import config_from_dict
+    from dreambooth.config.schema import config_from_dict
     from dreambooth.demo import write_demo_dataset
     root = tmp_path_factory.mktemp("run")
     data = write_demo_dataset(root / "data", n=4, size=48)

@@ -10,11 +10,11 @@ import torch
 from conftest import assert_bits_equal, cuda
 from PIL import Image
 
-from dreambooth.config import ValidationConfig
+from dreambooth.config.schema import ValidationConfig
 from dreambooth.errors import UserError
-from dreambooth.tiny import TINY_RESOLUTION
-from dreambooth.train import Trainer
-from dreambooth.validation import config_prompts, default_prompts, label_bands, make_grid, validation_steps
+from dreambooth.models.builtin import TINY_RESOLUTION
+from dreambooth.training.trainer import Trainer
+from dreambooth.training.validation import config_prompts, default_prompts, label_bands, make_grid, validation_steps
 
 FAST = {"validation.enabled": True, "validation.num_inference_steps": 2}
 
@@ -120,7 +120,7 @@ def test_log_file_content(make_cfg):
 
 def test_log_file_notes_the_error_that_stopped_the_run(make_cfg, monkeypatch):
     """run_training itself hands the error that stopped training to the log."""
-    from dreambooth.train import run_training
+    from dreambooth.training.trainer import run_training
 
     def boom(self, batches):
         raise RuntimeError("boom")
@@ -162,7 +162,7 @@ def test_kept_validation_checkpoint_exports_that_step(make_cfg, tmp_path):
     step writes the model of that step (constant LR: the same weights as a run of that length)."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth.train import run_training
+    from dreambooth.training.trainer import run_training
     run = tmp_path / "run"
     _train(make_cfg(output_dir=str(run), max_steps=4, keep_last=1, **FAST,
                     **{"validation.steps": [2, 4], "validation.keep_checkpoints": True}))
@@ -176,7 +176,7 @@ def test_kept_validation_checkpoint_exports_that_step(make_cfg, tmp_path):
 
 
 def test_a_validated_checkpoint_step_is_written_once(make_cfg, tmp_path, monkeypatch):
-    from dreambooth import checkpoint_store
+    from dreambooth.training import checkpoint_store
     written = []
     real = checkpoint_store.write_atomic
     monkeypatch.setattr(checkpoint_store, "write_atomic",
@@ -205,7 +205,7 @@ def test_validation_under_fp16_on_cuda(make_cfg, tmp_path):
 
 
 def test_the_final_sweep_is_not_drawn_twice(make_cfg, monkeypatch):
-    from dreambooth.validation import Validator
+    from dreambooth.training.validation import Validator
     drawn = []
     real = Validator.write_sweep
     monkeypatch.setattr(Validator, "write_sweep", lambda self: drawn.append(1) or real(self))

@@ -1,0 +1,111 @@
+"""The benchmark's measuring instruments: device sync, peak memory windows, the bf16 matmul peak, UNet FLOPs."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from dreambooth.training.runlog import peak_rss
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so a timer brackets finished work (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> bool:
+    """Start a fresh peak-memory window; False when the CPU peak cannot be reset (then it is the process's)."""
+    gc.collect()
+    try:  # hand freed heap back to the OS, so the next row's RSS starts low (glibc keeps it otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
+        return True
+    except OSError:
+        return False
+
+
+def status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak); None off Linux."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def read_peak() -> dict:
+    peak = {}
+    if torch.cuda.is_available():
+        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        peak["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    peak["cpu_peak_rss_bytes"] = status_bytes("VmHWM") or peak_rss()
+    return peak
+
+
+def bf16_matmul_peak_tflops(device: torch.device) -> float:
+    """bf16 matrix-product throughput measured here and now: the MFU denominator."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device, autocast_dtype) -> int:
+    """FLOPs of one UNet forward + backward on `images` latents (no checkpointing, so no recomputation).
+
+    Moves `unet` to `device` and leaves gradients on it: pass a copy you will discard."""
+    from torch.utils.flop_counter import FlopCounterMode
+    unet = unet.to(device).train()
+    side = resolution // vae_scale
+    latents = torch.randn(images, unet.config.in_channels, side, side, device=device)
+    embeds = torch.randn(images, 77, unet.config.cross_attention_dim, device=device)
+    t = torch.randint(0, 1000, (images,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = unet(latents, t, embeds).sample
+        out.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+# torch.compile's own timers (seconds, summed over calls) worth reporting: where a row's compile time went.
+COMPILE_PHASES = {"dynamo_and_forward_s": "_compile.compile_inner", "backward_s": "compile_fx.<locals>.bw_compiler",
+                  "aot_joint_trace_s": "aot_trace_joint_graph", "inductor_codegen_s": "GraphLowering.compile_to_module",
+                  "kernel_compile_wait_s": "async_compile.wait"}
+
+
+def compile_snapshot() -> dict[str, float]:
+    """torch.compile's phase timers and cache counters so far in this process (subtract two to get one row's)."""
+    from torch._dynamo.utils import compile_times, counters
+    try:
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # a private API: its shape may change between torch versions
+        names, values = [], []
+    times = dict(zip(names, values))
+    snap = {key: float(times.get(name, 0.0)) for key, name in COMPILE_PHASES.items()}
+    # Cache hits, misses and bypasses of AOTAutograd's and inductor's disk caches (a warm run should hit).
+    snap.update({k: float(v) for group in ("aot_autograd", "inductor") for k, v in counters[group].items()
+                 if "cache" in k})
+    return snap
+
+
+def compile_stats(before: dict[str, float]) -> dict[str, float]:
+    """What compiling cost since `before` (a compile_snapshot)."""
+    after = compile_snapshot()
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v - before.get(k, 0.0)}

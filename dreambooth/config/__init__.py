@@ -1,0 +1,1 @@
+"""The run's configuration: the schema (schema.py) and reading and writing config files (parse.py)."""

@@ -1,0 +1,214 @@
+"""Config text in and out: value coercion, YAML/JSON reading, dotted overrides, config.yaml writing, the option table."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from dreambooth.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from dreambooth.config.schema import Config
+
+
+def doc_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+# ----------------------------------------------------------------------------------------------- coercion
+
+_NONE_STRINGS = {"none", "null", "~", ""}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+class _Bad(Exception):
+    """A value that does not fit its type; the message says what was expected."""
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS):
+            return None
+        return _coerce(value, inner[0], where, problems)
+    if value is None:
+        raise _Bad("must not be empty")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Bad(f"expected a mapping of {', '.join(f.name for f in doc_fields(tp))}")
+        return build(tp, value, where, problems)
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is Literal:
+        for choice in args:
+            if str(value).strip().lower() == str(choice).lower():
+                return choice
+        if True in args and str(value).strip().lower() in _TRUE | _FALSE:  # yes/no, on/off as for plain booleans
+            return str(value).strip().lower() in _TRUE
+        raise _Bad(f"got {value!r}; choose one of {', '.join(str(a) for a in args)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise _Bad(f"expected true or false, got {value!r}")
+    if tp is int:
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise _Bad(f"expected a whole number, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+            raise _Bad(f"expected a whole number, got {value!r}")
+        return int(number)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise _Bad(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise _Bad(f"expected text, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def build(cls, data: dict, prefix: str, problems: list[str]):
+    """Make a `cls` from a plain dict, appending every problem (unknown key, bad value) to `problems`."""
+    known = {f.name: f for f in doc_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
+            problems.append(f"unknown key '{where}': {hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{where}.", problems)
+        except _Bad as e:
+            problems.append(f"'{where}' {e}")
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = first_line(e)
+        raise UserError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict, item: str) -> str:
+    """Set `a.b=value` in the nested dict, the value parsed as a YAML scalar or list; returns the key."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{item}' is not of the form key=value (e.g. max_steps=400)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return key.strip()
+
+
+def flatten_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        keys.add(prefix + str(k))
+        if isinstance(v, dict):
+            keys |= flatten_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain-data form of the config, as written to output_dir/config.yaml (without the fields the schema marks
+    internal, which are all top-level: provided, resolved)."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            del out[f.name]
+    return out
+
+
+def flatten_config(cfg: Config, skip: set[str] = frozenset()) -> dict[str, Any]:
+    """The config as {dotted key: value}, leaving out the top-level keys in `skip`."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if not prefix and key in skip:
+                continue
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
+def _scalar(value: Any) -> str:
+    """A scalar as YAML shows it (true, null, bf16), for comparing and for comments."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write config.yaml as a rerunnable record: each key as the user gave it (auto where this machine resolved it),
+    with what this run resolved in a comment."""
+    data, notes = config_to_dict(cfg), {}
+    for key, (given, value, why) in cfg.resolved.items():
+        data[key], notes[key] = given, f"{_scalar(value)} ({why})" if why else _scalar(value)
+    if cfg.finetune == "lora" and "export_formats" not in cfg.provided:
+        from dreambooth.export.formats import formats_of
+        # Unset, a LoRA run exports its LoRA alone; the written default [diffusers] would add a merged pipeline.
+        data["export_formats"] = formats_of(cfg)
+    text = ""
+    for key, value in data.items():  # one key at a time, so a comment lands on that key's line
+        entry = yaml.safe_dump({key: value}, sort_keys=False)
+        if key in notes:
+            entry = entry.rstrip("\n") + f"  # this run: {notes[key]}\n"
+        text += entry
+    Path(path).write_text(text)
+
+
+def schema_rows(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every option, nested sections flattened; used for README's table."""
+    if cls is None:
+        from dreambooth.config.schema import Config  # lazy: config.py imports this module
+        cls = Config
+    rows = []
+    for f in doc_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += schema_rows(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,262 @@
+"""Typed run configuration: the schema, loading with dotted overrides, and validation.
+
+Top-level keys carry JumpStart's hyperparameter names and defaults, so a JumpStart hyperparameters dict
+(string values included: "True", "None", "2e-06") pastes in unchanged. Our own options sit beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dreambooth.config.parse import apply_override, build, flatten_keys, read_file
+# re-exported: callers use dreambooth.config.schema as the one config API
+from dreambooth.config.parse import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
+from dreambooth.errors import UserError
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def opt(default: Any, doc: str, **kw) -> Any:
+    """A schema field with its one-line documentation."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(d)) if isinstance(default, (list, dict)) else type(default)
+        return field(default_factory=factory, metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = opt(None, "JumpStart-format folder: instance images plus dataset_info.json.")
+    instance_prompt: Optional[str] = opt(None, "Prompt naming the subject; overrides dataset_info.json.")
+    class_prompt: Optional[str] = opt(None, "Prompt for the subject's class; overrides dataset_info.json.")
+    class_data_dir: Optional[str] = opt(None, "Folder of class images (default: <dir>/class_data_dir).")
+
+
+@dataclass
+class SubjectConfig:
+    dir: str = opt("", "JumpStart-format folder of this subject.")
+    instance_prompt: Optional[str] = opt(None, "Prompt naming this subject; overrides its dataset_info.json.")
+    class_prompt: Optional[str] = opt(None, "Class prompt of this subject; overrides its dataset_info.json.")
+    class_data_dir: Optional[str] = opt(None, "Class image folder of this subject (default: <dir>/class_data_dir).")
+    num_class_images: Optional[int] = opt(None, "Class images for this subject (default: num_class_images).")
+    weight: float = opt(1.0, "Relative share of batches drawn from this subject (subject_sampling: weighted).")
+
+
+@dataclass
+class ValidationConfig:
+    enabled: bool = opt(True, "Generate validation images during training.")
+    prompts: Optional[list[str]] = opt(None, "Prompts (default: subject, on the beach, pencil sketch, class).")
+    steps: Optional[list[int]] = opt(None, "Steps at which to validate (default 50,100,200,400,800 within the run).")
+    every_n_steps: Optional[int] = opt(None, "Validate every N steps instead of at `steps`.")
+    num_images: int = opt(1, "Images per prompt at each validation.")
+    seed: int = opt(0, "Seed of the validation images; fixed so steps compare like for like.")
+    negative_prompt: Optional[str] = opt(None, "Negative prompt for validation images.")
+    num_inference_steps: int = opt(25, "Sampler steps per validation image.")
+    guidance_scale: float = opt(7.5, "Classifier-free guidance scale for validation images.")
+    keep_checkpoints: bool = opt(False, "Keep a checkpoint at each validation step so any step can be exported.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(4, "LoRA rank.")
+    alpha: float = opt(4.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA layers.")
+    text_encoder: bool = opt(False, "Also train LoRA layers in the text encoder.")
+
+
+@dataclass
+class Config:
+    # --- the base model and output ---
+    model: str = opt("stabilityai/stable-diffusion-2-1-base", "Base model: hub id, local diffusers folder or .safetensors file.")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
+    variant: Optional[str] = opt(None, "Weight file variant of the base model, e.g. fp16.")
+    output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.")
+    data: DataConfig = opt(DataConfig(), "The subject's images and prompts.")
+    subjects: list[SubjectConfig] = opt([], "Several subjects trained in one run (instead of `data`).")
+    # --- JumpStart hyperparameters, JumpStart defaults ---
+    epochs: int = opt(20, "Passes over the instance images (JumpStart).")
+    max_steps: Optional[int] = opt(None, "Optimisation steps; when set, overrides epochs (JumpStart).")
+    batch_size: int = opt(1, "Instance images per step (JumpStart).")
+    learning_rate: float = opt(2e-6, "Peak learning rate (JumpStart).")
+    with_prior_preservation: bool = opt(False, "Add the class-image prior loss (JumpStart).")
+    num_class_images: int = opt(100, "Class images wanted; missing ones are sampled (JumpStart).")
+    prior_loss_weight: float = opt(1.0, "Weight of the prior loss (JumpStart).")
+    center_crop: bool = opt(False, "Centre-crop instead of random crop (JumpStart).")
+    lr_scheduler: Literal[LR_SCHEDULERS] = opt("constant", "Learning-rate schedule (JumpStart).")
+    adam_weight_decay: float = opt(0.01, "AdamW weight decay (JumpStart).")
+    adam_beta1: float = opt(0.9, "AdamW beta1 (JumpStart).")
+    adam_beta2: float = opt(0.999, "AdamW beta2 (JumpStart).")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon (JumpStart).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimisation step (JumpStart).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (JumpStart).")
+    seed: int = opt(0, "Seed of everything random; same seed, same machine, same weights (JumpStart).")
+    # --- training, ours ---
+    resolution: int = opt(512, "Training image size in pixels (multiple of 8).")
+    random_flip: bool = opt(False, "Randomly flip training images horizontally.")
+    lr_warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("auto", "Compute precision; auto = fp16 on CUDA, no on CPU.")
+    gradient_checkpointing: Literal["auto", True, False] = opt(True, "Recompute activations in backward to save memory; auto = the memory profile's choice.")
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = opt("auto", "Optimizer; auto = adamw8bit on CUDA, adamw on CPU.")
+    train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
+    finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
+    lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    # --- prior preservation and several subjects ---
+    prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
+    subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
+    sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).")
+    class_sampler: Literal["dpm++", "pndm", "ddim", "euler"] = opt("dpm++", "Scheduler for class-image sampling.")
+    class_sampling_steps: Optional[int] = opt(None, "Sampler steps per class image (default 25; 50 for pndm).")
+    class_guidance_scale: float = opt(7.5, "Guidance scale for class-image sampling.")
+    class_negative_prompt: Optional[str] = opt(None, "Negative prompt for class-image sampling.")
+    regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.")
+    # --- speed and memory ---
+    cache_latents: Literal["auto", True, False] = opt("auto", "Encode images with the VAE once; auto = whenever valid.")
+    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.")
+    latent_cache_views: int = opt(8, "Augmented views cached per image when crops/flips are random.")
+    memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
+    compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.")
+    allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    # --- checkpoints and safety ---
+    checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).")
+    keep_last: Optional[int] = opt(2, "Checkpoints to keep; older ones are pruned after a new one is complete.")
+    resume: Optional[str] = opt(None, "Resume from `latest` or a checkpoint folder.")
+    resume_force: bool = opt(False, "Resume even when training-relevant settings differ.")
+    nan_patience: int = opt(20, "Consecutive non-finite steps tolerated before stopping.")
+    allow_pickle: bool = opt(False, "Allow loading pickle-based weight files (.ckpt/.bin/.pt) you trust.")
+    on_disk_full: Literal["stop", "continue"] = opt("stop", "When a checkpoint will not fit on disk: stop, or train on unsaved.")
+    # --- output, validation and logging ---
+    export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.")
+    validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.")
+    log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.")
+    quiet: bool = opt(False, "No progress bars (for logs).")
+
+    # Dotted keys the user set explicitly (YAML or overrides), so later code can tell a default from a choice.
+    provided: set = field(default_factory=set, repr=False, compare=False, metadata={"internal": True})
+    # Top-level keys this machine resolved (memory profile, auto): key -> (value as given, value resolved, why).
+    # config.yaml writes the value as given, so a rerun on another card resolves them afresh.
+    resolved: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+
+
+# Keys that do not change the math of training: they may differ between a run and its resume.
+NON_TRAINING_KEYS = {
+    "output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet", "log_with",
+    "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile", "compile_mode",
+    "regenerate_class_images", "cache_prompts",
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML (or JumpStart hyperparameters JSON) file, apply `key=value` overrides, validate."""
+    source = str(path) if path else "the command line"
+    data = read_file(Path(path)) if path else {}
+    for item in overrides:
+        apply_override(data, item)
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Build and validate a Config from a plain dict; raises one UserError listing every problem."""
+    problems: list[str] = []
+    cfg = build(Config, data, "", problems)
+    cfg.provided = flatten_keys(data)
+    problems += validate(cfg)
+    if problems:
+        if len(problems) == 1:
+            raise UserError(f"{source}: {problems[0]}")
+        raise UserError(f"{source} has {len(problems)} problems:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every cross-field and range problem of a config, each naming its key and the fix."""
+    p = []
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            p.append(msg)
+
+    need(cfg.learning_rate > 0, f"'learning_rate' must be > 0 (got {cfg.learning_rate}); JumpStart's default is 2e-06")
+    need(cfg.epochs >= 1, f"'epochs' must be >= 1 (got {cfg.epochs})")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, f"'max_steps' must be >= 1 or None (got {cfg.max_steps})")
+    need(cfg.batch_size >= 1, f"'batch_size' must be >= 1 (got {cfg.batch_size})")
+    need(cfg.resolution >= 8 and cfg.resolution % 8 == 0,
+         f"'resolution' must be a positive multiple of 8 (got {cfg.resolution}); e.g. 512")
+    need(cfg.num_class_images >= 1, f"'num_class_images' must be >= 1 (got {cfg.num_class_images})")
+    need(cfg.prior_loss_weight >= 0, f"'prior_loss_weight' must be >= 0 (got {cfg.prior_loss_weight})")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, name) < 1, f"'{name}' must be in [0, 1) (got {getattr(cfg, name)})")
+    need(cfg.adam_epsilon > 0, f"'adam_epsilon' must be > 0 (got {cfg.adam_epsilon})")
+    need(cfg.adam_weight_decay >= 0, f"'adam_weight_decay' must be >= 0 (got {cfg.adam_weight_decay})")
+    need(cfg.gradient_accumulation_steps >= 1,
+         f"'gradient_accumulation_steps' must be >= 1 (got {cfg.gradient_accumulation_steps})")
+    need(cfg.max_grad_norm > 0, f"'max_grad_norm' must be > 0 (got {cfg.max_grad_norm})")
+    need(cfg.lr_warmup_steps >= 0, f"'lr_warmup_steps' must be >= 0 (got {cfg.lr_warmup_steps})")
+    need(cfg.latent_cache_views >= 1, f"'latent_cache_views' must be >= 1 (got {cfg.latent_cache_views})")
+    need(cfg.nan_patience >= 1, f"'nan_patience' must be >= 1 (got {cfg.nan_patience})")
+    need(cfg.checkpoint_steps is None or cfg.checkpoint_steps >= 1,
+         f"'checkpoint_steps' must be >= 1 or None (got {cfg.checkpoint_steps})")
+    need(cfg.keep_last is None or cfg.keep_last >= 1, f"'keep_last' must be >= 1 or None (got {cfg.keep_last})")
+    need(cfg.sample_batch_size is None or cfg.sample_batch_size >= 1,
+         f"'sample_batch_size' must be >= 1 (got {cfg.sample_batch_size})")
+    need(cfg.class_sampling_steps is None or cfg.class_sampling_steps >= 1,
+         f"'class_sampling_steps' must be >= 1 (got {cfg.class_sampling_steps})")
+    need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
+    need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
+    need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
+    if cfg.subjects and cfg.data.dir:
+        p.append("set either 'data.dir' (one subject) or 'subjects' (several), not both")
+    elif not cfg.subjects and not cfg.data.dir:
+        p.append("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)")
+    for i, s in enumerate(cfg.subjects):
+        need(bool(s.dir.strip()), f"'subjects[{i}].dir' must name the subject's folder")
+        need(s.weight > 0, f"'subjects[{i}].weight' must be > 0 (got {s.weight})")
+        need(s.num_class_images is None or s.num_class_images >= 1, f"'subjects[{i}].num_class_images' must be >= 1")
+    v = cfg.validation
+    need(v.num_images >= 1, f"'validation.num_images' must be >= 1 (got {v.num_images})")
+    need(v.num_inference_steps >= 1, f"'validation.num_inference_steps' must be >= 1 (got {v.num_inference_steps})")
+    need(all(s >= 1 for s in v.steps or []), f"'validation.steps' must be positive step numbers (got {v.steps})")
+    need(v.every_n_steps is None or v.every_n_steps >= 1, f"'validation.every_n_steps' must be >= 1")
+    bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
+    need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
+    lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]
+    need(cfg.finetune == "lora" or not lora_only,
+         f"'export_formats' {lora_only} need a LoRA: set finetune: lora, or drop them for a full fine-tune")
+    need(cfg.lora.alpha > 0, f"'lora.alpha' must be > 0 (got {cfg.lora.alpha})")
+    need(bool(cfg.export_formats) or cfg.finetune == "lora",
+         "'export_formats' is empty, so training would write no model: list at least diffusers")
+    return p
+
+
+def subjects_of(cfg: Config) -> list[SubjectConfig]:
+    """The run's subjects: `subjects` as given, or the single `data` folder as a one-element list."""
+    if cfg.subjects:
+        return cfg.subjects
+    d = cfg.data
+    return [SubjectConfig(dir=d.dir or "", instance_prompt=d.instance_prompt, class_prompt=d.class_prompt,
+                          class_data_dir=d.class_data_dir)]
+
+
+def backward_passes(cfg: Config) -> int:
+    """Backward passes in one optimisation step: one per micro-batch, two with the sequential prior."""
+    sequential = cfg.with_prior_preservation and cfg.prior_mode == "sequential"
+    return cfg.gradient_accumulation_steps * (2 if sequential else 1)
+
+
+def resolved_values(cfg: Config) -> dict[str, Any]:
+    """What this run resolved each auto key to: {key: value resolved} (train_summary.json, export headers)."""
+    return {key: value for key, (_, value, _) in cfg.resolved.items()}
+
+
+def resolve_key(cfg: Config, key: str, value: Any, why: str = "", apply: bool = True) -> None:
+    """Record that this run resolved top-level `key` (one that accepts auto) to `value`; set it too if `apply`.
+    config.yaml then writes the value as given: the user's, or auto when unset."""
+    given = getattr(cfg, key) if key in cfg.provided else "auto"
+    given = cfg.resolved.get(key, (given,))[0]  # resolved twice: the first call saw the value as given
+    cfg.resolved[key] = (given, value, why)
+    if apply:
+        setattr(cfg, key, value)
+

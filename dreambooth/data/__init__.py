@@ -1,0 +1,1 @@
+"""Training data: JumpStart-format folders, subjects, class images for prior preservation, the latent cache."""

@@ -1,0 +1,283 @@
+"""Dataset folder reading, image loading and the training transforms/dataset for DreamBooth."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from dreambooth.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+INFO_FILE = "dataset_info.json"
+INFO_KEYS = ("instance_prompt", "class_prompt")
+CLASS_MANIFEST = "manifest.json"  # written by dreambooth.data.class_images beside generated class images
+
+
+def read_dataset_info(folder) -> dict:
+    """Read FOLDER/dataset_info.json into {"instance_prompt": str, "class_prompt": str}; {} if the file is absent."""
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM Windows editors add
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; save it as UTF-8 text") from None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                        'fix it, e.g. {"instance_prompt": "a photo of sks dog"}') from None
+    if not isinstance(info, dict):
+        raise UserError(f'{path} must hold a JSON object like {{"instance_prompt": "...", "class_prompt": "..."}}')
+    for key in info:
+        if key not in INFO_KEYS:
+            raise UserError(f"{path}: unknown key {key!r}; allowed keys are {', '.join(INFO_KEYS)}")
+    for key, value in info.items():
+        if not isinstance(value, str):
+            raise UserError(f"{path}: {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise UserError(f"{path}: {key!r} is empty; write a prompt or remove the key")
+    return {key: value.strip() for key, value in info.items()}
+
+
+def resolve_prompts(folder, instance_prompt=None, class_prompt=None):
+    """Merge prompts from the YAML config (these win) with dataset_info.json; return (instance, class or None)."""
+    info = read_dataset_info(_check_folder(folder))  # a missing folder is the real error, not a missing prompt
+    resolved = []
+    for key, given in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
+        given = given.strip() if isinstance(given, str) and given.strip() else None  # blank YAML = unset
+        from_json = info.get(key)
+        if given and from_json and given != from_json:
+            logger.warning("data.%s %r in the YAML config differs from %r in %s; YAML wins",
+                           key, given, from_json, Path(folder) / INFO_FILE)
+        resolved.append(given or from_json)
+    if not resolved[0]:
+        raise UserError(f"no instance prompt for {folder}: add {INFO_FILE} with "
+                        '{"instance_prompt": "a photo of sks dog"} or set data.instance_prompt in the config')
+    return resolved[0], resolved[1]
+
+
+def _check_folder(folder) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"image folder {folder} does not exist; check the data path in the config")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; point the data path at the folder holding the images")
+    return folder
+
+
+def _short_list(names, limit=20) -> str:
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
+    """Image files at the top of FOLDER (not recursive), sorted by name; anything else skipped is warned once."""
+    folder = _check_folder(folder)
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise UserError(f"cannot list {folder}: {e}; check its permissions") from None
+    images, skipped = [], []
+    for entry in entries:
+        if entry.name in (INFO_FILE, CLASS_MANIFEST) or entry.name in exclude:
+            continue  # expected companions of the images: not worth a warning
+        is_dir = entry.is_dir()
+        # Hidden entries include macOS "._x.jpg" resource forks, which have an image suffix but are not images.
+        if entry.name.startswith(".") or is_dir or entry.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(entry.name + ("/" if is_dir else ""))
+        else:
+            images.append(entry)
+    if skipped:
+        logger.warning("skipping %d non-image entries in %s: %s", len(skipped), folder, _short_list(skipped))
+    return images
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent areas become white (the usual background for product shots)."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # PIL clips these to 0..255 instead of scaling, which would turn a 16-bit photo nearly white.
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.max() > 255:
+            arr = arr / 257.0
+        elif img.mode == "F" and arr.max() <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # P, L, 1, CMYK, YCbCr, ...
+
+
+def load_image(path) -> Image.Image:
+    """Open PATH fully decoded, upright per its EXIF orientation, in RGB; errors propagate to the caller."""
+    with Image.open(path) as img:
+        img.load()  # decode now so a truncated file fails here, not mid-training
+        out = _to_rgb(ImageOps.exif_transpose(img))
+    return out if out is not img else img.copy()  # never hand out an image tied to the closed file
+
+
+def load_images(folder, resolution, exclude=("class_data_dir",)):
+    """Load every image in FOLDER as RGB; skip unreadable ones with a warning. Returns (images, paths)."""
+    return load_image_files(list_images(folder, exclude), resolution, folder)
+
+
+def load_image_files(files, resolution, folder, decoded: dict | None = None):
+    """Load the image FILES (of FOLDER) as RGB; skip unreadable ones with a warning. Returns (images, paths).
+    DECODED {path: image}, if given, supplies images decoded before and keeps the ones decoded here."""
+    images, paths, small = [], [], []
+    decoded = {} if decoded is None else decoded
+    for path in files:
+        try:
+            if path not in decoded:
+                decoded[path] = load_image(path)
+            img = decoded[path]
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            logger.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+            continue
+        if min(img.size) < resolution:
+            small.append(f"{path.name} ({img.width}x{img.height})")
+        images.append(img)
+        paths.append(path)
+    if small:
+        logger.warning("%d images in %s are smaller than %d px on the shorter side and will be upscaled: %s",
+                       len(small), folder, resolution, _short_list(small))
+    if not images:
+        raise UserError(f"no usable images in {folder}: add {'/'.join(IMAGE_EXTENSIONS)} files")
+    return images, paths
+
+
+class ImageTransform:
+    """Resize shorter side to `resolution`, crop (center or random), optionally flip, map to [-1, 1] CHW float."""
+
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False):
+        self.resolution = int(resolution)
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        # id(img) -> (img, resized uint8 HWC array); holding img keeps its id from being reused.
+        self._cache: dict[int, tuple[Image.Image, np.ndarray]] = {}
+
+    @property
+    def is_deterministic(self) -> bool:
+        """True when the output depends only on the image (so latents can be cached once)."""
+        return self.center_crop and not self.random_flip
+
+    def resized(self, img: Image.Image) -> np.ndarray:
+        """The image with its shorter side at `resolution`, as uint8 HWC; cached per image object."""
+        hit = self._cache.get(id(img))
+        if hit is not None and hit[0] is img:
+            return hit[1]
+        w, h = img.size
+        scale = self.resolution / min(w, h)
+        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+        # np.array (a writable copy): torch.from_numpy warns on the read-only arrays np.asarray gives for PIL.
+        arr = np.array(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+        self._cache[id(img)] = (img, arr)
+        return arr
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        arr = self.resized(img)
+        h, w = arr.shape[:2]
+        r = self.resolution
+        if self.center_crop:
+            top, left = round((h - r) / 2), round((w - r) / 2)
+        else:
+            top = int(torch.randint(0, h - r + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - r + 1, (1,), generator=generator))
+        arr = arr[top:top + r, left:left + r]
+        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+            arr = arr[:, ::-1]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+        return (x / 127.5 - 1.0).contiguous()
+
+
+def mixed_seed(*keys: int) -> int:
+    """A 63-bit seed made from KEYS, identical across processes and restarts."""
+    # SeedSequence mixes the ints well (unlike seed + index) and, unlike hash(), is stable across runs.
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A torch.Generator seeded from (seed, epoch, index), identical across processes and restarts."""
+    return torch.Generator().manual_seed(mixed_seed(seed, epoch, index))
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images + prompt, optionally class (prior-preservation) images + prompt, transformed per item."""
+
+    def __init__(self, instance_images, instance_prompt, transform, class_images=None, class_prompt=None,
+                 seed: int = 0, name: str | None = None):
+        if not instance_images:
+            raise ValueError("DreamBoothDataset needs at least one instance image")
+        if class_images and not class_prompt:
+            raise ValueError("class images need a class prompt")
+        self.instance_images = list(instance_images)
+        self.instance_prompt = instance_prompt
+        self.class_images = list(class_images or [])
+        self.class_prompt = class_prompt
+        self.transform = transform
+        self.seed = seed
+        self.name = name  # the subject's name, carried by each item for per-subject losses
+        self.epoch = 0
+
+    @property
+    def has_class(self) -> bool:
+        return bool(self.class_images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random crops/flips of EPOCH; call before iterating each epoch (and when resuming)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        # Same choice as diffusers' train_dreambooth: with class images the epoch is as long as the larger set,
+        # so every class image is seen each epoch; the smaller set wraps around (index modulo its size).
+        return max(len(self.instance_images), len(self.class_images))
+
+    def __getitem__(self, index: int) -> dict:
+        generator = item_generator(self.seed, self.epoch, index)
+        img = self.instance_images[index % len(self.instance_images)]
+        item = {"pixel_values": self.transform(img, generator), "prompt": self.instance_prompt}
+        if self.class_images:
+            img = self.class_images[index % len(self.class_images)]
+            item["class_pixel_values"] = self.transform(img, generator)
+            item["class_prompt"] = self.class_prompt
+        if self.name is not None:
+            item["subject"] = self.name
+        return item
+
+
+class CacheRows(list):
+    """A batch's latent-cache rows (see dreambooth.data.latent_cache), standing in for its pixels once latents are cached."""
+
+
+def _stack(values: list):
+    """Pixel tensors as one [B,3,R,R] tensor; cache rows (ints) as CacheRows."""
+    return torch.stack(values).contiguous() if isinstance(values[0], torch.Tensor) else CacheRows(values)
+
+
+def collate(examples: list[dict]) -> dict:
+    """Batch dataset items: stacked [B,3,R,R] pixel tensors (or CacheRows), prompt lists, and `has_class`."""
+    has_class = "class_pixel_values" in examples[0]
+    if any(("class_pixel_values" in e) != has_class for e in examples):
+        raise ValueError("collate got a mix of items with and without class images")
+    batch = {
+        "pixel_values": _stack([e["pixel_values"] for e in examples]),
+        "prompts": [e["prompt"] for e in examples],
+        "has_class": has_class,
+    }
+    if has_class:
+        batch["class_pixel_values"] = _stack([e["class_pixel_values"] for e in examples])
+        batch["class_prompts"] = [e["class_prompt"] for e in examples]
+    if "subject" in examples[0]:
+        batch["subjects"] = [e["subject"] for e in examples]
+    return batch

@@ -1,0 +1,1 @@
+"""What a run writes at the end: the diffusers pipeline folder, single files, LoRA and kohya files."""

@@ -1,0 +1,126 @@
+"""The output folder: refuse foreign or unwritable places before anything is written, mark it as ours, and swap
+a saved pipeline in only once it is complete; the Trainer's summary(), pipeline() and save() are mixed in
+from here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dreambooth import __version__
+from dreambooth.errors import UserError
+from dreambooth.training.runlog import run_summary
+
+MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
+
+
+def check_output_dir(path: str) -> Path:
+    """Refuse a non-empty foreign folder or an unwritable place, before anything is written."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: choose a folder path for output_dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"output_dir {out} is not empty and was not written by dreambooth: "
+                        "choose a new output_dir or empty that folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output_dir {out} is inside {parent}, which is a file: choose a folder path for output_dir")
+    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try a real, unnamed file
+        writable = os.access(parent, os.W_OK)
+        if writable:
+            tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        writable = False
+    if not writable:
+        raise UserError(f"output_dir {out} cannot be written ({parent} is read-only): choose a writable output_dir")
+    return out
+
+
+def mark_output_dir(out: Path) -> None:
+    """Create the folder and the marker that lets later runs (and resumes) write into it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
+
+
+def write_pipeline(pipe, out: Path) -> None:
+    """save_pretrained into out/.saving (safetensors), then move each part over the old one.
+
+    model_index.json, which makes the folder loadable, goes first and comes back last: a crash mid-swap leaves
+    a folder that refuses to load rather than one that loads a mix of two models."""
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    prefix_text_encoder_keys(tmp / "text_encoder")
+    (out / "model_index.json").unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
+
+
+def prefix_text_encoder_keys(folder: Path) -> None:
+    """Write CLIPTextModel weights under `text_model.`, as the published SD 2.x files have them.
+
+    transformers 5 saves them without the prefix; transformers 4 would then silently start from random weights
+    (it loads both forms; 5 loads both too)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = folder / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("architectures") != ["CLIPTextModel"]:
+        return
+    index = folder / "model.safetensors.index.json"
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+        tensors = load_file(str(path))
+        if all(k.startswith("text_model.") for k in tensors):
+            continue
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
+                  str(path), metadata=metadata)
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
+                              for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+class TrainerOutput:
+    """The trained result of the Trainer and what save() writes; uses its cfg, components, accelerator and out."""
+
+    def summary(self) -> dict:
+        return run_summary(self)
+
+    def pipeline(self):
+        """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
+        from dreambooth.models.load import load_frozen, sd_pipeline
+        c, unwrap = self.components, self.accelerator.unwrap_model
+        text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
+        vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
+        unet = unwrap(self.unet).to("cpu", torch.float32)
+        if self.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
+            self.paramwise.export_master_weights_()
+        return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
+                           c.scheduler)
+
+    def save(self, summary: dict | None = None) -> Path:
+        """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (safetensors, swapped
+        in when complete), a LoRA run's LoRA file, single-file and kohya exports (export.py)."""
+        if not self.accelerator.is_main_process:
+            return self.out
+        from dreambooth.export.formats import export_run
+        pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
+        if pipe is not None:
+            write_pipeline(pipe, self.out)
+        if summary is not None:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return self.out

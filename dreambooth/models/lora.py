@@ -1,0 +1,208 @@
+"""LoRA fine-tuning via peft: add adapter layers for training, save them as diffusers' LoRA file, apply one to a
+pipeline for inference, and merge one into a full pipeline."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dreambooth.errors import UserError, first_line
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
+ADAPTER = "default"  # peft's adapter name while training
+DEFAULT_LORA_LR = 1e-4  # LoRA updates few, small matrices: 1e-4 is the common DreamBooth-LoRA rate
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
+
+
+def require_peft() -> None:
+    """LoRA layers come from peft, an optional dependency: say how to get it instead of failing on import."""
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("LoRA needs the peft package: pip install peft (or pip install -e '.[lora]')")
+
+
+def lora_config(rank: int, alpha: float, targets: list[str]):
+    """A peft LoraConfig; gaussian init of A with B = 0, so the wrapped model starts equal to the base."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def trains_text_encoder_lora(cfg) -> bool:
+    """With finetune: lora the text encoder trains through LoRA layers too (lora.text_encoder or train_text_encoder)."""
+    return cfg.finetune == "lora" and (cfg.lora.text_encoder or cfg.train_text_encoder)
+
+
+def learning_rate(cfg) -> float:
+    """The user's learning_rate, or 1e-4 for LoRA runs that left it unset (JumpStart's 2e-6 is for full weights)."""
+    if cfg.finetune == "lora" and "learning_rate" not in cfg.provided:
+        return DEFAULT_LORA_LR
+    return cfg.learning_rate
+
+
+def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from peft import inject_adapter_in_model
+    try:
+        if isinstance(model, PeftAdapterMixin):
+            model.add_adapter(config, adapter_name=ADAPTER)  # diffusers' own hook, so it knows the adapter
+        else:
+            # transformers' add_adapter insists on a newer peft than diffusers needs; peft's injector is enough.
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:
+        first = first_line(e)
+        raise UserError(f"'{key}' {sorted(config.target_modules)} matched no layer of the {what} ({first}): use "
+                        "attention projection names such as to_q, to_k, to_v, to_out.0") from None
+
+
+def add_lora_layers(components, cfg, device, dtype: torch.dtype) -> None:
+    """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 LoRA layers."""
+    from dreambooth.models.load import trainable_dtype_fix
+    modules = [(components.unet, lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules), "UNet",
+                "lora.target_modules")]
+    if trains_text_encoder_lora(cfg):
+        modules.append((components.text_encoder, lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS),
+                        "text encoder", "lora.text_encoder"))
+    for model, config, what, key in modules:
+        model.requires_grad_(False).to(device, dtype)
+        _inject(model, config, what, key)
+        model.to(device)
+        # fp16 master weights cannot be unscaled by the grad scaler: only the small LoRA tensors go to fp32.
+        trainable_dtype_fix(model)
+    components.text_encoder.train(trains_text_encoder_lora(cfg))
+
+
+def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None):
+    """The LoRA tensors (peft names, on CPU, fp32) of the UNet and, if it has any, the text encoder."""
+    from peft.utils import get_peft_model_state_dict
+
+    def grab(model):
+        if model is None or not any("lora_" in n for n, _ in model.named_parameters()):
+            return None
+        state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return grab(unet), grab(text_encoder)
+
+
+def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str] | None = None) -> Path:
+    """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.export.formats import _atomic_save  # export imports this module (lazily), so lazily here too
+    unet_state, te_state = lora_state_dicts(unet, text_encoder)
+    unet_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules).to_dict()
+    te_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS).to_dict()
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=LORA_FILE,
+            unet_lora_adapter_metadata=_json_safe(unet_meta), text_encoder_lora_adapter_metadata=_json_safe(te_meta))
+        # Re-write with our training metadata added beside diffusers' own header entries.
+        tensors, header, _ = read_lora(Path(tmp) / LORA_FILE)
+        _atomic_save(tensors, path, {**(metadata or {}), **header}, half=False)
+    return path
+
+
+def _json_safe(d: dict) -> dict:
+    """peft's config dict with sets turned into sorted lists, as JSON needs."""
+    return json.loads(json.dumps(d, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def resolve_lora_file(path: str | Path) -> Path:
+    """A LoRA .safetensors file, or a run folder holding pytorch_lora_weights.safetensors."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise UserError(f"LoRA file {path} does not exist: pass a .safetensors LoRA file or a LoRA run's output folder")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"LoRA file {path} is not .safetensors: only safetensors LoRA files are loaded (no pickle)")
+    return path
+
+
+def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
+    """Load a LoRA (our diffusers file or kohya/A1111 layout) into `pipe` at strength `scale`."""
+    path = resolve_lora_file(path)
+    require_peft()
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as e:  # diffusers' many ways to fail
+        first = first_line(e)
+        raise UserError(f"cannot apply LoRA {path}: {first} (is it an SD 2.x LoRA for this base model?)") from None
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise UserError(f"LoRA {path} has no layer that matches this model: is it an SD 2.x LoRA for this base model?")
+    pipe.set_adapters([adapter_name], adapter_weights=[scale])
+
+
+def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
+    """`pipe` with the LoRA folded into its weights and the adapter layers removed (plain diffusers modules)."""
+    apply_lora(pipe, lora_path, scale, adapter_name="merge")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)  # strength already set by set_adapters
+    pipe.unload_lora_weights()
+    return pipe
+
+
+# ------------------------------------------------------------------------------------- kohya LoRA layout
+def peft_to_kohya(state: dict, alphas: dict[str, float]) -> dict:
+    """diffusers LoRA file keys (`unet.<path>.lora_A.weight`) -> kohya (`lora_unet_<path_with_>.lora_down.weight`
+    plus `.alpha`); `alphas` maps "unet"/"text_encoder" to that part's alpha."""
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ValueError(f"'{key}' is not a diffusers LoRA weight name")
+        part, path, ab = m.groups()
+        if part == "text_encoder":  # kohya names CLIP layers from the text_model root
+            path = "text_model." + path.removeprefix("text_model.")
+        name = ("lora_unet_" if part == "unet" else "lora_te_") + path.replace(".", "_")
+        out[f"{name}.lora_{'down' if ab == 'A' else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alphas[part]))
+    return out
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]:
+    """Tensors, header and per-part alpha of one of our diffusers-layout LoRA files."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    packed = json.loads(header.get("lora_adapter_metadata", "{}"))
+    alphas = {}
+    for part in ("unet", "text_encoder"):
+        rank = next((v.shape[0] for k, v in tensors.items() if k.startswith(part + ".") and ".lora_A." in k), None)
+        if rank is not None:  # no alpha recorded means diffusers' default, alpha = rank
+            alphas[part] = float(packed.get(f"{part}.lora_alpha", rank))
+    return tensors, header, alphas
+
+
+def lora_run_config(folder: str | Path, fix: str) -> Path | None:
+    """The config.yaml of FOLDER if it is a LoRA run's output (a LoRA file, no model_index.json), else None; a
+    LoRA run without one is a UserError that ends with FIX."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or (folder / "model_index.json").is_file() or not (folder / LORA_FILE).is_file():
+        return None
+    if not (folder / "config.yaml").is_file():
+        raise _no_base_model(folder, fix)
+    return folder / "config.yaml"
+
+
+def _no_base_model(folder: Path, fix: str) -> UserError:
+    return UserError(f"{folder} holds a LoRA but no config.yaml naming its base model: {fix}")
+
+
+def split_lora_run(model: str, lora: str | None) -> tuple[str, str | None, dict]:
+    """A LoRA run's output folder (no model_index.json) names its base model in config.yaml: (base, LoRA file,
+    the base's revision/variant as trained); anything else comes back as given."""
+    folder = Path(model).expanduser()
+    fix = f"dreambooth generate BASE_MODEL --lora {folder / LORA_FILE}"
+    if lora is not None or (config := lora_run_config(folder, fix)) is None:
+        return model, lora, {}
+    import yaml
+    # Read leniently, not with load_config: generating needs only the base, whatever else the config holds.
+    run = yaml.safe_load(config.read_text()) or {}
+    if not run.get("model"):
+        raise _no_base_model(folder, fix)
+    return str(run["model"]), str(folder / LORA_FILE), {k: run[k] for k in ("revision", "variant") if run.get(k)}

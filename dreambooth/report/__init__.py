@@ -1,0 +1,1 @@
+"""The run's report.html: summary, loss curve, training data and the validation sweep."""

@@ -1,0 +1,1 @@
+"""Images from a trained model: `dreambooth generate`."""

@@ -1,0 +1,187 @@
+"""How checkpoints lie on disk: state packed into safetensors plus JSON (no pickle), step folders written
+atomically and marked complete, pruning, and the free-space policy. checkpoint.py decides what goes in them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreambooth.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "complete.json"  # written last, inside the temp folder, so a folder that has it is whole
+FORMAT = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+def pack(obj: Any, key: str, tensors: dict, seen: dict) -> Any:
+    """A JSON-able copy of `obj` with each tensor moved into `tensors` and replaced by {"__tensor__": name}."""
+    if torch.is_tensor(obj):
+        t = obj.detach()
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+        if t.numel() and ident in seen:  # the same tensor twice (bitsandbytes shares its qmaps): store once
+            return {"__tensor__": seen[ident]}
+        storage = ("storage", t.untyped_storage().data_ptr(), str(t.device))
+        # safetensors refuses overlapping tensors: a view of memory already stored gets its own copy.
+        tensors[key] = t.clone() if (t.numel() and storage in seen) or not t.is_contiguous() else t
+        if t.numel():
+            seen[ident], seen[storage] = key, key
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack(v, f"{key}.{k}", tensors, seen) for k, v in obj.items()}
+        # Optimizer state is keyed by parameter index (int): JSON objects would turn those into strings.
+        return {"__items__": [[k, pack(v, f"{key}.{k}", tensors, seen)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack(v, f"{key}.{i}", tensors, seen) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [pack(v, f"{key}.{i}", tensors, seen) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} at {key} in a checkpoint (only tensors and plain data)")
+
+
+def unpack(obj: Any, tensors: dict) -> Any:
+    """The inverse of pack: `obj` with its tensor references, int-keyed dicts and tuples restored."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: unpack(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        return {k: unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+def root_of(out: str | Path) -> Path:
+    return Path(out) / CHECKPOINTS
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        return json.loads((path / COMPLETE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def list_checkpoints(out: str | Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """(complete checkpoints as (step, path) oldest first, incomplete folders) under output_dir/checkpoints."""
+    root = root_of(out)
+    complete, incomplete = [], []
+    if not root.is_dir():
+        return complete, incomplete
+    for path in root.iterdir():
+        m = STEP_DIR.match(path.name)
+        if m and path.is_dir() and is_complete(path):
+            complete.append((int(m.group(1)), path))
+        elif path.is_dir() and (m or path.name.startswith(".step-")):
+            incomplete.append(path)  # a write cut short by a hard kill or a second Ctrl-C
+    return sorted(complete), sorted(incomplete)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are skipped with a warning."""
+    complete, incomplete = list_checkpoints(out)
+    for path in incomplete:
+        log.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
+    return complete[-1][1] if complete else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(final: Path, write_files, marker: dict) -> Path:
+    """Write a folder via `write_files(tmp)` into a temp folder beside `final`, add the completion marker,
+    fsync, then rename into place; on any failure (or Ctrl-C) the temp folder goes and `final` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write_files(tmp)
+        (tmp / COMPLETE).write_text(json.dumps(marker, indent=2))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = None
+        if final.exists():  # the same step written again: swap, since rename cannot replace a full folder
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(out: str | Path, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never ones marked keep) and stale temp folders."""
+    complete, incomplete = list_checkpoints(out)
+    removed = []
+    for path in incomplete:
+        if path.name.startswith(".step-"):
+            shutil.rmtree(path, ignore_errors=True)
+    if keep_last is None:
+        return removed
+    for _, path in complete[:-keep_last] if len(complete) > keep_last else []:
+        if not json.loads((path / COMPLETE).read_text()).get("keep"):
+            # Hide it first (one rename), so a delete cut short never leaves a half checkpoint that looks whole.
+            doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- disk space
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def is_disk_full(error: OSError) -> bool:
+    """Whether a failed write ran out of space (or quota): the case on_disk_full decides."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(trainer, root: Path, detail: str) -> None:
+    """Disk full: raise a clear error (on_disk_full: stop) or warn and go on unsaved (continue)."""
+    last = trainer.last_checkpoint
+    kept = f"the last complete checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+    if trainer.cfg.on_disk_full == "continue":
+        log.warning("not writing checkpoint in %s: %s; training continues unsaved (on_disk_full: continue); %s",
+                    root, detail, kept)
+        return
+    raise UserError(f"not enough disk space for a checkpoint in {root}: {detail}; {kept}. Free some space and "
+                    "resume with resume=latest, or set on_disk_full: continue to train on without checkpoints")
