@@ -30,7 +30,7 @@ def cmd_train(args) -> int:
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)  # before the heavy imports: a config mistake is reported at once
     _quiet_library_bars()
-    from dreambooth.training.checkpoint import Interrupted
+    from dreambooth.training.signals import Interrupted
     from dreambooth.training.trainer import run_training
     try:
         summary = run_training(cfg)
@@ -42,8 +42,8 @@ def cmd_train(args) -> int:
         print(f"resume with: dreambooth train {' '.join(again)}", file=sys.stderr)
         return 130
     print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}")
-    from dreambooth.export.formats import formats_of
-    if "diffusers" in formats_of(cfg):
+    from dreambooth.config.plan import export_formats
+    if "diffusers" in export_formats(cfg):
         print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
               f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
     if cfg.finetune == "lora":

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Print the Markdown table of every config option (key, default, meaning) for README."""
-from dreambooth.config.schema import schema_rows
+from dreambooth.config import schema_rows
 
 
 def fmt(value) -> str:

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dreambooth.config.schema import config_from_dict  # noqa: E402
+from dreambooth.config import config_from_dict  # noqa: E402
 from dreambooth.demo import write_demo_dataset  # noqa: E402
 from dreambooth.models.builtin import TINY_RESOLUTION  # noqa: E402
 

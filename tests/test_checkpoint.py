@@ -14,7 +14,8 @@ import yaml
 from conftest import cuda, final_unet, max_diff
 from safetensors.torch import load_file, save_file
 
-from dreambooth.training import checkpoint, checkpoint_store
+from dreambooth.training import checkpoint, checkpoint_store, resume, signals
+from dreambooth.training.step import TrainStep
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.training.trainer import Trainer, run_training
@@ -36,7 +37,7 @@ def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT):
 
     def after_step(self, logs):
         original(self, logs)
-        if self.global_step == step:
+        if self.state.step == step:
             os.kill(os.getpid(), sig)
     monkeypatch.setattr(Trainer, "after_step", after_step)
 
@@ -56,7 +57,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(finetune, sig, make_cfg, 
 
     cfg = make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, **extra)
     interrupt_at(monkeypatch, 3, sig)
-    with pytest.raises(checkpoint.Interrupted) as stop:
+    with pytest.raises(signals.Interrupted) as stop:
         run_training(cfg)
     monkeypatch.undo()
     assert stop.value.step == 3 and stop.value.path.name == "step-000003" and stop.value.signal_name == sig.name
@@ -81,10 +82,10 @@ def test_resume_equals_uninterrupted_with_8bit_adamw(make_cfg, tmp_path, monkeyp
         extra = dict(EXACT, optimizer="adamw8bit", mixed_precision="fp16")
         run_training(make_cfg(output_dir=str(tmp_path / "straight"), **extra))
         interrupt_at(monkeypatch, 3)
-        with pytest.raises(checkpoint.Interrupted):
+        with pytest.raises(signals.Interrupted):
             run_training(make_cfg(output_dir=str(tmp_path / "stopped"), **extra))
         monkeypatch.undo()
-        state = json.loads((tmp_path / "stopped/checkpoints/step-000003" / checkpoint.STATE).read_text())
+        state = json.loads((tmp_path / "stopped/checkpoints/step-000003" / resume.STATE).read_text())
         assert state["optimizer_name"] == "adamw8bit" and state["scaler"]
         run_training(make_cfg(output_dir=str(tmp_path / "stopped"), resume="latest", **extra))
         assert max_diff(final_unet(tmp_path / "straight"), final_unet(tmp_path / "stopped")) <= 1e-5
@@ -247,14 +248,15 @@ def test_disk_full_while_staging_a_process_state_follows_on_disk_full(make_cfg, 
 # ----------------------------------------------------------------------------------------------- bad numbers
 
 def test_nan_steps_stop_with_advice_and_no_nan_weights(make_cfg, monkeypatch):
-    original = Trainer.forward_loss
+    original, steps = TrainStep.forward_loss, []
 
-    def poisoned(self, batch):
-        losses = original(self, batch)
-        if self.global_step >= 2:  # from the third step on, every loss (so every gradient) is NaN
+    def poisoned(self, batch, generator):
+        losses = original(self, batch, generator)
+        steps.append(1)
+        if len(steps) > 2:  # from the third step on (one batch a step), every loss (so every gradient) is NaN
             losses["loss"] = losses["loss"] * float("nan")
         return losses
-    monkeypatch.setattr(Trainer, "forward_loss", poisoned)
+    monkeypatch.setattr(TrainStep, "forward_loss", poisoned)
     cfg = make_cfg(checkpoint_steps=2, max_steps=20, nan_patience=3)
     with pytest.raises(UserError) as err:
         run_training(cfg)
@@ -271,11 +273,11 @@ def test_nan_weights_are_never_written(make_cfg):
     trainer = Trainer(make_cfg(max_steps=1)).setup()
     try:
         trainer.train()
-        name, param = checkpoint.trainable(trainer)[0]
+        name, param = trainer.checkpoints.named[0]
         with torch.no_grad():
             param.view(-1)[0] = float("nan")
         with pytest.raises(UserError, match=f"NaN/inf.*{name}"):
-            checkpoint.save(trainer)
+            trainer.checkpoints.save(trainer.state)
         assert steps_on_disk(trainer.out) == []
     finally:
         trainer.runlog.close()
@@ -294,7 +296,7 @@ def test_half_precision_trainable_weights_are_upcast(make_cfg, monkeypatch):
 
     def setup(trainer):  # setup is where the trainable weights take their dtype
         real_setup(trainer)
-        dtypes.append({p.dtype for p in trainer.params})
+        dtypes.append({p.dtype for p in trainer.step.params})
         return trainer
     monkeypatch.setattr(Trainer, "setup", setup)
     assert run_training(make_cfg(max_steps=1))["steps"] == 1

@@ -4,15 +4,17 @@ benchmark, not here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import cuda
 
+from dreambooth.config import Machine, resolve
+from dreambooth.config.plan import PAYBACK_STEPS, Choice
 from dreambooth.training import compiling
-from dreambooth.training.compiling import PAYBACK_STEPS, compile_unet, resolve_compile
-from dreambooth.training.memory import apply_memory_profile
+from dreambooth.training.compiling import compile_unet
 from dreambooth.training.trainer import Trainer
 
 
@@ -22,22 +24,29 @@ VALIDATION = {"validation.enabled": True, "validation.num_inference_steps": 2, "
 def _steps(cfg, n=2):
     trainer = Trainer(cfg).setup()
     batches = trainer.batches()
-    losses = [trainer.train_step(batches)["loss"] for _ in range(n)]
+    losses = [trainer.step.run(batches, trainer.state)["loss"] for _ in range(n)]
     return trainer, losses
 
 
+def _plan(cfg, steps=PAYBACK_STEPS, **machine):
+    """The plan on a 16 GiB CUDA GPU with Triton and bitsandbytes (unless overridden), for a run of `steps` steps."""
+    cfg = dataclasses.replace(cfg, max_steps=steps)
+    kind = {"cuda": True, "gpu_gib": 16.0, "processes": 1, "triton": True, "bitsandbytes": True, **machine}
+    return resolve(cfg, Machine(**kind), epoch_items=4)
+
+
 def _resolve(cfg, steps=PAYBACK_STEPS, **machine):
-    """compile and compile_mode as `compile: auto` settles them on a 16 GiB CUDA GPU with Triton (unless overridden)."""
-    plan = apply_memory_profile(cfg, total_gib=16.0, num_processes=1, bf16_ok=True)
-    resolve_compile(cfg, plan, steps, **{"cuda": True, "processes": 1, "triton": True, **machine})
-    return cfg.compile, cfg.compile_mode, cfg.resolved.get("compile", (None, None, ""))[2]
+    """compile and compile_mode as `compile: auto` settles them, and why."""
+    plan = _plan(cfg, steps, **machine)
+    return plan.compile, plan.compile_mode, plan.choices["compile"].why if "compile" in plan.choices else ""
 
 
 def test_auto_compiles_long_single_gpu_runs_with_cuda_graphs(make_cfg):
     cfg = make_cfg()
     on, mode, why = _resolve(cfg)
     assert (on, mode) == (True, "reduce-overhead") and f"{PAYBACK_STEPS} steps on one CUDA GPU" in why
-    assert cfg.resolved["compile"][0] == "auto"  # config.yaml keeps auto, so another machine decides afresh
+    assert _plan(cfg).choices["compile"].given == "auto"  # config.yaml keeps auto: another machine decides afresh
+    assert cfg.compile == "auto"  # the config itself is never changed
     assert _resolve(make_cfg(memory_profile="24gb"))[:2] == (True, "reduce-overhead")
 
 
@@ -71,8 +80,8 @@ def test_explicit_compile_wins_over_auto(make_cfg):
 def test_cpu_run_records_why_it_did_not_compile(make_cfg):
     trainer = Trainer(make_cfg()).setup()
     try:
-        assert trainer.cfg.compile is False and trainer.cfg.compile_mode == "default"
-        assert trainer.cfg.resolved["compile"] == ("auto", False, "no CUDA GPU")
+        assert trainer.plan.compile is False and trainer.plan.compile_mode == "default"
+        assert trainer.plan.choices["compile"] == Choice("auto", False, "no CUDA GPU")
         written = (trainer.out / "config.yaml").read_text()
         assert "compile: auto  # this run: false (no CUDA GPU)" in written  # a GPU rerun decides afresh
         assert getattr(trainer.components.unet, "_compiled_call_impl", None) is None
@@ -153,12 +162,12 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
         assert len(replays) >= 3, "the compiled UNet never replayed a CUDA graph"
         assert graphed[0] == pytest.approx(eager[0], rel=1e-2)  # same weights, batch and noise: kernels differ
         assert graphed == pytest.approx(eager, rel=0.1)
-        assert all(torch.isfinite(p).all() for p in trainer.params)
+        assert all(torch.isfinite(p).all() for p in trainer.step.params)
         # Validation images run the UNet eagerly between replays; training then replays the same graphs again.
         images = trainer.validator.run(5)
         assert images["a toy"][0].size == (trainer.cfg.resolution, trainer.cfg.resolution)
         replayed = len(replays)
-        assert math.isfinite(trainer.train_step(trainer.batches())["loss"]) and len(replays) > replayed
+        assert math.isfinite(trainer.step.run(trainer.batches(), trainer.state)["loss"]) and len(replays) > replayed
     finally:
         trainer.runlog.close(None)
         torch._dynamo.reset()  # free the graphs' memory pool for the tests after this one

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth.config.schema import Config, config_from_dict, load_config, schema_rows, subjects_of
+from dreambooth.config import Config, config_from_dict, load_config, schema_rows
+from dreambooth.config.schema import subjects_of
 from dreambooth.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_bits_equal, cuda, max_diff
 
 from dreambooth.cli import main
-from dreambooth.config.schema import config_from_dict
+from dreambooth.config import config_from_dict
 from dreambooth.errors import UserError
 from dreambooth.export.formats import save_kohya
-from dreambooth.models.lora import LORA_FILE, add_lora_layers, apply_lora, learning_rate, peft_to_kohya, read_lora, save_lora
+from dreambooth.config.plan import learning_rate
+from dreambooth.models.lora import LORA_FILE, add_lora_layers, apply_lora, peft_to_kohya, read_lora, save_lora
 from dreambooth.models.builtin import build_sd21_components, build_tiny_pipeline
 from dreambooth.training.trainer import Trainer, run_training
 
@@ -80,7 +81,7 @@ def random_lora_pipeline(alpha: float = 8.0):
     cfg = config_from_dict({"model": "builtin:tiny", "data": {"dir": "x"}, "finetune": "lora",
                             "lora": {"text_encoder": True, "alpha": alpha}})
     pipe = build_tiny_pipeline()
-    add_lora_layers(pipe, cfg, "cpu", torch.float32)
+    add_lora_layers(pipe, cfg, "cpu", torch.float32, text_encoder=True)
     with torch.no_grad():
         for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
             if "lora_B" in name:
@@ -92,7 +93,7 @@ def test_lora_training_changes_only_lora_weights(make_cfg):
     cfg = make_cfg(gradient_checkpointing=True, **LORA)  # checkpointed blocks must still pass LoRA gradients
     trainer = Trainer(cfg).setup()
     c = trainer.components
-    assert trainer.params and all(".lora_" in n for m in (c.unet, c.text_encoder)
+    assert trainer.step.params and all(".lora_" in n for m in (c.unet, c.text_encoder)
                                   for n, p in m.named_parameters() if p.requires_grad)
     before = snapshot(c.unet, c.text_encoder)
     trainer.train()
@@ -179,13 +180,13 @@ def test_kohya_names_cover_full_size_sd21():
 
 
 def test_lora_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
-    from dreambooth.training import checkpoint
+    from dreambooth.training import signals
     exact = {**LORA, "max_steps": 5, "random_flip": True, "lr_scheduler": "cosine"}
     run_training(make_cfg(output_dir=str(tmp_path / "straight"), **exact))
 
     stopped = make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, **exact)
-    monkeypatch.setattr(Trainer, "_stop_requested", lambda self, stop: self.global_step == 3)
-    with pytest.raises(checkpoint.Interrupted):
+    monkeypatch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 3)
+    with pytest.raises(signals.Interrupted):
         run_training(stopped)
     monkeypatch.undo()
     run_training(make_cfg(output_dir=str(tmp_path / "stopped"), checkpoint_steps=2, resume="latest", **exact))
@@ -235,7 +236,7 @@ def test_lora_fp16_on_cuda_keeps_base_half_and_adapters_fp32(make_cfg):
     cfg = make_cfg(mixed_precision="fp16", optimizer="adamw", **LORA)
     trainer = Trainer(cfg).setup()
     unet = trainer.accelerator.unwrap_model(trainer.unet)
-    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert {p.dtype for p in trainer.step.params} == {torch.float32}
     assert unet.conv_in.weight.dtype == torch.float16  # the frozen base stays in compute precision
     before = snapshot(unet)
     trainer.save(trainer.train())
@@ -267,11 +268,11 @@ def test_lora_without_peft_is_one_clear_error(make_cfg, monkeypatch):
 def test_resolved_lora_rate_is_what_config_yaml_records(make_cfg, tmp_path):
     import yaml
 
-    from dreambooth.config.schema import config_from_dict, config_to_dict, load_config
+    from dreambooth.config import config_from_dict, config_to_dict, load_config
     data = config_to_dict(make_cfg(finetune="lora", max_steps=1))
     del data["learning_rate"]  # left unset: LoRA's default applies
     trainer = Trainer(config_from_dict(data)).setup()
-    assert trainer.optimizer.param_groups[0]["lr"] == 1e-4
+    assert trainer.step.optimizer.param_groups[0]["lr"] == 1e-4
     saved = Path(data["output_dir"]) / "config.yaml"
     assert yaml.safe_load(saved.read_text())["learning_rate"] == 1e-4
     assert load_config(saved).learning_rate == 1e-4  # rerunning the saved config trains at the same rate

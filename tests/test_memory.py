@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import assert_bits_equal, cuda, final_unet
 
+from dreambooth.config import Machine, resolve
+from dreambooth.config.profiles import auto_profile
 from dreambooth.errors import UserError
-from dreambooth.training.memory import apply_memory_profile, auto_profile
 from dreambooth.training.paramwise import ParamwiseOptimizer, join_bf16, split_bf16_, stochastic_round_
 from dreambooth.training.trainer import Trainer, run_training
 
@@ -26,31 +27,35 @@ def test_auto_profile_by_gpu_memory(gib, name):
     assert auto_profile(gib) == name
 
 
+def memory(cfg, gib=None, processes=1, bf16=True):
+    """The memory plan of `cfg` on a card with `gib` GiB (CPU arithmetic), and the whole run plan."""
+    plan = resolve(cfg, Machine(gpu_gib=gib, processes=processes, bf16=bf16), epoch_items=4)
+    return plan.memory, plan
+
+
 def test_profile_fills_only_unset_keys(make_cfg):
     cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True)
-    plan = apply_memory_profile(cfg, total_gib=None, num_processes=1, bf16_ok=True)
-    assert (cfg.mixed_precision, cfg.prior_mode) == ("bf16", "concat")
-    assert cfg.gradient_checkpointing is False  # make_cfg sets it: the user's choice wins
+    plan, run = memory(cfg)
+    assert (run.precision, run.prior_mode) == ("bf16", "concat")
+    assert (cfg.mixed_precision, cfg.prior_mode) == ("auto", "concat")  # the config itself is never changed
+    assert run.gradient_checkpointing is False  # make_cfg sets it: the user's choice wins
     assert (plan.master_weights, plan.rounding, plan.fused_backward) == ("bf16", "stochastic", True)
     assert plan.backwards_per_step == 1  # joined prior: one backward pass, gradients freed as they come
-    seq = apply_memory_profile(make_cfg(memory_profile="6gb", with_prior_preservation=True, prior_mode="sequential"),
-                               total_gib=None, num_processes=1, bf16_ok=True)
+    seq, _ = memory(make_cfg(memory_profile="6gb", with_prior_preservation=True, prior_mode="sequential"))
     assert seq.backwards_per_step == 2  # asked for: two passes, the first one's gradients held for the second
-    plan = apply_memory_profile(make_cfg(memory_profile="8gb", gradient_accumulation_steps=3), total_gib=None,
-                                num_processes=2, bf16_ok=True)
+    plan, _ = memory(make_cfg(memory_profile="8gb", gradient_accumulation_steps=3), processes=2)
     assert plan.rounding == "kahan" and not plan.fused_backward and plan.backwards_per_step == 3
 
 
 def test_auto_profile_on_a_small_gpu_and_conflicts(make_cfg):
-    plan = apply_memory_profile(make_cfg(), total_gib=7.8, num_processes=1, bf16_ok=True)
-    assert plan.profile == "8gb"
-    plan = apply_memory_profile(make_cfg(), total_gib=7.8, num_processes=1, bf16_ok=False)
+    assert memory(make_cfg(), 7.8)[0].profile == "8gb"
+    plan, _ = memory(make_cfg(), 7.8, bf16=False)
     assert plan.profile == "default" and plan.notes
     with pytest.raises(UserError, match="mixed_precision"):
-        apply_memory_profile(make_cfg(memory_profile="8gb", mixed_precision="no"), None, 1, True)
+        memory(make_cfg(memory_profile="8gb", mixed_precision="no"))
     with pytest.raises(UserError, match="bf16"):
-        apply_memory_profile(make_cfg(memory_profile="6gb"), None, 1, bf16_ok=False)
-    lora = apply_memory_profile(make_cfg(memory_profile="6gb", finetune="lora"), None, 1, True)
+        memory(make_cfg(memory_profile="6gb"), bf16=False)
+    lora, _ = memory(make_cfg(memory_profile="6gb", finetune="lora"))
     assert lora.master_weights == "fp32" and not lora.fused_backward
 
 
@@ -217,7 +222,7 @@ def test_8bit_adamw_skips_the_per_tensor_device_waits(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     from bitsandbytes.optim import optimizer as bnb_optimizer
 
-    from dreambooth.training.optim import adamw8bit
+    from dreambooth.training.adamw import adamw8bit
     waits = []
 
     def wait(tensor):
@@ -259,8 +264,8 @@ def test_discard_step_forgets_a_half_accumulated_step():
 
 def fused_torch_adamw(monkeypatch, fused_kernel: bool = True) -> None:
     """Make ParamwiseOptimizer's per-tensor AdamW torch's fused kernel (its CUDA choice) or the plain one."""
-    import dreambooth.training.optim
-    monkeypatch.setattr(dreambooth.training.optim, "adamw",
+    import dreambooth.training.paramwise
+    monkeypatch.setattr(dreambooth.training.paramwise, "adamw",
                         lambda params, name, **kw: torch.optim.AdamW(params, fused=fused_kernel, **kw))
 
 
@@ -304,12 +309,12 @@ def test_overflowed_gradient_skips_its_tensor_under_torchs_fused_adamw(monkeypat
 @pytest.mark.parametrize("profile", ["6gb", "8gb"])
 def test_low_memory_profiles_train_and_export_fp32(make_cfg, profile):
     trainer = Trainer(make_cfg(memory_profile=profile, max_steps=2, learning_rate=1e-3)).setup()
-    assert trainer.paramwise is not None and trainer.paramwise.fused
-    assert all(p.dtype == torch.bfloat16 for p in trainer.params)
-    before = [p.detach().clone() for p in trainer.params]
+    assert trainer.step.paramwise is not None and trainer.step.paramwise.fused
+    assert all(p.dtype == torch.bfloat16 for p in trainer.step.params)
+    before = [p.detach().clone() for p in trainer.step.params]
     summary = trainer.train()
-    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(trainer.losses)).all()
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(trainer.state.losses)).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.step.params))
     unet = trainer.pipeline().unet
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
@@ -318,10 +323,10 @@ def test_fused_step_with_sequential_prior_steps_once_per_step(make_cfg):
     cfg = make_cfg(memory_profile="6gb", with_prior_preservation=True, num_class_images=2, class_sampling_steps=2,
                    sample_batch_size=2, max_steps=1, prior_mode="sequential")
     trainer = Trainer(cfg).setup()
-    assert trainer.paramwise.backwards_per_step == 2
-    logs = trainer.train_step(trainer.batches())
+    assert trainer.step.paramwise.backwards_per_step == 2
+    logs = trainer.step.run(trainer.batches(), trainer.state)
     assert {"prior_loss", "instance_loss"} <= set(logs) and logs["grad_norm"] > 0
-    steps = {int(s["step"]) for s in (o.state_dict()["state"].get(0, {}) for o in trainer.paramwise._inner.values())
+    steps = {int(s["step"]) for s in (o.state_dict()["state"].get(0, {}) for o in trainer.step.paramwise._inner.values())
              if "step" in s}
     assert steps == {1}  # every tensor stepped exactly once, after the second (prior) backward pass
 
@@ -369,7 +374,7 @@ def test_8bit_paramwise_fused_on_cuda():
 @pytest.mark.gpu
 def test_8bit_adamw_on_cuda_equals_bitsandbytes_without_waiting(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from dreambooth.training.optim import adamw8bit
+    from dreambooth.training.adamw import adamw8bit
     ours, theirs = _wide().cuda(), _wide().cuda()
     opt_ours, opt_theirs = adamw8bit(ours.parameters(), lr=1e-2), bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2)
     waits = []

@@ -9,8 +9,8 @@ from conftest import assert_bits_equal, max_diff
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.errors import UserError
-from dreambooth.models.load import load_components, model_kind, resolve_precision
-from dreambooth.training.optim import resolve_optimizer
+from dreambooth.config import Machine, resolve
+from dreambooth.models.load import load_components, model_kind
 from dreambooth.training.trainer import Trainer, run_training
 
 
@@ -33,9 +33,9 @@ def test_v_prediction_model_trains_on_the_velocity(make_cfg, tiny_model_dir, tmp
     cfg = make_cfg(model=str(folder), max_steps=1)
     assert load_components(cfg).noise_scheduler.config.prediction_type == "v_prediction"
     seen = []
-    import dreambooth.training.trainer as train_module
-    real = train_module.training_target
-    monkeypatch.setattr(train_module, "training_target", lambda *a: seen.append(a[-1]) or real(*a))
+    import dreambooth.training.step as step_module
+    real = step_module.training_target
+    monkeypatch.setattr(step_module, "training_target", lambda *a: seen.append(a[-1]) or real(*a))
     Trainer(cfg).setup().train()
     assert seen == ["v_prediction"]
 
@@ -58,10 +58,13 @@ def test_not_a_diffusers_folder(tmp_path):
 
 
 def test_machine_choices(make_cfg):
-    cfg = make_cfg()
-    assert resolve_precision(cfg, cuda=True) == "fp16" and resolve_precision(cfg, cuda=False) == "no"
-    assert resolve_optimizer(cfg, cuda=False) == "adamw"
+    cpu, gpu = Machine(), Machine(cuda=True, gpu_gib=16.0, bitsandbytes=True)
+    plan = resolve(make_cfg(), gpu, epoch_items=4)
+    assert (plan.precision, plan.optimizer) == ("fp16", "adamw8bit")
+    plan = resolve(make_cfg(), cpu, epoch_items=4)
+    assert (plan.precision, plan.optimizer) == ("no", "adamw")
+    assert resolve(make_cfg(), Machine(cuda=True, gpu_gib=16.0), epoch_items=4).optimizer == "adamw"  # no bnb
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        resolve_precision(make_cfg(mixed_precision="fp16"), cuda=False)
+        resolve(make_cfg(mixed_precision="fp16"), cpu, epoch_items=4)
     with pytest.raises(UserError, match="adamw8bit needs a CUDA GPU"):
-        resolve_optimizer(make_cfg(optimizer="adamw8bit"), cuda=False)
+        resolve(make_cfg(optimizer="adamw8bit"), cpu, epoch_items=4)

@@ -15,7 +15,9 @@ import yaml
 from conftest import max_diff, second_subject, two_subjects
 from safetensors.torch import load_file, save_file
 
+from dreambooth.config import machine
 from dreambooth.training import checkpoint, checkpoint_ranks
+from dreambooth.training.resume import STATE
 from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.models.builtin import TINY_RESOLUTION
@@ -27,7 +29,7 @@ BASE = {"model": "builtin:tiny", "resolution": TINY_RESOLUTION, "learning_rate":
 
 def fake_rank(monkeypatch, rank: int, count: int) -> None:
     """Make checkpoints see this process as process `rank` of `count`."""
-    monkeypatch.setattr(checkpoint_ranks, "process_rank", lambda trainer: (rank, count))
+    monkeypatch.setattr(checkpoint_ranks, "process_rank", lambda accelerator: (rank, count))
 
 
 def write_config(path: Path, **settings) -> Path:
@@ -45,25 +47,25 @@ def test_each_process_writes_and_restores_its_own_streams(make_cfg, monkeypatch)
         # Two processes played in turn: process 1 stages its state, then the main process writes the checkpoint.
         for rank in (1, 0):
             fake_rank(monkeypatch, rank, 2)
-            trainer.gen.manual_seed(100 + rank)  # each process draws its own noise and timesteps
+            trainer.state.generator.manual_seed(100 + rank)  # each process draws its own noise and timesteps
             torch.manual_seed(200 + rank)
-            streams[rank] = trainer.gen.get_state(), torch.get_rng_state()
-            path = checkpoint.save(trainer)
+            streams[rank] = trainer.state.generator.get_state(), torch.get_rng_state()
+            path = trainer.checkpoints.save(trainer.state)
     finally:
         trainer.runlog.close()
     ranks = {f"rank-0000{i}.{ext}" for i in (0, 1) for ext in ("json", "safetensors")}
     assert ranks <= {p.name for p in path.iterdir()}
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging folder left behind
-    assert json.loads((path / checkpoint.STATE).read_text())["num_processes"] == 2
-    assert "rng" not in json.loads((path / checkpoint.STATE).read_text())  # per process only
+    assert json.loads((path / STATE).read_text())["num_processes"] == 2
+    assert "rng" not in json.loads((path / STATE).read_text())  # per process only
 
-    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
+    monkeypatch.setattr(machine, "launched_processes", lambda: 2)
     for rank in (0, 1):
         fake_rank(monkeypatch, rank, 2)
         resumed = Trainer(make_cfg(max_steps=2, resume="latest")).setup()
         resumed.runlog.close()
         gen, cpu = streams[rank]
-        assert torch.equal(resumed.gen.get_state(), gen) and torch.equal(torch.get_rng_state(), cpu)
+        assert torch.equal(resumed.state.generator.get_state(), gen) and torch.equal(torch.get_rng_state(), cpu)
 
 
 def test_a_checkpoint_from_before_per_process_files_still_resumes(make_cfg):
@@ -71,21 +73,21 @@ def test_a_checkpoint_from_before_per_process_files_still_resumes(make_cfg):
     trainer = Trainer(make_cfg(max_steps=2)).setup()
     try:
         trainer.train()
-        stream = trainer.gen.get_state()
-        path = checkpoint.save(trainer)
+        stream = trainer.state.generator.get_state()
+        path = trainer.checkpoints.save(trainer.state)
     finally:
         trainer.runlog.close()
     rank = json.loads((path / "rank-00000.json").read_text())
-    state = json.loads((path / checkpoint.STATE).read_text())
+    state = json.loads((path / STATE).read_text())
     tensors = {**load_file(path / checkpoint.TENSORS), **load_file(path / "rank-00000.safetensors")}
     save_file(tensors, path / checkpoint.TENSORS)
     del state["num_processes"]
-    (path / checkpoint.STATE).write_text(json.dumps({**state, "rng": rank["rng"]}))
+    (path / STATE).write_text(json.dumps({**state, "rng": rank["rng"]}))
     for f in path.glob("rank-*"):
         f.unlink()
     resumed = Trainer(make_cfg(max_steps=2, resume="latest")).setup()
     resumed.runlog.close()
-    assert torch.equal(resumed.gen.get_state(), stream)
+    assert torch.equal(resumed.state.generator.get_state(), stream)
 
 
 def test_resume_with_another_process_count_is_refused(make_cfg, subject_dir, tmp_path, monkeypatch, capsys):
@@ -94,18 +96,18 @@ def test_resume_with_another_process_count_is_refused(make_cfg, subject_dir, tmp
                           max_steps=2, checkpoint_steps=2, center_crop=True)
     assert main(["train", str(config)]) == 0
     written, _ = (out / "config.yaml").read_text(), capsys.readouterr()
-    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
+    monkeypatch.setattr(machine, "launched_processes", lambda: 2)
     assert main(["train", str(config), "resume=latest"]) == 2
     err = capsys.readouterr().err.strip()
     assert "written by 1 process and this run has 2" in err and "resume_force" in err and "\n" not in err
     assert (out / "config.yaml").read_text() == written  # refused before anything was written
     # A launcher that set no WORLD_SIZE: the accelerator's count is checked when the state is loaded.
-    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 1)
+    monkeypatch.setattr(machine, "launched_processes", lambda: 1)
     fake_rank(monkeypatch, 0, 3)
     with pytest.raises(UserError, match="written by 1 process and this run has 3"):
         Trainer(make_cfg(output_dir=str(out), max_steps=2, checkpoint_steps=2, resume="latest")).setup()
     monkeypatch.undo()
-    monkeypatch.setattr(checkpoint, "launched_processes", lambda: 2)
+    monkeypatch.setattr(machine, "launched_processes", lambda: 2)
     assert main(["train", str(config), "resume=latest", "resume_force=true"]) == 0
 
 
@@ -121,7 +123,7 @@ def test_subject_stats_survive_a_resume(make_cfg, subject_dir, tmp_path, monkeyp
 
     def killed_after_step_3(self, logs):  # as a hard kill would stop it, after the checkpoint at step 3
         original(self, logs)
-        if self.global_step == 3:
+        if self.state.step == 3:
             raise RuntimeError("killed")
     monkeypatch.setattr(Trainer, "after_step", killed_after_step_3)
     with pytest.raises(RuntimeError, match="killed"):
@@ -157,7 +159,7 @@ def test_no_sync_holds_back_every_trained_module(extra, held_back, make_cfg, mon
             yield
     monkeypatch.setattr(trainer.accelerator, "no_sync", recording_no_sync)
     try:
-        trainer.train_step(trainer.batches())
+        trainer.step.run(trainer.batches(), trainer.state)
     finally:
         trainer.runlog.close()
     # Micro-batches 1 and 2 of 3 hold back both trained modules; the last one syncs.

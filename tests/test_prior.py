@@ -232,14 +232,14 @@ def test_classes_command_samples_and_exits(tmp_path, subject_dir, capsys):
 def batch_grads(trainer, batch, step):
     """Gradients of BATCH under `step(batch)`, which must run backward itself."""
     losses = step(batch)
-    grads = [p.grad.clone() for p in trainer.params]
-    trainer.optimizer.zero_grad(set_to_none=True)
+    grads = [p.grad.clone() for p in trainer.step.params]
+    trainer.step.optimizer.zero_grad(set_to_none=True)
     return losses, grads
 
 
 def concat_step(trainer):
     def step(batch):
-        losses = trainer.forward_loss(batch)
+        losses = trainer.step.forward_loss(batch, trainer.state.generator)
         trainer.accelerator.backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
     return step
@@ -264,10 +264,10 @@ def test_prior_weight_zero_equals_no_prior(make_cfg, tmp_path):
 
 def test_concat_and_sequential_give_the_same_gradient(make_cfg):
     trainer = Trainer(prior_cfg(make_cfg, batch_size=2, num_class_images=2, prior_loss_weight=0.7)).setup()
-    batch, state = next(trainer.batches()), trainer.gen.get_state()
+    batch, state = next(trainer.batches()), trainer.state.generator.get_state()
     concat_losses, concat = batch_grads(trainer, batch, concat_step(trainer))
-    trainer.gen.set_state(state)  # the same latents, noise and timesteps
-    seq_losses, sequential = batch_grads(trainer, batch, lambda b: trainer.sequential_backward(b, 1.0))
+    trainer.state.generator.set_state(state)  # the same latents, noise and timesteps
+    seq_losses, sequential = batch_grads(trainer, batch, lambda b: trainer.step.sequential_backward(b, 1.0, trainer.state.generator))
     for key in ("loss", "instance_loss", "prior_loss"):
         torch.testing.assert_close(seq_losses[key], concat_losses[key], rtol=1e-5, atol=1e-7)
     assert_grads_close(sequential, concat)
@@ -276,8 +276,8 @@ def test_concat_and_sequential_give_the_same_gradient(make_cfg):
 
 def test_sequential_prior_run_trains_and_logs_both_losses(make_cfg):
     trainer = Trainer(prior_cfg(make_cfg, num_class_images=2, prior_mode="sequential", max_steps=2)).setup()
-    before = [p.detach().clone() for p in trainer.params]
-    logs = trainer.train_step(trainer.batches())
+    before = [p.detach().clone() for p in trainer.step.params]
+    logs = trainer.step.run(trainer.batches(), trainer.state)
     assert {"loss", "instance_loss", "prior_loss"} <= set(logs)
     assert logs["loss"] == pytest.approx(logs["instance_loss"] + logs["prior_loss"], rel=1e-5)
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.step.params))

@@ -37,7 +37,7 @@ def refs_of(page: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny run with validation, through run_training (which writes the report)."""
-    from dreambooth.config.schema import config_from_dict
+    from dreambooth.config import config_from_dict
     from dreambooth.demo import write_demo_dataset
     root = tmp_path_factory.mktemp("report")
     data = write_demo_dataset(root / "data", n=4, size=48)

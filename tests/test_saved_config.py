@@ -6,12 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreambooth.training import memory
-from dreambooth.training.checkpoint import training_settings
-from dreambooth.config.schema import config_from_dict, load_config, save_config
-from dreambooth.export.formats import formats_of
-from dreambooth.training.memory import apply_memory_profile
+from dreambooth.config import Machine, config_from_dict, load_config, resolve, save_config
+from dreambooth.config.plan import export_formats
 from dreambooth.models.builtin import TINY_RESOLUTION
+from dreambooth.training.resume import training_settings
 from dreambooth.training.trainer import Trainer
 
 
@@ -22,35 +20,38 @@ def run_data(subject_dir, out: Path, **extra) -> dict:
             "quiet": True, **extra}
 
 
+def on_card(gib: float | None) -> Machine:
+    """This CPU machine, as if it had a GPU of `gib` GiB for the memory profile's choice (None: no GPU)."""
+    return Machine(gpu_gib=gib)
+
+
 def resolved(cfg, gib: float | None):
-    """`cfg` after the memory profile of a card with `gib` GiB, and the plan."""
-    return cfg, apply_memory_profile(cfg, total_gib=gib, num_processes=1, bf16_ok=True)
+    """The plan of `cfg` on a card with `gib` GiB (one epoch item)."""
+    return resolve(cfg, on_card(gib), epoch_items=4)
 
 
 @pytest.mark.parametrize("run_gib, other_gib", [(79.6, 15.7), (5.8, 79.6)])
 def test_saved_config_reruns_same_here_and_re_resolves_elsewhere(subject_dir, tmp_path, monkeypatch, run_gib,
                                                                  other_gib):
-    monkeypatch.setattr(memory, "gpu_memory_gib", lambda: run_gib)  # a CPU run that resolves as on that card
     data = run_data(subject_dir, tmp_path / "out")
-    trainer = Trainer(config_from_dict(data)).setup()
+    trainer = Trainer(config_from_dict(data), on_card(run_gib)).setup()  # a CPU run planned as on that card
     saved = tmp_path / "out" / "config.yaml"
     written = yaml.safe_load(saved.read_text())
     assert (written["gradient_checkpointing"], written["prior_mode"], written["memory_profile"]) == ("auto",) * 3
     assert written["learning_rate"] == 1e-3 and written["max_steps"] == 1  # the user's values, as set
 
-    same, plan = resolved(load_config(saved), run_gib)
-    assert training_settings(same) == training_settings(trainer.cfg)
-    assert plan.describe() == trainer.memory.describe()
+    same = resolved(load_config(saved), run_gib)
+    assert training_settings(same) == training_settings(trainer.plan)
+    assert same.memory == trainer.plan.memory
 
-    other, plan = resolved(load_config(saved), other_gib)
-    fresh, fresh_plan = resolved(config_from_dict(data), other_gib)
-    assert training_settings(other) == training_settings(fresh) and plan.describe() == fresh_plan.describe()
-    assert other.gradient_checkpointing != trainer.cfg.gradient_checkpointing
+    other = resolved(load_config(saved), other_gib)
+    fresh = resolved(config_from_dict(data), other_gib)
+    assert training_settings(other) == training_settings(fresh) and other.memory == fresh.memory
+    assert other.gradient_checkpointing != trainer.plan.gradient_checkpointing
 
 
-def test_comments_say_what_this_run_resolved(subject_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "gpu_memory_gib", lambda: 79.6)
-    Trainer(config_from_dict(run_data(subject_dir, tmp_path / "out"))).setup()
+def test_comments_say_what_this_run_resolved(subject_dir, tmp_path):
+    Trainer(config_from_dict(run_data(subject_dir, tmp_path / "out")), on_card(79.6)).setup()
     lines = (tmp_path / "out" / "config.yaml").read_text().splitlines()
     assert "gradient_checkpointing: auto  # this run: false (memory_profile 24gb on a 79.6 GiB GPU)" in lines
     assert "memory_profile: auto  # this run: 24gb (auto on a 79.6 GiB GPU)" in lines
@@ -60,37 +61,37 @@ def test_comments_say_what_this_run_resolved(subject_dir, tmp_path, monkeypatch)
 
 
 def test_user_set_values_are_written_as_set(make_cfg, tmp_path):
-    cfg, _ = resolved(make_cfg(memory_profile="6gb", prior_mode="concat", mixed_precision="auto"), None)
-    assert (cfg.gradient_checkpointing, cfg.prior_mode, cfg.mixed_precision) == (False, "concat", "bf16")
-    save_config(cfg, tmp_path / "config.yaml")
+    plan = resolved(make_cfg(memory_profile="6gb", prior_mode="concat", mixed_precision="auto"), None)
+    assert (plan.gradient_checkpointing, plan.prior_mode, plan.precision) == (False, "concat", "bf16")
+    save_config(plan, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
     for line in ("gradient_checkpointing: false", "prior_mode: concat", "memory_profile: 6gb",
                  "mixed_precision: auto  # this run: bf16 (memory_profile 6gb on no GPU)"):
         assert line in text.splitlines()
-    again, _ = resolved(load_config(tmp_path / "config.yaml"), None)
-    assert training_settings(again) == training_settings(cfg)
+    again = resolved(load_config(tmp_path / "config.yaml"), None)
+    assert training_settings(again) == training_settings(plan)
 
 
 def test_explicit_profile_leaves_its_keys_to_a_rerun_profile(subject_dir, tmp_path):
-    cfg, _ = resolved(config_from_dict(run_data(subject_dir, tmp_path / "out", memory_profile="24gb")), None)
-    assert cfg.gradient_checkpointing is False
-    save_config(cfg, tmp_path / "config.yaml")
-    rerun, _ = resolved(load_config(tmp_path / "config.yaml", ["memory_profile=default"]), None)
+    plan = resolved(config_from_dict(run_data(subject_dir, tmp_path / "out", memory_profile="24gb")), None)
+    assert plan.gradient_checkpointing is False and plan.config.gradient_checkpointing is True  # config untouched
+    save_config(plan, tmp_path / "config.yaml")
+    rerun = resolved(load_config(tmp_path / "config.yaml", ["memory_profile=default"]), None)
     assert rerun.gradient_checkpointing is True  # not pinned to the 24gb profile's false
 
 
 def test_lora_default_exports_survive_a_rerun(subject_dir, tmp_path):
     cfg = config_from_dict(run_data(subject_dir, tmp_path / "out", finetune="lora"))
-    save_config(cfg, tmp_path / "config.yaml")
-    assert formats_of(load_config(tmp_path / "config.yaml")) == formats_of(cfg) == ["lora"]
+    save_config(resolved(cfg, None), tmp_path / "config.yaml")
+    assert export_formats(load_config(tmp_path / "config.yaml")) == export_formats(cfg) == ["lora"]
 
 
-def test_resume_from_the_saved_config(subject_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "gpu_memory_gib", lambda: 79.6)
-    trainer = Trainer(config_from_dict(run_data(subject_dir, tmp_path / "out", max_steps=2, checkpoint_steps=1)))
+def test_resume_from_the_saved_config(subject_dir, tmp_path):
+    trainer = Trainer(config_from_dict(run_data(subject_dir, tmp_path / "out", max_steps=2, checkpoint_steps=1)),
+                      on_card(79.6))
     trainer.setup().train()
-    resumed = Trainer(load_config(tmp_path / "out" / "config.yaml", ["resume=latest"]))
-    assert resumed.resume_from is not None and resumed.cfg.gradient_checkpointing is False
+    resumed = Trainer(load_config(tmp_path / "out" / "config.yaml", ["resume=latest"]), on_card(79.6))
+    assert resumed.resume_from is not None and resumed.plan.gradient_checkpointing is False
 
 
 def test_lora_export_reads_config_yaml_once(make_cfg, monkeypatch):

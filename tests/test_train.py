@@ -19,7 +19,7 @@ def state(module):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short tiny run shared by the assertions below."""
-    from dreambooth.config.schema import config_from_dict
+    from dreambooth.config import config_from_dict
     from dreambooth.demo import write_demo_dataset
     root = tmp_path_factory.mktemp("run")
     data = write_demo_dataset(root / "data", n=4, size=48)
@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 
 def test_loss_finite_and_falls(trained):
     _, trainer, summary = trained
-    losses = trainer.losses
+    losses = trainer.state.losses
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
 
@@ -78,7 +78,7 @@ def test_same_seed_same_weights(make_cfg, tmp_path):
 def test_epochs_define_steps_when_max_steps_unset(make_cfg):
     cfg = make_cfg(max_steps=None, epochs=2, batch_size=3, gradient_accumulation_steps=1)
     trainer = Trainer(cfg).setup()
-    assert trainer.total_steps == 4  # 4 images, batch 3 -> 2 batches per epoch
+    assert trainer.plan.total_steps == 4  # 4 images, batch 3 -> 2 batches per epoch
 
 
 def test_train_text_encoder_changes_it(make_cfg):
@@ -108,7 +108,7 @@ def test_runs_with_different_precision_in_one_process(make_cfg, tmp_path):
 
 def test_warmup_applies_to_the_default_constant_schedule(make_cfg):
     trainer = Trainer(make_cfg(lr_warmup_steps=4, max_steps=2)).setup()  # learning_rate 1e-3
-    lrs = [trainer.train_step(trainer.batches())["lr"] for _ in range(2)]
+    lrs = [trainer.step.run(trainer.batches(), trainer.state)["lr"] for _ in range(2)]
     assert lrs == pytest.approx([0.25e-3, 0.5e-3])  # the rate for the next step: 1/4, then 2/4 of the way up
 
 

@@ -79,8 +79,8 @@ def test_validation_leaves_training_unchanged(make_cfg, tmp_path):
     validated = _train(cfg)
     assert_bits_equal(plain.accelerator.unwrap_model(plain.unet).state_dict(),
                       validated.accelerator.unwrap_model(validated.unet).state_dict())
-    assert plain.losses == validated.losses
-    assert torch.equal(plain.gen.get_state(), validated.gen.get_state())
+    assert plain.state.losses == validated.state.losses
+    assert torch.equal(plain.state.generator.get_state(), validated.state.generator.get_state())
     assert validated.unet.training and not validated.components.vae.training
 
     out = validated.out / "validation"
@@ -120,11 +120,12 @@ def test_log_file_content(make_cfg):
 
 def test_log_file_notes_the_error_that_stopped_the_run(make_cfg, monkeypatch):
     """run_training itself hands the error that stopped training to the log."""
+    from dreambooth.training.step import TrainStep
     from dreambooth.training.trainer import run_training
 
-    def boom(self, batches):
+    def boom(self, batches, state):
         raise RuntimeError("boom")
-    monkeypatch.setattr(Trainer, "train_step", boom)
+    monkeypatch.setattr(TrainStep, "run", boom)
     cfg = make_cfg(max_steps=3)
     with pytest.raises(RuntimeError, match="boom"):
         run_training(cfg)

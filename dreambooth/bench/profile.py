@@ -13,8 +13,8 @@ import torch
 TOP = 12  # operators listed per profiled row
 
 
-def profile_steps(trainer, batches, steps: int = 2) -> dict:
-    """Profile `steps` more training steps of a set-up trainer; per-step figures, in milliseconds."""
+def profile_steps(step, steps: int = 2) -> dict:
+    """Profile `steps` more calls of `step` (one training step of a set-up run); per-step figures, in ms."""
     from torch.autograd import DeviceType
     from dreambooth.bench.measure import sync
     from torch.profiler import ProfilerActivity, profile
@@ -25,7 +25,7 @@ def profile_steps(trainer, batches, steps: int = 2) -> dict:
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            trainer.train_step(batches)
+            step()
         sync()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.key_averages()

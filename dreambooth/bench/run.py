@@ -108,30 +108,32 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
         sync()
         row["setup_s"] = round(time.perf_counter() - start, 3)
         batches, times = trainer.batches(), []
+        step = lambda: trainer.step.run(batches, trainer.state)  # noqa: E731 (one step, outside the loop)
         for _ in range(o.warmup + o.steps):
             sync()
             t0 = time.perf_counter()
-            logs = trainer.train_step(batches)
+            logs = step()
             sync()
             times.append(time.perf_counter() - t0)
         row["peak_memory"] = {**read_peak(), "cpu_rss_at_start_bytes": rss_start}
         row["warmup_s"] = round(sum(times[:o.warmup]), 3)  # torch.compile's compilation shows up here
         row["warmup_step_times_s"] = [round(t, 5) for t in times[:o.warmup]]
-        if cfg.compile:
+        plan = trainer.plan
+        if plan.compile:
             row["compile_stats"] = compile_stats(compiled_before)  # phases and disk-cache hits of this row
         row["step_times_s"] = [round(t, 5) for t in times[o.warmup:]]
         row["s_per_step"] = statistics.median(times[o.warmup:])
         row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)
         row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
         row["final_loss"] = logs["loss"]
-        row["settings"] = {"memory": trainer.memory.describe(), "mixed_precision": trainer.precision,
-                           "optimizer": trainer.optimizer_name, "gradient_checkpointing": cfg.gradient_checkpointing,
-                           "prior_mode": cfg.prior_mode, "latents_cached": trainer.latent_cache is not None,
-                           "prompts_cached": bool(trainer.text_cache), "finetune": cfg.finetune,
-                           "compile": cfg.compile and cfg.compile_mode}
+        row["settings"] = {"memory": plan.memory.describe(), "mixed_precision": plan.precision,
+                           "optimizer": plan.optimizer, "gradient_checkpointing": plan.gradient_checkpointing,
+                           "prior_mode": plan.prior_mode, "latents_cached": trainer.inputs.latent_cache is not None,
+                           "prompts_cached": bool(trainer.inputs.text_cache), "finetune": cfg.finetune,
+                           "compile": plan.compile and plan.compile_mode}
         if name in o.profile:  # after the measured steps, so the profiler's overhead never enters them
             from dreambooth.bench.profile import profile_steps
-            row["profile"] = profile_steps(trainer, batches)
+            row["profile"] = profile_steps(step)
     finally:
         trainer.runlog.close(None)
 

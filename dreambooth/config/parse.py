@@ -15,6 +15,7 @@ import yaml
 from dreambooth.errors import UserError, first_line
 
 if TYPE_CHECKING:
+    from dreambooth.config.plan import RunPlan
     from dreambooth.config.schema import Config
 
 
@@ -151,7 +152,7 @@ def flatten_keys(data: dict, prefix: str = "") -> set[str]:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain-data form of the config, as written to output_dir/config.yaml (without the fields the schema marks
-    internal, which are all top-level: provided, resolved)."""
+    internal, which are all top-level: provided)."""
     out = dataclasses.asdict(cfg)
     for f in dataclasses.fields(cfg):
         if f.metadata.get("internal"):
@@ -180,16 +181,19 @@ def _scalar(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write config.yaml as a rerunnable record: each key as the user gave it (auto where this machine resolved it),
-    with what this run resolved in a comment."""
+def save_config(plan: RunPlan, path: str | Path) -> None:
+    """Write config.yaml as a rerunnable record: each key as the user gave it (auto where this machine decided it),
+    with what this run decided in a comment."""
+    cfg = plan.config
     data, notes = config_to_dict(cfg), {}
-    for key, (given, value, why) in cfg.resolved.items():
-        data[key], notes[key] = given, f"{_scalar(value)} ({why})" if why else _scalar(value)
+    for key, choice in plan.choices.items():
+        data[key] = choice.given
+        notes[key] = f"{_scalar(choice.value)} ({choice.why})" if choice.why else _scalar(choice.value)
+    if "learning_rate" in plan.filled_in:  # LoRA's own default rate, written as if given: it reruns the same
+        data["learning_rate"] = plan.learning_rate
     if cfg.finetune == "lora" and "export_formats" not in cfg.provided:
-        from dreambooth.export.formats import formats_of
         # Unset, a LoRA run exports its LoRA alone; the written default [diffusers] would add a merged pipeline.
-        data["export_formats"] = formats_of(cfg)
+        data["export_formats"] = list(plan.export_formats)
     text = ""
     for key, value in data.items():  # one key at a time, so a comment lands on that key's line
         entry = yaml.safe_dump({key: value}, sort_keys=False)

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from dreambooth.config.parse import apply_override, build, flatten_keys, read_file
-# re-exported: callers use dreambooth.config.schema as the one config API
-from dreambooth.config.parse import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
 from dreambooth.errors import UserError
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -135,11 +133,7 @@ class Config:
     quiet: bool = opt(False, "No progress bars (for logs).")
 
     # Dotted keys the user set explicitly (YAML or overrides), so later code can tell a default from a choice.
-    provided: set = field(default_factory=set, repr=False, compare=False, metadata={"internal": True})
-    # Top-level keys this machine resolved (memory profile, auto): key -> (value as given, value resolved, why).
-    # config.yaml writes the value as given, so a rerun on another card resolves them afresh.
-    resolved: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
-
+    provided: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})
 
 # Keys that do not change the math of training: they may differ between a run and its resume.
 NON_TRAINING_KEYS = {
@@ -162,7 +156,7 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     """Build and validate a Config from a plain dict; raises one UserError listing every problem."""
     problems: list[str] = []
     cfg = build(Config, data, "", problems)
-    cfg.provided = flatten_keys(data)
+    cfg.provided = frozenset(flatten_keys(data))
     problems += validate(cfg)
     if problems:
         if len(problems) == 1:
@@ -238,25 +232,4 @@ def subjects_of(cfg: Config) -> list[SubjectConfig]:
     d = cfg.data
     return [SubjectConfig(dir=d.dir or "", instance_prompt=d.instance_prompt, class_prompt=d.class_prompt,
                           class_data_dir=d.class_data_dir)]
-
-
-def backward_passes(cfg: Config) -> int:
-    """Backward passes in one optimisation step: one per micro-batch, two with the sequential prior."""
-    sequential = cfg.with_prior_preservation and cfg.prior_mode == "sequential"
-    return cfg.gradient_accumulation_steps * (2 if sequential else 1)
-
-
-def resolved_values(cfg: Config) -> dict[str, Any]:
-    """What this run resolved each auto key to: {key: value resolved} (train_summary.json, export headers)."""
-    return {key: value for key, (_, value, _) in cfg.resolved.items()}
-
-
-def resolve_key(cfg: Config, key: str, value: Any, why: str = "", apply: bool = True) -> None:
-    """Record that this run resolved top-level `key` (one that accepts auto) to `value`; set it too if `apply`.
-    config.yaml then writes the value as given: the user's, or auto when unset."""
-    given = getattr(cfg, key) if key in cfg.provided else "auto"
-    given = cfg.resolved.get(key, (given,))[0]  # resolved twice: the first call saw the value as given
-    cfg.resolved[key] = (given, value, why)
-    if apply:
-        setattr(cfg, key, value)
 

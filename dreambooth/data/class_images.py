@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dreambooth.config.machine import gpu_memory_gib
 from dreambooth.config.schema import Config
 from dreambooth.data.dataset import CLASS_MANIFEST as MANIFEST
 from dreambooth.data.dataset import list_images, load_image, mixed_seed
@@ -37,7 +38,6 @@ def sampling_steps(cfg: Config) -> int:
 
 def default_batch_size() -> int:
     """Class images per sampling batch when sample_batch_size is unset: by GPU memory, 4 on CPU."""
-    from dreambooth.training.memory import gpu_memory_gib
     gib = gpu_memory_gib()
     if gib is None:
         return 4

@@ -238,10 +238,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         """Select the random crops/flips of EPOCH; call before iterating each epoch (and when resuming)."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    @staticmethod
+    def length(instance_images: int, class_images: int) -> int:
         # Same choice as diffusers' train_dreambooth: with class images the epoch is as long as the larger set,
         # so every class image is seen each epoch; the smaller set wraps around (index modulo its size).
-        return max(len(self.instance_images), len(self.class_images))
+        return max(instance_images, class_images)
+
+    def __len__(self) -> int:
+        return self.length(len(self.instance_images), len(self.class_images))
 
     def __getitem__(self, index: int) -> dict:
         generator = item_generator(self.seed, self.epoch, index)

@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth.data.dataset import CacheRows, ImageTransform, mixed_seed
-from dreambooth.errors import UserError
 from dreambooth.models.load import on_device
 
 log = logging.getLogger(__name__)
@@ -57,30 +56,11 @@ class CachedViews:
         return rows[int(torch.randint(0, len(rows), (1,), generator=generator))] if len(rows) > 1 else rows[0]
 
 
-def image_sources(dataset) -> list[tuple[object, str, list]] | None:
-    """(owner, transform attribute, images) for every image list of the dataset; None if its layout is unknown."""
-    if hasattr(dataset, "datasets"):  # several subjects, ConcatDataset-like
-        parts = [image_sources(d) for d in dataset.datasets]
-        return None if any(p is None for p in parts) else [s for p in parts for s in p]
-    transform = getattr(dataset, "transform", None)
-    if not hasattr(dataset, "instance_images") or not isinstance(transform, ImageTransform):
-        return None
-    # DreamBoothDataset transforms instance and class images alike, with its one `transform`.
-    lists = (dataset.instance_images, getattr(dataset, "class_images", None) or [])
-    return [(dataset, "transform", images) for images in lists if images]
-
-
-def should_cache(setting, vae_frozen: bool, sources) -> tuple[bool, str]:
-    """(cache?, why) for `cache_latents` auto/true/false; true when caching is impossible is a user error."""
-    if setting is False:
-        return False, "cache_latents: false"
-    problem = ("the VAE is trained" if not vae_frozen else
-               "the dataset's images or transforms are of an unknown kind" if sources is None else None)
-    if problem:
-        if setting is True:
-            raise UserError(f"cache_latents: true cannot work here ({problem}): set cache_latents: auto")
-        return False, f"not cached: {problem}"
-    return True, "VAE frozen"
+def image_sources(dataset) -> list[tuple[object, str, list]]:
+    """(owner, transform attribute, images) for every image list of the dataset: each subject's instance and class
+    images (a DreamBoothDataset transforms both with its one `transform`)."""
+    datasets = dataset.datasets if hasattr(dataset, "datasets") else [dataset]
+    return [(d, "transform", images) for d in datasets for images in (d.instance_images, d.class_images) if images]
 
 
 class LatentCache:
@@ -151,15 +131,9 @@ class LatentCache:
         return (mean + std * noise.to(self.device)) * self.scaling
 
 
-def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, seed: int, views: int,
-                       quiet: bool = False) -> LatentCache | None:
+def build_latent_cache(sources, vae, device, dtype, seed: int, views: int, quiet: bool = False) -> LatentCache:
     """Cache the latents of every view the dataset's items can get (SOURCES, from image_sources), installing
-    CachedViews so that items carry cache rows instead of pixels; then move the VAE to the CPU. CACHING is
-    should_cache's (on, why) for those sources. Returns None when caching is off or not valid."""
-    on, why = caching
-    if not on:
-        log.info("latent cache off: %s", why)
-        return None
+    CachedViews so that items carry cache rows instead of pixels; then move the VAE to the CPU."""
     cache = LatentCache(vae, device, dtype, vae.config.scaling_factor)
     wrappers: dict[int, CachedViews] = {}  # one per transform, so images it shares keep one numbering
     jobs = []  # (wrapper, image)
@@ -181,5 +155,5 @@ def build_latent_cache(sources, caching: tuple[bool, str], vae, device, dtype, s
     vae.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    log.info("latent cache: %d entries for %d images (%s)", len(cache), len(jobs), why)
+    log.info("latent cache: %d entries for %d images", len(cache), len(jobs))
     return cache

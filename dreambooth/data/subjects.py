@@ -109,9 +109,13 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
 
     def __init__(self, datasets: list[DreamBoothDataset], weights: list[float], batch_size: int):
         self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
-        # An epoch has as many batches as the subjects would have one after the other.
-        self.batches_per_epoch = sum(math.ceil(len(d) / batch_size) for d in self.datasets)
+        self.batches_per_epoch = self.length([len(d) for d in self.datasets], batch_size) // batch_size
         self.schedule = SubjectSchedule(self.weights)
+
+    @staticmethod
+    def length(lengths: list[int], batch_size: int) -> int:
+        """Items per epoch: as many batches as the subjects would have one after the other."""
+        return sum(math.ceil(n / batch_size) for n in lengths) * batch_size
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.batch_size

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from dreambooth import __version__
+from dreambooth.config.plan import RunPlan
 from dreambooth.errors import UserError
 from dreambooth.models.load import base_pipeline
 from dreambooth.models.single_file import CONFIGS_KEY, pipeline_to_original
@@ -61,9 +62,12 @@ def _architecture(pipe) -> str:
     return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
 
 
-def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None) -> dict[str, str]:
-    """Header entries (all strings) naming the base model, prompts, steps and training settings of a run."""
-    from dreambooth.config.schema import NON_TRAINING_KEYS, config_to_dict, load_config, resolved_values, subjects_of
+def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None = None,
+                      prompts: list[str] | None = None) -> dict[str, str]:
+    """Header entries (all strings) naming the base model, prompts, steps and training settings of a run (`prompts`:
+    the run's instance prompts, else read from its subjects' folders)."""
+    from dreambooth.config.parse import config_to_dict
+    from dreambooth.config.schema import NON_TRAINING_KEYS, load_config, subjects_of
     from dreambooth.data.subjects import prompts_as_trained
     run_dir = Path(run_dir) if run_dir else None
     meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
@@ -79,8 +83,9 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
             cfg = None  # an old or hand-edited config: export the weights without its settings
     if cfg is not None:
         # config.yaml keeps auto where the machine chose; the header says what the run used.
-        resolved = {**(summary or {}).get("resolved", {}), **resolved_values(cfg)}
-        prompts = [p for s in subjects_of(cfg) if (p := prompts_as_trained(s.dir, s.instance_prompt, None)[0])]
+        resolved = (summary or {}).get("resolved", {})
+        if prompts is None:
+            prompts = [p for s in subjects_of(cfg) if (p := prompts_as_trained(s.dir, s.instance_prompt, None)[0])]
         settings = {k: v for k, v in config_to_dict(cfg).items()
                     if k not in NON_TRAINING_KEYS | {"model", "revision", "variant", "data", "subjects"}}
         settings.update({k: v for k, v in resolved.items() if k in settings})
@@ -136,32 +141,22 @@ def save_kohya(lora_file: str | Path, out: str | Path, half: bool = False) -> Pa
 
 # ------------------------------------------------------------------------------------- runs and the CLI
 
-def formats_of(cfg) -> list[str]:
-    """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged
-    full pipeline (diffusers) only when the user listed diffusers: the default must not add a 5 GB copy."""
-    formats = list(dict.fromkeys(cfg.export_formats))
-    if cfg.finetune != "lora":
-        return formats
-    if "export_formats" not in cfg.provided:
-        formats = []
-    return ["lora"] + [f for f in formats if f != "lora"]
-
-
-def export_run(trainer, summary: dict | None):
-    """Write a finished run's exports into output_dir; returns the pipeline to save in diffusers layout, or None."""
+def export_run(out: Path, plan: RunPlan, summary: dict | None, prompts: list[str], trained_pipeline, unet,
+               text_encoder):
+    """Write a finished run's exports into output_dir; returns the pipeline to save in diffusers layout, or None.
+    `trained_pipeline()` builds a full fine-tune's pipeline; `unet`, `text_encoder` (unwrapped) hold a LoRA's layers."""
     from dreambooth.models.lora import LORA_FILE, merged_pipeline, save_lora
-    cfg, out, formats = trainer.cfg, trainer.out, formats_of(trainer.cfg)
-    meta = training_metadata(out, cfg, summary)
+    cfg, formats = plan.effective_config(), plan.export_formats  # the header tells the settings the run used
+    meta = training_metadata(out, cfg, summary, prompts)
     if cfg.finetune == "lora":
-        unwrap = trainer.accelerator.unwrap_model
-        save_lora(out / LORA_FILE, unwrap(trainer.unet), unwrap(trainer.components.text_encoder), cfg,
+        save_lora(out / LORA_FILE, unet, text_encoder, cfg,
                   {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
         if "kohya" in formats:
             save_kohya(out / LORA_FILE, out / KOHYA_FILE)
     if "diffusers" not in formats and "single-file" not in formats:
         return None
     # The LoRA run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
-    pipe = merged_pipeline(base_pipeline(cfg), out / LORA_FILE) if cfg.finetune == "lora" else trainer.pipeline()
+    pipe = merged_pipeline(base_pipeline(cfg), out / LORA_FILE) if cfg.finetune == "lora" else trained_pipeline()
     if "single-file" in formats:
         save_single_file(pipe, out / SINGLE_FILE, metadata=meta)
     return pipe if "diffusers" in formats else None

@@ -1,6 +1,5 @@
 """The output folder: refuse foreign or unwritable places before anything is written, mark it as ours, and swap
-a saved pipeline in only once it is complete; the Trainer's summary(), pipeline() and save() are mixed in
-from here."""
+a saved pipeline in only once it is complete."""
 
 from __future__ import annotations
 
@@ -10,11 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from dreambooth import __version__
 from dreambooth.errors import UserError
-from dreambooth.training.runlog import run_summary
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
 
@@ -92,35 +88,3 @@ def prefix_text_encoder_keys(folder: Path) -> None:
         data["weight_map"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
                               for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
-
-
-class TrainerOutput:
-    """The trained result of the Trainer and what save() writes; uses its cfg, components, accelerator and out."""
-
-    def summary(self) -> dict:
-        return run_summary(self)
-
-    def pipeline(self):
-        """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
-        from dreambooth.models.load import load_frozen, sd_pipeline
-        c, unwrap = self.components, self.accelerator.unwrap_model
-        text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
-        vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
-        unet = unwrap(self.unet).to("cpu", torch.float32)
-        if self.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
-            self.paramwise.export_master_weights_()
-        return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
-                           c.scheduler)
-
-    def save(self, summary: dict | None = None) -> Path:
-        """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (safetensors, swapped
-        in when complete), a LoRA run's LoRA file, single-file and kohya exports (export.py)."""
-        if not self.accelerator.is_main_process:
-            return self.out
-        from dreambooth.export.formats import export_run
-        pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
-        if pipe is not None:
-            write_pipeline(pipe, self.out)
-        if summary is not None:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        return self.out

@@ -221,29 +221,6 @@ def on_device(module: torch.nn.Module, device: torch.device):
         module.to(before)
 
 
-# --------------------------------------------------------------------------------------- machine choices
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def launched_processes() -> int:
-    """The number of processes of this launch, known before the Accelerator exists (torchrun and accelerate
-    launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def resolve_precision(cfg: Config, cuda: bool | None = None) -> str:
-    """accelerate's mixed_precision value: auto = fp16 on CUDA, no on CPU; fp16 without CUDA is refused."""
-    cuda = cuda_available() if cuda is None else cuda
-    if cfg.mixed_precision == "auto":
-        return "fp16" if cuda else "no"
-    if cfg.mixed_precision == "fp16" and not cuda:
-        raise UserError("mixed_precision: fp16 needs a CUDA GPU and none was found: "
-                        "set mixed_precision: auto (or no, or bf16 on CPU)")
-    return cfg.mixed_precision
-
-
 def trainable_dtype_fix(module: torch.nn.Module) -> int:
     """Upcast trainable half-precision weights to fp32 (fp16 master weights cannot be unscaled); returns count."""
     n = 0

@@ -10,38 +10,19 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.config.machine import require_peft
 from dreambooth.errors import UserError, first_line
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
 ADAPTER = "default"  # peft's adapter name while training
-DEFAULT_LORA_LR = 1e-4  # LoRA updates few, small matrices: 1e-4 is the common DreamBooth-LoRA rate
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
-
-
-def require_peft() -> None:
-    """LoRA layers come from peft, an optional dependency: say how to get it instead of failing on import."""
-    import importlib.util
-    if importlib.util.find_spec("peft") is None:
-        raise UserError("LoRA needs the peft package: pip install peft (or pip install -e '.[lora]')")
 
 
 def lora_config(rank: int, alpha: float, targets: list[str]):
     """A peft LoraConfig; gaussian init of A with B = 0, so the wrapped model starts equal to the base."""
     from peft import LoraConfig
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-
-
-def trains_text_encoder_lora(cfg) -> bool:
-    """With finetune: lora the text encoder trains through LoRA layers too (lora.text_encoder or train_text_encoder)."""
-    return cfg.finetune == "lora" and (cfg.lora.text_encoder or cfg.train_text_encoder)
-
-
-def learning_rate(cfg) -> float:
-    """The user's learning_rate, or 1e-4 for LoRA runs that left it unset (JumpStart's 2e-6 is for full weights)."""
-    if cfg.finetune == "lora" and "learning_rate" not in cfg.provided:
-        return DEFAULT_LORA_LR
-    return cfg.learning_rate
 
 
 def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
@@ -59,12 +40,13 @@ def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
                         "attention projection names such as to_q, to_k, to_v, to_out.0") from None
 
 
-def add_lora_layers(components, cfg, device, dtype: torch.dtype) -> None:
-    """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 LoRA layers."""
+def add_lora_layers(components, cfg, device, dtype: torch.dtype, text_encoder: bool) -> None:
+    """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 LoRA layers (in the text
+    encoder too when `text_encoder`)."""
     from dreambooth.models.load import trainable_dtype_fix
     modules = [(components.unet, lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules), "UNet",
                 "lora.target_modules")]
-    if trains_text_encoder_lora(cfg):
+    if text_encoder:
         modules.append((components.text_encoder, lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS),
                         "text encoder", "lora.text_encoder"))
     for model, config, what, key in modules:
@@ -73,7 +55,7 @@ def add_lora_layers(components, cfg, device, dtype: torch.dtype) -> None:
         model.to(device)
         # fp16 master weights cannot be unscaled by the grad scaler: only the small LoRA tensors go to fp32.
         trainable_dtype_fix(model)
-    components.text_encoder.train(trains_text_encoder_lora(cfg))
+    components.text_encoder.train(text_encoder)
 
 
 def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None):

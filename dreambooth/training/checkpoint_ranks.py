@@ -1,4 +1,4 @@
-"""Each process's own part of a checkpoint: its RNG streams (torch, CUDA, the trainer's noise generator, Python,
+"""Each process's own part of a checkpoint: its RNG streams (torch, CUDA, the training state's generator, Python,
 NumPy) and per-subject stats, in rank-NNNNN.safetensors/.json. Every process stages its files beside the
 checkpoint; the main process moves them in before marking it complete; on resume each reads its own."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreambooth.config.schema import Config
-from dreambooth.training import checkpoint_store as store
 from dreambooth.errors import UserError
+from dreambooth.training import checkpoint_store as store
+from dreambooth.training.rng import restore_rng, rng_snapshot
+from dreambooth.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 RANK = "rank-{:05d}"  # + .safetensors (RNG tensors) and .json (Python/NumPy RNG, subject stats)
 
 
-def process_rank(trainer) -> tuple[int, int]:
-    """(this process's index, number of processes) of the trainer's accelerator."""
-    return trainer.accelerator.process_index, trainer.accelerator.num_processes
+def process_rank(accelerator) -> tuple[int, int]:
+    """(this process's index, number of processes) of the run's accelerator."""
+    return accelerator.process_index, accelerator.num_processes
 
 
 def check_processes(path: Path, saved: int | None, current: int, cfg: Config) -> None:
@@ -46,27 +47,9 @@ def _processes(n: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- RNG streams
 
-def rng_snapshot(generators: list[torch.Generator]) -> dict:
-    """Every RNG stream training draws from, in memory: Python, NumPy, torch CPU and CUDA, and `generators`."""
-    cuda = dict(enumerate(torch.cuda.get_rng_state_all())) if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda, "generators": [(g, g.get_state()) for g in generators]}
-
-
-def restore_rng(snapshot: dict) -> None:
-    """Put back the streams of an rng_snapshot (CUDA devices it does not name keep theirs)."""
-    random.setstate(snapshot["python"])
-    np.random.set_state(snapshot["numpy"])
-    torch.set_rng_state(snapshot["torch"])
-    for i, state in snapshot["cuda"].items():
-        torch.cuda.set_rng_state(state, i)
-    for g, state in snapshot["generators"]:
-        g.set_state(state)
-
-
-def rng_state(trainer, tensors: dict) -> dict:
+def rng_state(generator: torch.Generator, tensors: dict) -> dict:
     """This process's RNG states: tensors into `tensors`, Python's and NumPy's as JSON-able lists."""
-    snap = rng_snapshot([trainer.gen])
+    snap = rng_snapshot([generator])
     tensors["rng.torch"], tensors["rng.gen"] = snap["torch"], snap["generators"][0][1]
     tensors.update({f"rng.cuda.{i}": state for i, state in snap["cuda"].items()})
     version, mt, gauss = snap["python"]
@@ -75,14 +58,14 @@ def rng_state(trainer, tensors: dict) -> dict:
                                                              float(cached)]}
 
 
-def set_rng(rng: dict, tensors: dict, trainer) -> None:
+def set_rng(rng: dict, tensors: dict, generator: torch.Generator) -> None:
     """The inverse of rng_state."""
     version, mt, gauss = rng["python"]
     name, keys, pos, has_gauss, cached = rng["numpy"]
     devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()
     restore_rng({"python": (version, tuple(mt), gauss),
                  "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
-                 "torch": tensors["rng.torch"], "generators": [(trainer.gen, tensors["rng.gen"])],
+                 "torch": tensors["rng.torch"], "generators": [(generator, tensors["rng.gen"])],
                  "cuda": {i: tensors[f"rng.cuda.{i}"] for i in devices if f"rng.cuda.{i}" in tensors}})
 
 
@@ -93,10 +76,10 @@ def staging(final: Path) -> Path:
     return final.with_name(f".{final.name}.ranks")  # a ".step-" folder: prune clears one that a crash left
 
 
-def stage(trainer, final: Path, index: int) -> bool:
+def stage(train: TrainState, final: Path, index: int) -> bool:
     """Write this process's RNG streams and subject stats beside checkpoint `final`; False if the disk is full."""
     tensors: dict[str, torch.Tensor] = {}
-    state = {"rank": index, "rng": rng_state(trainer, tensors), "subjects": trainer.subject_stats.state_dict()}
+    state = {"rank": index, "rng": rng_state(train.generator, tensors), "subjects": train.subjects.state_dict()}
     folder = staging(final)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,14 +104,14 @@ def gather(final: Path, tmp: Path, count: int) -> None:
         os.replace(folder / n, tmp / n)
 
 
-def restore(trainer, path: Path, index: int, state: dict, tensors: dict) -> None:
+def restore(train: TrainState, path: Path, index: int, state: dict, tensors: dict) -> None:
     """This process's RNG streams and subject stats from its own file (older checkpoints: state.json's streams)."""
     own = path / f"{RANK.format(index)}.json"
     if own.is_file():
         rank = json.loads(own.read_text())
-        set_rng(rank["rng"], load_file(path / f"{RANK.format(index)}.safetensors"), trainer)
-        trainer.subject_stats.load_state_dict(rank["subjects"])
+        set_rng(rank["rng"], load_file(path / f"{RANK.format(index)}.safetensors"), train.generator)
+        train.subjects.load_state_dict(rank["subjects"])
     elif "rng" in state:
-        set_rng(state["rng"], tensors, trainer)
+        set_rng(state["rng"], tensors, train.generator)
     else:  # more processes than wrote the checkpoint (resume_force)
         log.warning("checkpoint %s holds no state for process %d: its random streams start afresh", path, index)

@@ -175,11 +175,11 @@ def is_disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def no_space(trainer, root: Path, detail: str) -> None:
-    """Disk full: raise a clear error (on_disk_full: stop) or warn and go on unsaved (continue)."""
-    last = trainer.last_checkpoint
+def no_space(on_disk_full: str, last: Path | None, root: Path, detail: str) -> None:
+    """Disk full: raise a clear error (on_disk_full: stop) or warn and go on unsaved (continue); `last` is the newest
+    complete checkpoint, if any."""
     kept = f"the last complete checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-    if trainer.cfg.on_disk_full == "continue":
+    if on_disk_full == "continue":
         log.warning("not writing checkpoint in %s: %s; training continues unsaved (on_disk_full: continue); %s",
                     root, detail, kept)
         return

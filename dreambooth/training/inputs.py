@@ -1,112 +1,87 @@
-"""What a training step consumes, mixed into the Trainer: the subjects' datasets and their batch order, prompt
-embeddings (each distinct prompt encoded once when the text encoder is frozen) and image latents (cached or
-encoded by the VAE)."""
+"""What the UNet is fed: batches in a reproducible order, prompt embeddings (cached when the text encoder is frozen)
+and image latents (from the latent cache, or the VAE)."""
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-
 import torch
 
-from dreambooth.data.dataset import DreamBoothDataset, ImageTransform, collate, load_image_files, load_images
-from dreambooth.models.load import launched_processes, on_device
-from dreambooth.training.runlog import SubjectStats
-from dreambooth.data.subjects import MultiSubjectDataset, resolve_subjects
+from dreambooth.config.plan import RunPlan
+from dreambooth.data.dataset import collate
+from dreambooth.data.latent_cache import build_latent_cache, image_sources
+from dreambooth.data.subjects import MultiSubjectDataset
+from dreambooth.models.load import Components, on_device
+from dreambooth.training.state import TrainState
 
 
-class TrainerInputs:
-    """Datasets, batches and encodings of the Trainer; uses its cfg, accelerator, components and caches."""
+class Inputs:
+    """Batches and encodings for one process of a run."""
 
-    @property
-    def _caches_prompts(self) -> bool:
-        return self.cfg.cache_prompts and not self.trains_text_encoder
+    def __init__(self, plan: RunPlan, dataset, components: Components, device: torch.device, weight_dtype,
+                 process_index: int = 0, num_processes: int = 1):
+        self.cfg, self.dataset, self.components = plan.config, dataset, components
+        self.device, self.weight_dtype = device, weight_dtype
+        self.process_index, self.num_processes = process_index, num_processes
+        self.caches_prompts = self.cfg.cache_prompts and not plan.trains_text_encoder
+        self.caches_latents = plan.cache_latents
+        self.text_cache: dict[str, torch.Tensor] = {}  # prompt -> embedding, filled by encode_prompts
+        self.latent_cache = None
 
-    def _build_dataset(self) -> DreamBoothDataset | MultiSubjectDataset:
-        """Each subject's instance images, paired with its own class images under prior preservation."""
-        cfg = self.cfg
-        subjects = self.subjects = resolve_subjects(cfg)
-        class_images = self._class_images(subjects) if cfg.with_prior_preservation else [[] for _ in subjects]
-        transform = ImageTransform(cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
-        datasets, self.prompts = [], []  # every prompt, class prompts included, for the text-embedding cache
-        for i, (s, klass) in enumerate(zip(subjects, class_images)):
-            images, _ = load_images(s.dir, cfg.resolution)
-            datasets.append(DreamBoothDataset(images, s.instance_prompt, transform, klass or None,
-                                              s.class_prompt if klass else None, seed=cfg.seed + i, name=s.name))
-            self.prompts += [s.instance_prompt] + ([s.class_prompt] if klass else [])
-        self.subject_stats = SubjectStats([s.name for s in subjects], cfg)
-        if len(datasets) == 1:
-            return datasets[0]
-        weights = [s.weight for s in subjects] if cfg.subject_sampling == "weighted" else [1.0] * len(subjects)
-        return MultiSubjectDataset(datasets, weights, cfg.batch_size)
+    def fill_caches(self, prompts: list[str]) -> None:
+        """Encode the training prompts once (then the frozen encoder leaves the GPU) and cache the latents."""
+        if self.caches_prompts:
+            self.encode_prompts(sorted(set(prompts)))
+            self.components.text_encoder.to("cpu")
+        if self.caches_latents:
+            self.latent_cache = build_latent_cache(image_sources(self.dataset), self.components.vae, self.device,
+                                                   self.weight_dtype, self.cfg.seed, self.cfg.latent_cache_views,
+                                                   quiet=self.cfg.quiet)
 
-    def _class_images(self, subjects) -> list[list]:
-        """Each subject's class images: the folders topped up (main process first under accelerate launch; the
-        sampler is freed after), then loaded, each file decoded once (checking them decodes most)."""
-        from dreambooth.data.class_images import ensure_class_images
-        decoded: dict = {}  # path -> image, shared by subjects sharing a class folder
-        first = nullcontext()
-        if launched_processes() > 1:
-            from accelerate import PartialState
-            first = PartialState().main_process_first()
-        with first:
-            paths = ensure_class_images(self.cfg, subjects, decoded)
-        return [load_image_files(p, self.cfg.resolution, s.class_dir, decoded)[0] if p else []
-                for s, p in zip(subjects, paths)]
-
-    def _total_steps(self) -> int:
-        micro_per_epoch = math.ceil(len(self._shard(list(range(len(self.dataset))))) / self.cfg.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / self.cfg.gradient_accumulation_steps))
-        return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
-
+    # ------------------------------------------------------------------------------------------ batches
     def _shard(self, order: list[int]) -> list[int]:
-        return order[self.accelerator.process_index::self.accelerator.num_processes]
+        return order[self.process_index::self.num_processes]
 
-    def batches(self):
-        """Batches forever, in an order drawn from (seed, epoch) so any position can be reproduced."""
+    def batches(self, state: TrainState):
+        """Batches forever, in an order drawn from (seed, epoch) so any position can be reproduced; `state` holds
+        the position (epoch, batch_in_epoch) and is advanced as batches are handed out."""
+        cfg = self.cfg
         while True:
-            self.dataset.set_epoch(self.epoch)
+            self.dataset.set_epoch(state.epoch)
             if isinstance(self.dataset, MultiSubjectDataset):  # one subject per batch, subjects taking turns
-                groups = self._shard(self.dataset.epoch_batches(self.epoch, self.cfg.seed))
+                groups = self._shard(self.dataset.epoch_batches(state.epoch, cfg.seed))
             else:
-                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
+                g = torch.Generator().manual_seed(cfg.seed * 100_003 + state.epoch)
                 order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())
-                groups = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+                groups = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             # A resumed run starts mid-epoch: skip the batches its checkpoint had already used.
-            while self.batch_in_epoch < len(groups):
-                group = groups[self.batch_in_epoch]
-                self.batch_in_epoch += 1  # counted before the yield: the consumer owns the batch from here
+            while state.batch_in_epoch < len(groups):
+                group = groups[state.batch_in_epoch]
+                state.batch_in_epoch += 1  # counted before the yield: the consumer owns the batch from here
                 yield collate([self.dataset[j] for j in group])
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            state.epoch += 1
+            state.batch_in_epoch = 0
 
     # ------------------------------------------------------------------------------------------ encoding
     def _tokens(self, prompts: list[str]) -> torch.Tensor:
         tok = self.components.tokenizer
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.accelerator.device)
-
-    def _encode_prompts_once(self) -> None:
-        """Frozen text encoder: fill text_cache with each distinct training prompt, then move the encoder off the
-        GPU."""
-        self.encode_prompts(sorted(set(self.prompts)))
-        self.components.text_encoder.to("cpu")
+                   return_tensors="pt").input_ids.to(self.device)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """[B, 77, D] embeddings; a frozen encoder's are computed once per distinct prompt and kept."""
         te = self.components.text_encoder
-        if not self._caches_prompts:
+        if not self.caches_prompts:
             return te(self._tokens(prompts))[0]
         new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
         if new:  # training prompts at setup; validation's own prompts when first seen (encoder brought back)
-            with torch.no_grad(), on_device(te, self.accelerator.device):
+            with torch.no_grad(), on_device(te, self.device):
                 self.text_cache.update({p: te(self._tokens([p]))[0][0] for p in new})
         return torch.stack([self.text_cache[p] for p in prompts])
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of a batch's pixels (or cache rows), sampled with `generator`."""
         if self.latent_cache is not None:
-            return self.latent_cache.sample(pixels, self.gen)
+            return self.latent_cache.sample(pixels, generator)
         vae = self.components.vae
         with torch.no_grad():
-            dist = vae.encode(pixels.to(self.accelerator.device, self.weight_dtype)).latent_dist
-            return dist.sample(generator=self.gen).float() * vae.config.scaling_factor
+            dist = vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
+            return dist.sample(generator=generator).float() * vae.config.scaling_factor

@@ -1,93 +1,40 @@
-"""The optimizer: which AdamW a run uses (plain, fused or bitsandbytes' 8-bit), built with the run's
-hyperparameters."""
+"""The run's optimizer: AdamW (adamw.py) with JumpStart's hyperparameters, or the per-tensor ParamwiseOptimizer
+that the low-memory profiles ask for."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 
 import torch
 
-from dreambooth.config.schema import Config
-from dreambooth.errors import UserError
-from dreambooth.models.load import cuda_available
+from dreambooth.config.plan import RunPlan
+from dreambooth.training.adamw import adamw, param_tensors
+from dreambooth.training.paramwise import ParamwiseOptimizer
 
 log = logging.getLogger(__name__)
 
 
-def resolve_optimizer(cfg: Config, cuda: bool | None = None) -> str:
-    """'adamw' or 'adamw8bit': auto takes 8-bit AdamW on CUDA when bitsandbytes is installed."""
-    cuda = cuda_available() if cuda is None else cuda
-    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if cfg.optimizer == "auto":
-        if cuda and not has_bnb:
-            log.warning("bitsandbytes is not installed, so optimizer auto uses plain AdamW "
-                        "(pip install bitsandbytes for 8-bit AdamW, which saves ~5 GB on SD 2.1)")
-        return "adamw8bit" if cuda and has_bnb else "adamw"
-    if cfg.optimizer == "adamw8bit" and not cuda:
-        raise UserError("optimizer: adamw8bit needs a CUDA GPU and none was found: set optimizer: auto or adamw")
-    if cfg.optimizer == "adamw8bit" and not has_bnb:
-        raise UserError("optimizer: adamw8bit needs bitsandbytes: pip install bitsandbytes, "
-                        "or set optimizer: adamw")
-    return cfg.optimizer
-
-
-def adamw8bit(params, **hparams) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW without the device synchronisation it makes after each tensor's update."""
-    return _adamw8bit_class()(params, **hparams)
-
-
-@functools.cache
-def _adamw8bit_class() -> type:
-    """The class, made once (the low profiles build one optimizer per tensor)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.optim import optimizer as bnb_optimizer
-
-    class AdamW8bit(bnb.optim.AdamW8bit):
-        # bitsandbytes waits for the GPU after every tensor (686 times a step for SD 2.1's UNet, and inside
-        # backward in the fused profiles). Its kernels run on torch's current stream, so without paged states,
-        # which we never use, stream order already makes the waits unnecessary. A bitsandbytes without the
-        # module-level sync_gpu keeps its own step.
-        def step(self, closure=None):
-            if self.is_paged or not hasattr(bnb_optimizer, "sync_gpu"):
-                return super().step(closure)
-            sync, bnb_optimizer.sync_gpu = bnb_optimizer.sync_gpu, _no_sync
-            try:
-                return super().step(closure)
-            finally:
-                bnb_optimizer.sync_gpu = sync
-    return AdamW8bit
-
-
-def _no_sync(tensor: torch.Tensor) -> None:
-    return None
-
-
-def param_tensors(params: list) -> list[torch.Tensor]:
-    """The tensors of an optimizer's `params` argument: a list of tensors, of param-group dicts, or both."""
-    return [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-
-
-def adamw(params, name: str, **hparams) -> torch.optim.Optimizer:
-    """8-bit AdamW (name adamw8bit, bitsandbytes), or torch's AdamW, fused when every tensor is on CUDA or CPU."""
-    params = list(params)
-    if name == "adamw8bit":
-        return adamw8bit(params, **hparams)
-    tensors = param_tensors(params)
-    # One kernel for all tensors instead of ~15 ops per tensor: on CPU too (SD 2.1/4's step 77 -> 30 ms).
-    fused = bool(tensors) and all(t.device.type in ("cuda", "cpu") for t in tensors)
-    return torch.optim.AdamW(params, fused=fused or None, **hparams)
-
-
-def make_optimizer(params, cfg: Config, name: str, plan=None) -> torch.optim.Optimizer:
+def make_optimizer(params, plan: RunPlan) -> torch.optim.Optimizer:
     """AdamW with JumpStart's hyperparameters: bitsandbytes 8-bit, or torch's (fused).
 
-    A memory plan (memory.py) with bf16 weights or a fused backward gets the per-tensor ParamwiseOptimizer
-    (paramwise.py)."""
-    hparams = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    A memory plan with bf16 weights or a fused backward gets the per-tensor ParamwiseOptimizer (paramwise.py)."""
+    cfg = plan.config
+    hparams = dict(lr=plan.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if plan is not None and plan.paramwise:
-        from dreambooth.training.memory import make_paramwise_optimizer
-        return make_paramwise_optimizer(params, cfg, name, plan, hparams)
-    return adamw(params, name, **hparams)
+    if plan.memory.paramwise:
+        return paramwise_optimizer(params, plan, hparams)
+    return adamw(params, plan.optimizer, **hparams)
+
+
+def paramwise_optimizer(params, plan: RunPlan, hparams: dict) -> ParamwiseOptimizer:
+    """The ParamwiseOptimizer a memory plan asks for, with the AdamW hyperparameters make_optimizer chose."""
+    memory, inner = plan.memory, plan.optimizer
+    params = list(params)
+    on_cuda = any(t.is_cuda for t in param_tensors(params))
+    if memory.master_weights == "bf16" and inner != "adamw8bit" and on_cuda:
+        log.warning("memory_profile %s expects 8-bit AdamW states (pip install bitsandbytes, optimizer: auto); "
+                    "fp32 states take 8 bytes per weight, about 5 GB more on SD 2.1", memory.profile)
+    opt = ParamwiseOptimizer(params, **hparams, inner=inner, rounding=memory.rounding, seed=plan.config.seed)
+    if memory.fused_backward:
+        opt.fuse_into_backward(memory.backwards_per_step, plan.config.max_grad_norm)
+    return opt

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dreambooth.config.schema import Config, flatten_config, resolved_values
+from dreambooth.config.plan import RunPlan
+from dreambooth.config.parse import flatten_config
+from dreambooth.config.schema import Config
 from dreambooth.errors import UserError
+from dreambooth.training.state import TrainState
 
 log = logging.getLogger("dreambooth")
 progress = logging.getLogger("dreambooth.progress")  # the periodic step lines
@@ -43,12 +46,12 @@ class RunLog:
 
     _open: "RunLog | None" = None
 
-    def __init__(self, trainer):
-        self.t = trainer
-        self.cfg = trainer.cfg
+    def __init__(self, plan: RunPlan, out: Path, accelerator, resumed: bool = False):
+        self.plan, self.cfg, self.out, self.accelerator = plan, plan.config, out, accelerator
         self.history: list[dict] = []
-        self.main = trainer.accelerator.is_main_process
-        self.resumed = getattr(trainer, "resume_from", None) is not None
+        self.main = accelerator.is_main_process
+        self.resumed = resumed
+        self.step_reached = 0  # the last step recorded, for the line that says how the run ended
         self.tracking = bool(self.cfg.log_with) and self.main
         self.handler: logging.Handler | None = None
         self._last_time, self._last_step, self.interval = time.time(), 0, 1
@@ -57,11 +60,11 @@ class RunLog:
         if self.main:
             self._open_file()
         if self.cfg.log_with:
-            self.t.accelerator.init_trackers(TRACKER_DIR, config=_hparams(self.cfg))
+            accelerator.init_trackers(TRACKER_DIR, config=_hparams(self.cfg))
         RunLog._open = self
 
     def _open_file(self) -> None:
-        self.handler = logging.FileHandler(self.t.out / LOG_FILE, mode="a" if self.resumed else "w")
+        self.handler = logging.FileHandler(self.out / LOG_FILE, mode="a" if self.resumed else "w")
         self.handler.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%d %H:%M:%S"))
         self.handler.setLevel(logging.INFO)
         self._old_level = log.level
@@ -73,24 +76,26 @@ class RunLog:
         if not self.cfg.quiet:
             progress.addHandler(self.handler)
 
-    def start(self) -> None:
-        """One line on what is about to run (after setup knows the step count)."""
-        t = self.t
-        self.interval = max(1, t.total_steps // 50)  # at most ~50 step lines per run
+    def start(self, step: int) -> None:
+        """One line on what is about to run, from `step` (0, or where a resumed run starts)."""
+        plan = self.plan
+        self.interval = max(1, plan.total_steps // 50)  # at most ~50 step lines per run
         log.info("training %s for %d steps (%d per epoch), batch %d x %d accumulation, lr %g, "
-                 "mixed precision %s, optimizer %s, compile %s, device %s -> %s", self.cfg.model, t.total_steps,
-                 t.steps_per_epoch, self.cfg.batch_size, self.cfg.gradient_accumulation_steps,
-                 self.cfg.learning_rate, t.precision, t.optimizer_name,
-                 self.cfg.compile_mode if self.cfg.compile else "off", t.accelerator.device, t.out)
-        self._last_time, self._last_step = time.time(), t.global_step
+                 "mixed precision %s, optimizer %s, compile %s, device %s -> %s", self.cfg.model, plan.total_steps,
+                 plan.steps_per_epoch, self.cfg.batch_size, self.cfg.gradient_accumulation_steps,
+                 plan.learning_rate, plan.precision, plan.optimizer,
+                 plan.compile_mode if plan.compile else "off", self.accelerator.device, self.out)
+        self._last_time, self._last_step = time.time(), step
+        self.step_reached = step
 
     def step(self, step: int, logs: dict[str, float]) -> None:
         """Record one optimisation step: history, tracker scalars, and every `interval` steps a log line."""
         entry = {"step": step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
         self.history.append(entry)
+        self.step_reached = step
         if self.tracking:
-            self.t.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=step)
-        total = self.t.total_steps
+            self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=step)
+        total = self.plan.total_steps
         if step % self.interval and step not in (1, total):
             return
         recent = [h["loss"] for h in self.history[-self.interval:] if "loss" in h]
@@ -109,7 +114,7 @@ class RunLog:
         self._last_time += seconds
         if not self.tracking or not images:
             return
-        tracker = self.t.accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         for p, (prompt, ims) in enumerate(images.items()):
             tracker.add_images(f"validation/{p:02d} {prompt}"[:100], np.stack([np.asarray(i) for i in ims]),
                                step, dataformats="NHWC")
@@ -118,7 +123,7 @@ class RunLog:
         """output_dir/loss_history.json; a resumed run keeps the entries written before its first step."""
         if not self.main:
             return None
-        path = self.t.out / HISTORY_FILE
+        path = self.out / HISTORY_FILE
         history = self.history
         if self.resumed and path.is_file():
             first = history[0]["step"] if history else float("inf")
@@ -137,11 +142,11 @@ class RunLog:
         if self.handler is not None:
             # To the file only: the console shows the outcome in its own form.
             if error is None:
-                self._to_file(logging.INFO, f"run finished at step {self.t.global_step}")
+                self._to_file(logging.INFO, f"run finished at step {self.step_reached}")
             else:
                 tb = None if isinstance(error, (UserError, KeyboardInterrupt)) else \
                     (type(error), error, error.__traceback__)
-                self._to_file(logging.ERROR, f"run stopped at step {self.t.global_step}: "
+                self._to_file(logging.ERROR, f"run stopped at step {self.step_reached}: "
                                              f"{type(error).__name__}: {error}", tb)
             log.removeHandler(self.handler)
             progress.removeHandler(self.handler)
@@ -150,9 +155,9 @@ class RunLog:
             self.handler.close()
             self.handler = None
         # Not accelerator.end_training(): that also tears down the process group, which save() still needs.
-        for tracker in self.t.accelerator.trackers:
+        for tracker in self.accelerator.trackers:
             tracker.finish()
-        self.t.accelerator.trackers.clear()
+        self.accelerator.trackers.clear()
         if RunLog._open is self:
             RunLog._open = None
 
@@ -167,81 +172,29 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class SubjectStats:
-    """Batches and losses of each subject (every batch holds one), for per-subject logs and the summary."""
-
-    def __init__(self, names: list[str], cfg: Config):
-        self.cfg = cfg
-        self.stats = {n: {"batches": 0, "loss": 0.0, "prior_loss": 0.0, "last": None} for n in names}
-        self.this_step: dict[str, list[float]] = {}  # subject -> its micro-batch losses in the current step
-
-    def __len__(self) -> int:
-        return len(self.stats)
-
-    def track(self, batch: dict, losses: dict[str, float]) -> None:
-        """Count the batch and its loss (plain numbers) for its subject."""
-        name = batch.get("subjects", [None])[0]
-        stats = self.stats.get(name)
-        if stats is None:
-            return
-        loss = losses["loss"]
-        stats["batches"] += 1
-        stats["loss"] += loss
-        stats["last"] = loss
-        stats["prior_loss"] += losses.get("prior_loss", 0.0)
-        self.this_step.setdefault(name, []).append(loss)
-
-    def step_means(self) -> dict[str, float]:
-        """`loss/<subject>` of the step just finished (only with several subjects); starts the next step."""
-        means = {f"loss/{n}": sum(v) / len(v) for n, v in self.this_step.items()} if len(self.stats) > 1 else {}
-        self.this_step = {}
-        return means
-
-    def state_dict(self) -> dict:
-        """The per-subject totals (plain JSON), for checkpoints; taken between steps, so nothing is in flight."""
-        return {name: dict(s) for name, s in self.stats.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Totals from a checkpoint; a subject this run lacks (changed subjects, resume_force) is dropped."""
-        for name, s in state.items():
-            if name in self.stats:
-                self.stats[name].update(s)
-
-    def summary(self) -> dict:
-        """Per subject: steps (its batches over gradient_accumulation_steps), mean and last loss, prior loss."""
-        out = {}
-        for name, s in self.stats.items():
-            n = s["batches"]
-            out[name] = {"steps": round(n / self.cfg.gradient_accumulation_steps, 3),
-                         "mean_loss": s["loss"] / n if n else None, "final_loss": s["last"]}
-            if self.cfg.with_prior_preservation:
-                out[name]["mean_prior_loss"] = s["prior_loss"] / n if n else None
-        return out
-
-
-def run_summary(t) -> dict:
-    """train_summary.json of a finished Trainer: steps, losses, time, throughput, peak memory, device, versions."""
+def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
+    """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions."""
     import platform
 
     import torch
 
-    cuda = torch.cuda.is_available()
-    samples = t.global_step * t.cfg.batch_size * t.cfg.gradient_accumulation_steps
+    cfg, cuda = plan.config, torch.cuda.is_available()
+    samples = state.step * cfg.batch_size * cfg.gradient_accumulation_steps
     return {
-        "steps": t.global_step,
-        "epochs": round(t.global_step / t.steps_per_epoch, 3),
-        "final_loss": t.losses[-1] if t.losses else None,
-        "mean_loss": sum(t.losses) / len(t.losses) if t.losses else None,
-        "wall_time_s": round(t.wall_time, 3),
-        "samples_per_s": round(samples / t.wall_time, 4) if t.wall_time else None,
+        "steps": state.step,
+        "epochs": round(state.step / plan.steps_per_epoch, 3),
+        "final_loss": state.losses[-1] if state.losses else None,
+        "mean_loss": sum(state.losses) / len(state.losses) if state.losses else None,
+        "wall_time_s": round(wall_time, 3),
+        "samples_per_s": round(samples / wall_time, 4) if wall_time else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss(),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "mixed_precision": t.precision,
-        "optimizer": t.optimizer_name,
-        # What config.yaml keeps as auto, as this run resolved it (export headers read it back).
-        "resolved": resolved_values(t.cfg),
-        "subjects": t.subject_stats.summary(),
+        "mixed_precision": plan.precision,
+        "optimizer": plan.optimizer,
+        # What config.yaml keeps as auto, as this run decided it (export headers read it back).
+        "resolved": plan.resolved(),
+        "subjects": state.subjects.summary(),
         "versions": library_versions(),
     }
 

@@ -1,57 +1,54 @@
-"""The Trainer: setup() loads model and data, train() runs the loop, save() writes a diffusers pipeline."""
+"""The Trainer: plans the run, composes its parts (inputs, step, checkpoints, validation, log), runs the loop and
+saves the result. run_training() is the whole job: setup -> train -> save -> report."""
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.training import checkpoint
-from dreambooth.data.latent_cache import build_latent_cache, image_sources, should_cache
-from dreambooth.training.compiling import check_compile, compile_unet, resolve_compile
-from dreambooth.config.schema import Config, resolve_key, save_config
-from dreambooth.training.hooks import TrainerHooks
-from dreambooth.training.inputs import TrainerInputs
-from dreambooth.models.lora import add_lora_layers, learning_rate, require_peft, trains_text_encoder_lora
-from dreambooth.training.loss import add_noise, dreambooth_loss, mse, training_target
-from dreambooth.training.memory import apply_memory_profile
-from dreambooth.models.load import load_components, resolve_precision
-from dreambooth.training.optim import make_optimizer, resolve_optimizer
-from dreambooth.export.output_dir import TrainerOutput, check_output_dir, mark_output_dir
-from dreambooth.training.runlog import RunLog, tracker_kwargs
+from dreambooth.config.machine import Machine
+from dreambooth.config.parse import save_config
+from dreambooth.config.plan import resolve
+from dreambooth.config.schema import Config
+from dreambooth.data.subjects import resolve_subjects
+from dreambooth.data.training_set import TrainingSet
+from dreambooth.errors import UserError
+from dreambooth.export.output_dir import check_output_dir, mark_output_dir, write_pipeline
+from dreambooth.models.load import load_components, load_frozen, sd_pipeline
+from dreambooth.models.lora import add_lora_layers
+from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
+from dreambooth.training.compiling import compile_unet
+from dreambooth.training.inputs import Inputs
+from dreambooth.training.optim import make_optimizer
+from dreambooth.training.resume import resolve_resume
+from dreambooth.training.runlog import RunLog, run_summary, tracker_kwargs
+from dreambooth.training.signals import Interrupted, StopSignals
+from dreambooth.training.state import SubjectStats, TrainState
+from dreambooth.training.step import TrainStep
 from dreambooth.training.validation import Validator
 
 log = logging.getLogger(__name__)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
-    """DreamBooth fine-tuning of one SD pipeline: setup() -> train() -> save()."""
+class Trainer:
+    """DreamBooth fine-tuning of one SD pipeline: Trainer(cfg) plans, setup() builds, train() runs, save() writes."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, machine: Machine | None = None):
         self.cfg = cfg
         self.out = check_output_dir(cfg.output_dir)
-        self.global_step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0  # batches of `epoch` already used: with (seed, epoch) it fixes the data position
-        self.bad_steps = 0  # consecutive steps skipped for non-finite loss or gradients
-        self.losses: list[float] = []
-        self.last_checkpoint: Path | None = None
-        self.last_checkpoint_step: int | None = None
-        # The memory profile fills in its settings first, so checkpoints see the same resolved config.
-        self.memory = apply_memory_profile(cfg)
-        check_compile(cfg)  # after the profile, which fills in prior_mode
-        if cfg.finetune == "lora":
-            require_peft()
-            # The resolved rate (1e-4 when unset) goes into the config, so config.yaml, logs and exports tell the truth.
-            cfg.learning_rate = learning_rate(cfg)
-            cfg.provided.add("learning_rate")
-        # Checked before anything is written: a bad resume (or old checkpoints in a fresh run) leaves no trace.
-        self.resume_from = checkpoint.resolve_resume(cfg, self.out)
+        # Everything that can refuse the run does so here, before anything is written or sampled.
+        self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
+        self.training_set = TrainingSet(cfg, self.subjects)
+        self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
+        self.resume_from = resolve_resume(self.plan, self.out)
+        self.state = TrainState()
+        self.wall_time = 0.0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -59,247 +56,167 @@ class Trainer(TrainerInputs, TrainerHooks, TrainerOutput):
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
-        cfg = self.cfg
-        self.precision = resolve_precision(cfg)
-        self.optimizer_name = resolve_optimizer(cfg)
-        self.dataset = self._build_dataset()  # samples missing class images first, then frees the sampler
+        cfg, plan = self.cfg, self.plan
+        self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
-                                       **tracker_kwargs(cfg, self.out))
+        self.accelerator = acc = Accelerator(mixed_precision=plan.precision, cpu=not torch.cuda.is_available(),
+                                             **tracker_kwargs(cfg, self.out))
         set_seed(cfg.seed)
         c = self.components = load_components(cfg)
-
         mark_output_dir(self.out)
-        sources = image_sources(self.dataset)
-        caching = should_cache(cfg.cache_latents, True, sources)  # the VAE is never trained (frozen below)
-        for key, value, why in (("mixed_precision", self.precision, ""), ("optimizer", self.optimizer_name, ""),
-                                ("cache_latents", *caching)):
-            if getattr(cfg, key) == "auto":  # recorded like the memory profile's choices, cfg left as given
-                resolve_key(cfg, key, value, why, apply=False)
-        self.total_steps = self._total_steps()
-        auto_compile = cfg.compile == "auto"
-        resolve_compile(cfg, self.memory, self.total_steps, processes=self.accelerator.num_processes)
-        save_config(cfg, self.out / "config.yaml")  # auto keys stay auto; this machine's choices in comments
-        self.runlog = RunLog(self)  # output_dir/train.log, loss history, TensorBoard
+        save_config(plan, self.out / "config.yaml")  # auto keys stay auto; this machine's choices in comments
+        self.runlog = RunLog(plan, self.out, acc, resumed=self.resume_from is not None)
 
-        device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        self.weight_dtype = DTYPES[plan.precision] if plan.precision != "no" else torch.float32
+        master = DTYPES[plan.memory.master_weights]
+        self._place_models(c, acc.device, master)
+        self.inputs = Inputs(plan, self.dataset, c, acc.device, self.weight_dtype, acc.process_index,
+                             acc.num_processes)
+        self.inputs.fill_caches(self.training_set.prompts())
+
+        trainable = [c.unet, c.text_encoder] if plan.trains_text_encoder else [c.unet]
+        params = [p for m in trainable for p in m.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, plan)
+        paramwise = optimizer if plan.memory.paramwise else None  # bf16 weights and/or steps inside backward
+        from diffusers.optimization import get_scheduler
+        schedule = cfg.lr_scheduler
+        if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up
+            schedule = "constant_with_warmup"
+        lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                     num_training_steps=plan.total_steps)
+        prepared = acc.prepare(*trainable, optimizer)
+        self.unet, optimizer = prepared[0], prepared[-1]
+        if plan.trains_text_encoder:
+            c.text_encoder = prepared[1]
+        self.step = TrainStep(plan, acc, self.inputs, list(prepared[:-1]), optimizer, lr_scheduler, paramwise,
+                              params, c.noise_scheduler, self.weight_dtype)
+        modules = {"unet": self.unet, "text_encoder": c.text_encoder, "vae": c.vae}
+        self.checkpoints = Checkpointer(plan, self.out, acc, named_trainable(modules, optimizer, acc.unwrap_model),
+                                        optimizer, lr_scheduler)
+        self.state.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + acc.process_index)
+        self.state.subjects = SubjectStats([s.name for s in self.subjects], cfg.gradient_accumulation_steps,
+                                           cfg.with_prior_preservation)
+        if self.resume_from is not None:  # last, so everything it restores (RNG streams above all) stays put
+            self.checkpoints.restore(self.state, self.resume_from)
+        self.validator = Validator(cfg, self.subjects, plan.total_steps, self.out, acc, c, self.unet,
+                                   self.inputs.encode_prompts, [self.state.generator],
+                                   resumed=self.resume_from is not None) if cfg.validation.enabled else None
+        self.runlog.start(self.state.step)
+        return self
+
+    def _place_models(self, c, device, master: torch.dtype) -> None:
+        """Devices, dtypes and trainability of the components, as the plan asks."""
+        cfg, plan = self.cfg, self.plan
         c.vae.requires_grad_(False).eval().to(device, self.weight_dtype)
         c.text_encoder.requires_grad_(cfg.train_text_encoder)
-        c.text_encoder.to(device, self.memory.master_dtype if cfg.train_text_encoder else self.weight_dtype)
+        c.text_encoder.to(device, master if cfg.train_text_encoder else self.weight_dtype)
         # Trainable weights take the master dtype on the way to the device: fp32 (half-precision weights would
         # break the fp16 grad scaler), or bf16 in the low profiles without an fp32 copy ever on the GPU.
         # nn.Module.to, because diffusers' own .to warns on every dtype cast.
-        torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, self.memory.master_dtype)
+        torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, master)
         if cfg.finetune == "lora":  # frozen base in compute precision; only the LoRA layers train (lora.py)
-            add_lora_layers(c, cfg, device, self.weight_dtype)
-        if cfg.gradient_checkpointing:
+            add_lora_layers(c, cfg, device, self.weight_dtype, text_encoder=plan.trains_text_encoder)
+        if plan.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 c.text_encoder.gradient_checkpointing_enable()
         if torch.cuda.is_available() and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if torch.cuda.is_available() and not (self.memory.fused_backward or torch.backends.cudnn.deterministic):
+        if torch.cuda.is_available() and not (plan.memory.fused_backward or torch.backends.cudnn.deterministic):
             torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
-        if cfg.compile:
-            if self.memory.fused_backward:  # a compiled backward hands every gradient over at once
+        if plan.compile:
+            if plan.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
-                            "step fused into backward exists to avoid: expect more memory", self.memory.profile)
-            compile_unet(c.unet, cfg.compile_mode, fall_back=auto_compile)
+                            "step fused into backward exists to avoid: expect more memory", plan.memory.profile)
+            compile_unet(c.unet, plan.compile_mode, fall_back=cfg.compile == "auto")
 
-        self.text_cache: dict[str, torch.Tensor] = {}  # prompt -> embedding, filled by encode_prompts
-        if self._caches_prompts:
-            self._encode_prompts_once()
-        self.latent_cache = build_latent_cache(sources, caching, c.vae, device, self.weight_dtype, cfg.seed,
-                                               cfg.latent_cache_views, quiet=cfg.quiet)
-        params = [p for m in self._trainable() for p in m.parameters() if p.requires_grad]
-        self.params = params
-        optimizer = make_optimizer(params, cfg, self.optimizer_name, plan=self.memory)  # LoRA's rate set in __init__
-        self.paramwise = optimizer if self.memory.paramwise else None  # bf16 weights and/or steps inside backward
-        from diffusers.optimization import get_scheduler
-        schedule = cfg.lr_scheduler
-        if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up
-            schedule = "constant_with_warmup"
-        self.lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=self.total_steps)
-        prepared = self.accelerator.prepare(*self._trainable(), optimizer)
-        self.unet, self.optimizer = prepared[0], prepared[-1]
-        if self.trains_text_encoder:
-            c.text_encoder = prepared[1]
-        # Noise and timesteps come from our own generator so a checkpoint can restore the stream exactly.
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + self.accelerator.process_index)
-        self.alphas_cumprod = c.noise_scheduler.alphas_cumprod.to(device)
-        if self.resume_from is not None:  # last, so everything it restores (RNG streams above all) stays put
-            checkpoint.restore(self, self.resume_from)
-        self.validator = Validator(self) if cfg.validation.enabled else None
-        self.runlog.start()
-        return self
-
-    @property
-    def _fused(self) -> bool:
-        """The optimizer steps inside backward (memory profiles 8gb/6gb)."""
-        return self.paramwise is not None and self.paramwise.fused
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        """The text encoder trains: fully (train_text_encoder) or through LoRA layers (finetune: lora)."""
-        return self.cfg.train_text_encoder or trains_text_encoder_lora(self.cfg)
-
-    def _trainable(self) -> list[torch.nn.Module]:
-        c = self.components
-        return [c.unet, c.text_encoder] if self.trains_text_encoder else [c.unet]
+    def batches(self):
+        """The run's batches from where its state stands."""
+        return self.inputs.batches(self.state)
 
     # ------------------------------------------------------------------------------------------ loop
-    def _noised(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents of `pixels` with their noise and timesteps, drawn in this order from the trainer's generator.
-
-        Instances are drawn before class images, so a prior run's instance part sees a no-prior run's draws."""
-        latents = self.encode_images(pixels)
-        noise = torch.randn(latents.shape, generator=self.gen, device=latents.device)
-        t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=self.gen,
-                          device=latents.device)
-        return latents, noise, t
-
-    def _predict(self, latents, noise, t, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet's prediction for the noised latents, and its training target."""
-        embeds = self.encode_prompts(prompts)
-        noisy = add_noise(latents, noise, t, self.alphas_cumprod)
-        with self.accelerator.autocast():
-            # A trained text encoder's fp32 output keeps its precision into the UNet; cached ones use the compute dtype.
-            embeds = embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
-            pred = self.unet(noisy, t, embeds).sample
-        target = training_target(latents, noise, t, self.alphas_cumprod,
-                                 self.components.noise_scheduler.config.prediction_type)
-        return pred, target
-
-    def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Score the UNet on the batch's noised latents, class images joined to the instances in one forward."""
-        parts = [self._noised(batch["pixel_values"])]
-        prompts = list(batch["prompts"])
-        if batch.get("has_class"):
-            parts.append(self._noised(batch["class_pixel_values"]))
-            prompts += batch["class_prompts"]
-        latents, noise, t = (torch.cat(x) for x in zip(*parts))
-        pred, target = self._predict(latents, noise, t, prompts)
-        total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight)
-        return {"loss": total, "instance_loss": instance, **({"prior_loss": prior} if prior is not None else {})}
-
-    def sequential_backward(self, batch: dict, scale: float) -> dict[str, torch.Tensor]:
-        """prior_mode sequential: instance and class passes backpropagate one after the other into the same
-        gradients, so activations of only one half are alive at a time; same gradient as forward_loss. A fused
-        step checks the loss before each pass (see _fused_loss_finite)."""
-        instance_part, class_part = self._noised(batch["pixel_values"]), self._noised(batch["class_pixel_values"])
-        with self.no_sync():  # gradients sync once, after the second pass
-            instance = mse(*self._predict(*instance_part, batch["prompts"]))
-            go_on = self._fused_loss_finite({"loss": instance})
-            if go_on:
-                self.accelerator.backward(instance * scale)
-        weight = self.cfg.prior_loss_weight
-        if go_on:
-            prior = mse(*self._predict(*class_part, batch["class_prompts"]))
-        else:  # a fused step that failed its check ends here: the class pass would be wasted
-            prior = torch.full_like(instance, math.nan)
-        losses = {"loss": instance.detach() + weight * prior.detach(), "instance_loss": instance.detach(),
-                  "prior_loss": prior.detach()}
-        if go_on and self._fused_loss_finite(losses):  # the micro-batch's whole loss, before the pass that steps
-            self.accelerator.backward(prior * (weight * scale))
-        return losses
-
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimisation step: accumulate micro-batches, clip, step optimizer and schedule. With the step fused
-        into backward, a non-finite loss ends the step before its backward, and nothing of the step is applied."""
-        accum = self.cfg.gradient_accumulation_steps
-        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's CUDA-graph outputs may be reused
-        logs: dict[str, float] = {}
-        dropped = False
-        for i in range(accum):
-            batch = next(batches)  # drawn even when dropped, so the data position never depends on a NaN
-            if dropped:
-                continue
-            # Only the last micro-batch syncs gradients across processes.
-            ctx = nullcontext() if i == accum - 1 else self.no_sync()
-            with ctx:
-                if batch.get("has_class") and self.cfg.prior_mode == "sequential":
-                    losses = self.sequential_backward(batch, 1 / accum)
-                else:
-                    losses = self.forward_loss(batch)
-                    loss = losses["loss"]
-                    if self._fused_loss_finite(losses):
-                        self.accelerator.backward(loss / accum)
-            values = {k: v.item() for k, v in losses.items()}  # one device sync per loss (fused: already on host)
-            for k, v in values.items():
-                logs[k] = logs.get(k, 0.0) + v / accum
-            self.subject_stats.track(batch, values)
-            dropped = self._fused and not math.isfinite(values["loss"])  # then its backward did not run
-        logs.update(self.subject_stats.step_means())
-        if dropped:  # forget the gradients earlier passes left for the step's last one, which never came
-            self.paramwise.discard_step()
-            logs["grad_norm"] = math.nan
-        else:
-            logs["grad_norm"] = self.clip_gradients()
-        finite = math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])
-        if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
-            self.optimizer.step()
-        skipped = not finite or self.accelerator.optimizer_step_was_skipped
-        if not skipped:  # a skipped step leaves weights, moments and the schedule where they were
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        logs["skipped"] = float(skipped)
-        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-        return logs
-
-    @contextmanager
-    def no_sync(self):
-        """Hold back the gradient all-reduce of every trained module (accelerate's no_sync takes one model):
-        a trained text encoder left out would all-reduce on every micro-batch."""
-        trained = [self.unet] + ([self.components.text_encoder] if self.trains_text_encoder else [])
-        with ExitStack() as stack:
-            for model in trained:  # the prepared (DDP-wrapped) modules, which own no_sync
-                stack.enter_context(self.accelerator.no_sync(model))
-            yield
-
-    def _fused_loss_finite(self, losses: dict[str, torch.Tensor]) -> bool:
-        """Whether backward may run on losses["loss"]. With the step fused into backward a non-finite loss would move
-        weights before the step could be skipped, so the losses come to the host first, in place (the one sync a
-        micro-batch pays anyway, moved before backward). Unfused: True, and they are read after backward as ever."""
-        if not self._fused:
-            return True
-        losses.update({k: v.detach().cpu() for k, v in losses.items()})
-        return bool(losses["loss"].isfinite())
-
-    def clip_gradients(self) -> float:
-        """Clip to max_grad_norm and return the global norm. With the step fused into backward the update is done:
-        this closes the step (its norm clips the next step's gradients)."""
-        if self._fused:
-            return self.paramwise.close_step()
-        return float(self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-
     def train(self) -> dict:
-        cfg = self.cfg
+        cfg, state = self.cfg, self.state
         start, batches = time.time(), self.batches()
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="training", unit="step",
+        bar = tqdm(total=self.plan.total_steps, initial=state.step, desc="training", unit="step",
                    disable=cfg.quiet or not self.accelerator.is_local_main_process)
         # Ctrl-C / SIGTERM: finish the step, write a checkpoint, stop (a second one aborts at once).
-        with checkpoint.StopSignals() as stop, bar:
-            while self.global_step < self.total_steps:
-                logs = self.train_step(batches)
-                self.global_step += 1
-                self.bad_steps = self.bad_steps + 1 if logs.get("skipped") else 0
+        with StopSignals() as stop, bar:
+            while state.step < self.plan.total_steps:
+                logs = self.step.run(batches, state)
+                state.step += 1
+                state.bad_steps = state.bad_steps + 1 if logs.get("skipped") else 0
                 self.after_step(logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 bar.update(1)
-                if self.bad_steps >= cfg.nan_patience:
+                if state.bad_steps >= cfg.nan_patience:
                     self._stop_non_finite()
                 if self._stop_requested(stop):
-                    saved = self.last_checkpoint_step == self.global_step
-                    path = self.last_checkpoint if saved else checkpoint.save(self)
-                    raise checkpoint.Interrupted(self.global_step, path, stop.requested or "SIGINT")
-        checkpoint.assert_finite(self, "final model")  # never hand NaN weights to save()
-        self.end_of_training()
+                    saved = self.checkpoints.last_step == state.step
+                    path = self.checkpoints.last if saved else self.checkpoints.save(state)
+                    raise Interrupted(state.step, path, stop.requested or "SIGINT")
+        self.checkpoints.assert_finite(state, "final model")  # never hand NaN weights to save()
+        if self.validator is not None:
+            self.validator.finish()  # the final sweep grid
+        self.runlog.write_history()
         self.wall_time = time.time() - start
-        return self.summary()
+        return run_summary(self.plan, state, self.wall_time)
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        return any_process(self.accelerator, stop.requested is not None)  # every process stops after the same step
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        """After each optimisation step: the loss history, checkpoints, the log, validation at its steps."""
+        state, cfg = self.state, self.cfg
+        state.losses.append(logs["loss"])
+        validating = self.validator is not None and self.validator.due(state.step)
+        # A validated step with keep_checkpoints keeps its checkpoint, so any validated step can be exported.
+        keep = validating and cfg.validation.keep_checkpoints
+        # A checkpoint only after a good step, so the newest one is never inside a NaN streak.
+        if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and not state.bad_steps:
+            self.checkpoints.save(state, keep=keep)
+        self.runlog.step(state.step, logs)
+        if validating:
+            if keep and self.checkpoints.last_step != state.step:
+                self.checkpoints.save(state, keep=True)
+            start = time.time()
+            images = self.validator.run(state.step)
+            self.runlog.validated(state.step, images, time.time() - start)
+
+    def _stop_non_finite(self) -> None:
+        last = self.checkpoints.last
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written"
+        raise UserError(f"stopped at step {self.state.step}: loss or gradients were NaN/inf for "
+                        f"{self.state.bad_steps} steps in a row (nan_patience: {self.cfg.nan_patience}); train with "
+                        f"mixed_precision: bf16 or a lower learning_rate (now {self.plan.learning_rate:g}); {kept}")
+
+    # ------------------------------------------------------------------------------------------ output
+    def pipeline(self):
+        """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
+        c, unwrap = self.components, self.accelerator.unwrap_model
+        text_encoder = unwrap(c.text_encoder) if self.plan.trains_text_encoder else None
+        vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
+        unet = unwrap(self.unet).to("cpu", torch.float32)
+        if self.step.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
+            self.step.paramwise.export_master_weights_()
+        return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
+                           c.scheduler)
+
+    def save(self, summary: dict | None = None) -> Path:
+        """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (swapped in when
+        complete), a LoRA run's LoRA file, single-file and kohya exports (export/formats.py)."""
+        if not self.accelerator.is_main_process:
+            return self.out
+        from dreambooth.export.formats import export_run  # imports the single-file key maps: only when saving
+        unwrap = self.accelerator.unwrap_model
+        pipe = export_run(self.out, self.plan, summary, [s.instance_prompt for s in self.subjects], self.pipeline,
+                          unwrap(self.unet), unwrap(self.components.text_encoder))
+        if pipe is not None:
+            write_pipeline(pipe, self.out)
+        if summary is not None:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return self.out
 
 
 def run_training(cfg: Config) -> dict:
@@ -310,7 +227,7 @@ def run_training(cfg: Config) -> dict:
         summary = trainer.train()
         trainer.save(summary)
         if trainer.accelerator.is_main_process:
-            from dreambooth.report.page import write_report
+            from dreambooth.report.page import write_report  # report reads the run folder; loaded at the end
             write_report(trainer.out)
     except BaseException as e:
         error = e

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dreambooth.config.schema import Config, ValidationConfig
 from dreambooth.serve.generate import save_png, slug
-from dreambooth.training.checkpoint_ranks import restore_rng, rng_snapshot
+from dreambooth.training.rng import restore_rng, rng_snapshot
 from dreambooth.training.compiling import eager
 from dreambooth.models.load import on_device
 from dreambooth.data.subjects import Subject, resolve_subjects
@@ -152,19 +152,20 @@ def preserved_training_state(modules: list[torch.nn.Module], generators: list[to
 class Validator:
     """Generates the validation images of a live Trainer at its scheduled steps; keeps validation/index.json."""
 
-    def __init__(self, trainer):
-        self.t = trainer
-        cfg = trainer.cfg
-        self.v = cfg.validation
-        self.prompts = config_prompts(cfg, trainer.subjects)
-        self.steps = validation_steps(self.v, trainer.total_steps)
+    def __init__(self, cfg: Config, subjects: list[Subject], total_steps: int, out: Path, accelerator,
+                 components, unet, encode_prompts, generators: list[torch.Generator], resumed: bool = False):
+        self.cfg, self.v, self.out, self.accelerator = cfg, cfg.validation, out, accelerator
+        self.components, self.unet, self.encode_prompts = components, unet, encode_prompts
+        self.generators = generators  # training's own streams, left exactly as they were (see preserved_training_state)
+        self.prompts = config_prompts(cfg, subjects)
+        self.steps = validation_steps(self.v, total_steps)
         self.seeds = [self.v.seed + i for i in range(self.v.num_images)]
-        self.dir = trainer.out / "validation"
+        self.dir = out / "validation"
         self.done: dict[str, dict] = {}
         self._swept: list[str] | None = None  # the steps the last sweep.png showed
-        if getattr(trainer, "resume_from", None) is not None and (self.dir / INDEX).is_file():
+        if resumed and (self.dir / INDEX).is_file():
             self.done = json.loads((self.dir / INDEX).read_text()).get("done", {})  # earlier steps stay in the sweep
-        elif trainer.accelerator.is_main_process:
+        elif accelerator.is_main_process:
             shutil.rmtree(self.dir, ignore_errors=True)  # images of an earlier run in this folder would mislead
 
     def due(self, step: int) -> bool:
@@ -172,8 +173,8 @@ class Validator:
 
     # -------------------------------------------------------------------------------------- model pieces
     def _modules(self):
-        c, unwrap = self.t.components, self.t.accelerator.unwrap_model
-        return unwrap(self.t.unet), unwrap(c.text_encoder), c.vae
+        unwrap = self.accelerator.unwrap_model
+        return unwrap(self.unet), unwrap(self.components.text_encoder), self.components.vae
 
     def _pipeline(self, unet, text_encoder, vae):
         """A StableDiffusionPipeline around the live modules (no copies), with its own DPM++ scheduler
@@ -181,7 +182,7 @@ class Validator:
         from diffusers import DPMSolverMultistepScheduler
 
         from dreambooth.models.load import sd_pipeline
-        c = self.t.components
+        c = self.components
         pipe = sd_pipeline(vae, text_encoder, c.tokenizer, unet,
                            DPMSolverMultistepScheduler.from_config(c.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
@@ -190,33 +191,33 @@ class Validator:
     # -------------------------------------------------------------------------------------- running
     def run(self, step: int) -> dict[str, list[Image.Image]]:
         """Generate every prompt's images with the model as it is at `step`; returns {prompt: images}."""
-        t, v = self.t, self.v
+        v, accelerator = self.v, self.accelerator
         unet, text_encoder, vae = self._modules()
         images: dict[str, list[Image.Image]] = {}
         start = time.time()
-        with preserved_training_state([unet, text_encoder, vae], [t.gen]):
-            if t.accelerator.is_main_process:
+        with preserved_training_state([unet, text_encoder, vae], self.generators):
+            if accelerator.is_main_process:
                 pipe = self._pipeline(unet, text_encoder, vae)
                 bar = tqdm(self.prompts, desc=f"validation @ {step}", unit="prompt", leave=False, position=1,
-                           disable=t.cfg.quiet)
-                with on_device(vae, t.accelerator.device), eager(unet), t.accelerator.autocast(), \
+                           disable=self.cfg.quiet)
+                with on_device(vae, accelerator.device), eager(unet), accelerator.autocast(), \
                         warnings.catch_warnings():
                     # diffusers' DPM++ set_timesteps calls np.array on a tensor; numpy 2 warns about it every call.
                     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-                    negative = t.encode_prompts([v.negative_prompt or ""])  # the same for every prompt
+                    negative = self.encode_prompts([v.negative_prompt or ""])  # the same for every prompt
                     for prompt in bar:
                         images[prompt] = pipe(
-                            prompt_embeds=t.encode_prompts([prompt]),
+                            prompt_embeds=self.encode_prompts([prompt]),
                             negative_prompt_embeds=negative,
-                            height=t.cfg.resolution, width=t.cfg.resolution,
+                            height=self.cfg.resolution, width=self.cfg.resolution,
                             num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                             num_images_per_prompt=len(self.seeds),
                             # CPU generators: the same starting noise on every device.
                             generator=[torch.Generator("cpu").manual_seed(s) for s in self.seeds]).images
                 bar.close()
                 del pipe
-            t.accelerator.wait_for_everyone()
-        if t.accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             self._write(step, images, time.time() - start)
         return images
 
@@ -229,25 +230,25 @@ class Validator:
             for image, seed in zip(images[prompt], self.seeds):
                 path = save_png(image, folder / f"{p:02d}-{slug(prompt, 40)}-seed{seed}.png",
                                 {"prompt": prompt, "seed": seed, "step": step, **self._settings()})
-                rel[-1].append(path.relative_to(self.t.out).as_posix())
+                rel[-1].append(path.relative_to(self.out).as_posix())
         grid = folder / "grid.png"
         make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
                   row_labels=self.prompts).save(grid)
-        self.done[str(step)] = {"images": rel, "grid": grid.relative_to(self.t.out).as_posix(),
+        self.done[str(step)] = {"images": rel, "grid": grid.relative_to(self.out).as_posix(),
                                 "seconds": round(seconds, 3)}
         self.write_sweep()
         progress.info("validation at step %d: %d prompts x %d images in %.1f s -> %s", step, len(self.prompts),
-                      len(self.seeds), seconds, grid.relative_to(self.t.out).as_posix())
+                      len(self.seeds), seconds, grid.relative_to(self.out).as_posix())
 
     def _settings(self) -> dict:
         v = self.v
         return {"negative_prompt": v.negative_prompt, "num_inference_steps": v.num_inference_steps,
                 "guidance_scale": v.guidance_scale, "scheduler": "DPMSolverMultistepScheduler",
-                "resolution": self.t.cfg.resolution}
+                "resolution": self.cfg.resolution}
 
     def write_sweep(self) -> Path | None:
         """validation/sweep.png (first seed of each prompt, one column per validated step) and index.json."""
-        if not self.t.accelerator.is_main_process or not self.done:
+        if not self.accelerator.is_main_process or not self.done:
             return None
         steps = sorted(self.done, key=int)
         rows = []
@@ -255,14 +256,14 @@ class Validator:
             row = []
             for s in steps:
                 files = self.done[s]["images"]
-                path = self.t.out / files[p][0] if p < len(files) and files[p] else None
+                path = self.out / files[p][0] if p < len(files) and files[p] else None
                 row.append(Image.open(path).convert("RGB") if path and path.is_file() else None)
             rows.append(row)
         sweep = self.dir / "sweep.png"
         if any(im is not None for row in rows for im in row):  # none: the images were deleted meanwhile
             make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(sweep)
         index = {"prompts": self.prompts, "seeds": self.seeds, "planned_steps": self.steps, **self._settings(),
-                 "sweep": sweep.relative_to(self.t.out).as_posix(), "done": self.done}
+                 "sweep": sweep.relative_to(self.out).as_posix(), "done": self.done}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
         self._swept = sorted(self.done)
         return sweep
