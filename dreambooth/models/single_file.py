@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.config.machine import hub_offline
 from dreambooth.errors import UserError, first_line
-from dreambooth.models.load import PICKLE_SUFFIXES, hub_offline, refuse_pickle
+from dreambooth.models.base_model import DEFAULT_MODEL, former_ids
+from dreambooth.models.load import PICKLE_SUFFIXES, refuse_pickle
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
 CONFIGS_KEY = "dreambooth.diffusers_configs"  # lets load_single_file rebuild non-standard (e.g. tiny) models
 SD2_TEXT_KEY = TEXT + "token_embedding.weight"  # OpenCLIP: SD 2.x
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"  # CLIP-L: SD 1.x
-HUB_BASE = "stabilityai/stable-diffusion-2-1-base"
+HUB_BASE = DEFAULT_MODEL  # SD 2.1 base on the hub, which carries the SD 2.x tokenizer
 
 
 # ------------------------------------------------------------------------------------- diffusers -> original
@@ -189,12 +191,17 @@ def _tokenizer(path: Path, vocab_rows: int):
     tiny = _load_tokenizer()
     if vocab_rows == len(tiny):
         return tiny
-    try:  # one file holds no tokenizer; SD 2.x all share OpenCLIP's, which the hub model carries
-        return CLIPTokenizer.from_pretrained(HUB_BASE, subfolder="tokenizer",
-                                             local_files_only=hub_offline())
-    except (OSError, ValueError):
-        raise UserError(f"model file {path} needs the SD 2.x tokenizer, which is not in the Hugging Face cache: "
-                        f"run once online, or `huggingface-cli download {HUB_BASE} --include 'tokenizer/*'`") from None
+    # One file holds no tokenizer; SD 2.x all share OpenCLIP's, which the hub model carries. A cache filled before
+    # the SD 2.x take-down holds it under the old id.
+    for repo, cached_only in ((HUB_BASE, hub_offline()), *((old, True) for old in former_ids(HUB_BASE))):
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer", local_files_only=cached_only)
+        except (OSError, ValueError):
+            continue
+        if len(tokenizer) == vocab_rows:  # transformers 5 answers missing files with an empty tokenizer
+            return tokenizer
+    raise UserError(f"model file {path} needs the SD 2.x tokenizer, which is not in the Hugging Face cache: "
+                    f"run once online, or `hf download {HUB_BASE} --include 'tokenizer/*'`")
 
 
 def load_single_file(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32):

@@ -84,6 +84,7 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
     from diffusers import StableDiffusionPipeline
 
     from dreambooth.config.schema import Config
+    from dreambooth.models.base_model import check_sd21_base, explain
     from dreambooth.models.load import load_pipeline_source, model_kind
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -91,12 +92,14 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
     if kind in ("builtin", "single-file"):
         pipe = load_pipeline_source(Config(model=model, allow_pickle=allow_pickle)).to(dtype=dtype)
     else:
+        if kind == "hub":
+            check_sd21_base(model, revision)  # a hub id naming SD 2.1 base: its configs, before its weights
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                            use_safetensors=None if allow_pickle else True,
                                                            revision=revision, variant=variant)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
+            raise explain(model, e) or UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
     return pipe.to(device)
 
 
