@@ -73,7 +73,7 @@ class Config:
     model: str = opt("stabilityai/stable-diffusion-2-1-base", "Base model: hub id, local diffusers folder or .safetensors file.")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: Optional[str] = opt(None, "Weight file variant of the base model, e.g. fp16.")
-    output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.")
+    output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.", training=False)
     data: DataConfig = opt(DataConfig(), "The subject's images and prompts.")
     subjects: list[SubjectConfig] = opt([], "Several subjects trained in one run (instead of `data`).")
     # --- JumpStart hyperparameters, JumpStart defaults ---
@@ -106,33 +106,40 @@ class Config:
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
-    sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).")
+    sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).", training=False)
     class_sampler: Literal["dpm++", "pndm", "ddim", "euler"] = opt("dpm++", "Scheduler for class-image sampling.")
     class_sampling_steps: Optional[int] = opt(None, "Sampler steps per class image (default 25; 50 for pndm).")
     class_guidance_scale: float = opt(7.5, "Guidance scale for class-image sampling.")
     class_negative_prompt: Optional[str] = opt(None, "Negative prompt for class-image sampling.")
-    regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.")
+    regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.",
+                                        training=False)
     # --- speed and memory ---
     cache_latents: Literal["auto", True, False] = opt("auto", "Encode images with the VAE once; auto = whenever valid.")
-    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.")
+    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.",
+                              training=False)
     latent_cache_views: int = opt(8, "Augmented views cached per image when crops/flips are random.")
     memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
-    compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.")
-    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.")
+    compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.", training=False)
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.", training=False)
     allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # --- checkpoints and safety ---
-    checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).")
-    keep_last: Optional[int] = opt(2, "Checkpoints to keep; older ones are pruned after a new one is complete.")
-    resume: Optional[str] = opt(None, "Resume from `latest` or a checkpoint folder.")
-    resume_force: bool = opt(False, "Resume even when training-relevant settings differ.")
-    nan_patience: int = opt(20, "Consecutive non-finite steps tolerated before stopping.")
-    allow_pickle: bool = opt(False, "Allow loading pickle-based weight files (.ckpt/.bin/.pt) you trust.")
-    on_disk_full: Literal["stop", "continue"] = opt("stop", "When a checkpoint will not fit on disk: stop, or train on unsaved.")
+    checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).",
+                                          training=False)
+    keep_last: Optional[int] = opt(2, "Checkpoints to keep; older ones are pruned after a new one is complete.",
+                                   training=False)
+    resume: Optional[str] = opt(None, "Resume from `latest` or a checkpoint folder.", training=False)
+    resume_force: bool = opt(False, "Resume even when training-relevant settings differ.", training=False)
+    nan_patience: int = opt(20, "Consecutive non-finite steps tolerated before stopping.", training=False)
+    allow_pickle: bool = opt(False, "Allow loading pickle-based weight files (.ckpt/.bin/.pt) you trust.",
+                             training=False)
+    on_disk_full: Literal["stop", "continue"] = opt("stop", "When a checkpoint will not fit on disk: stop, or train on unsaved.", training=False)
     # --- output, validation and logging ---
-    export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.")
-    validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.")
-    log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.")
-    quiet: bool = opt(False, "No progress bars (for logs).")
+    export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.",
+                                    training=False)
+    validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.", training=False)
+    log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.",
+                                                     training=False)
+    quiet: bool = opt(False, "No progress bars (for logs).", training=False)
 
     # Dotted keys the user set explicitly (YAML or overrides), so later code can tell a default from a choice.
     provided: set = field(default_factory=set, repr=False, compare=False, metadata={"internal": True})
@@ -141,12 +148,13 @@ class Config:
     resolved: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
 
 
-# Keys that do not change the math of training: they may differ between a run and its resume.
-NON_TRAINING_KEYS = {
-    "output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet", "log_with",
-    "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile", "compile_mode",
-    "regenerate_class_images", "cache_prompts",
-}
+def non_training_keys(cls=Config) -> frozenset[str]:
+    """Top-level keys whose schema field says `training=False`: they do not change the math of training, so
+    they may differ between a run and its resume (and stay out of exported training headers)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("training") is False)
+
+
+NON_TRAINING_KEYS = non_training_keys()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

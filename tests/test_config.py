@@ -113,3 +113,12 @@ def test_memory_profile_keys_accept_auto_and_boolean_forms():
     assert config_from_dict({"cache_latents": "no", "data": {"dir": "x"}}).cache_latents is False
     with pytest.raises(UserError, match="'gradient_checkpointing' got 'maybe'"):
         config_from_dict({"gradient_checkpointing": "maybe", "data": {"dir": "x"}})
+
+
+def test_non_training_keys_come_from_the_schema():
+    """The keys a resume may change are those whose field says training=False: the list once kept by hand."""
+    from dreambooth.config import NON_TRAINING_KEYS, non_training_keys
+    by_hand = {"output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet",
+               "log_with", "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size",
+               "compile", "compile_mode", "regenerate_class_images", "cache_prompts"}
+    assert NON_TRAINING_KEYS == non_training_keys() == by_hand
