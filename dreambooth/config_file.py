@@ -26,6 +26,7 @@ def doc_fields(cls) -> list[dataclasses.Field]:
 
 _NONE_STRINGS = {"none", "null", "~", ""}
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_WORDS = {True: {"true", "yes", "on"}, False: {"false", "no", "off"}}  # what YAML 1.1 reads as a boolean
 
 
 class _Bad(Exception):
@@ -58,6 +59,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 return choice
         if True in args and str(value).strip().lower() in _TRUE | _FALSE:  # yes/no, on/off as for plain booleans
             return str(value).strip().lower() in _TRUE
+        if isinstance(value, bool):  # YAML 1.1 read an unquoted no/off/yes/on as a boolean: map it back to the word
+            words = [c for c in args if isinstance(c, str) and c.lower() in _WORDS[value]]
+            if len(words) == 1:
+                return words[0]
+            if words:
+                raise _Bad(f"got {value}, which YAML reads from {' or '.join(words)}: quote the one you mean")
         raise _Bad(f"got {value!r}; choose one of {', '.join(str(a) for a in args)}")
     if tp is bool:
         if isinstance(value, bool):

@@ -122,3 +122,53 @@ def test_non_training_keys_come_from_the_schema():
                "log_with", "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size",
                "compile", "compile_mode", "regenerate_class_images", "cache_prompts"}
     assert NON_TRAINING_KEYS == non_training_keys() == by_hand
+
+
+def test_a_listed_choice_is_accepted_as_typed(tmp_path):
+    """`mixed_precision: no` is a choice the table lists; YAML 1.1 reads the bare word as false, which maps back."""
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\ndata:\n  dir: x\n")
+    assert load_config(path).mixed_precision == "no"
+    path.write_text("mixed_precision: No\ndata:\n  dir: x\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(None, ["data.dir=x", "mixed_precision=no"]).mixed_precision == "no"
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({"mixed_precision": "no", "data": {"dir": "x"}}))
+    assert load_config(hp).mixed_precision == "no"
+    hp.write_text(json.dumps({"mixed_precision": False, "data": {"dir": "x"}}))
+    assert load_config(hp).mixed_precision == "no"
+    # Written back, the word is quoted, so config.yaml reads the same choice again.
+    from dreambooth.config import save_config
+    save_config(load_config(path), tmp_path / "config.yaml")
+    assert "mixed_precision: 'no'" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml").mixed_precision == "no"
+
+
+def test_yaml_booleans_leave_other_choices_alone():
+    """Literals with True/False still take yes/no as booleans; Literals without such a word still refuse a boolean."""
+    assert config_from_dict({"compile": False, "data": {"dir": "x"}}).compile is False
+    assert load_config(None, ["data.dir=x", "compile=no"]).compile is False
+    assert load_config(None, ["data.dir=x", "cache_latents=on"]).cache_latents is True
+    with pytest.raises(UserError, match="'mixed_precision' got True; choose one of auto, no, fp16, bf16"):
+        load_config(None, ["data.dir=x", "mixed_precision=yes"])
+    with pytest.raises(UserError, match="'on_disk_full' got False; choose one of stop, continue"):
+        load_config(None, ["data.dir=x", "on_disk_full=off"])
+    with pytest.raises(UserError, match="'prior_mode' got False; choose one of auto, concat, sequential"):
+        load_config(None, ["data.dir=x", "prior_mode=no"])
+    assert load_config(None, ["data.dir=x", "on_disk_full=continue", "prior_mode=sequential"]).prior_mode == "sequential"
+
+
+def test_a_boolean_two_words_could_have_been_is_refused():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from dreambooth.config_file import build
+
+    @dataclass
+    class Switch:
+        mode: Literal["off", "no", "fast"] = "fast"
+        level: Literal["on", "low"] = "low"
+    problems = []
+    switch = build(Switch, {"mode": False, "level": True}, "", problems)
+    assert switch.level == "on"
+    assert problems == ["'mode' got False, which YAML reads from off or no: quote the one you mean"]
