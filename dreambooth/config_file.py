@@ -45,7 +45,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad(f"expected a mapping of {', '.join(f.name for f in doc_fields(tp))}")
-        return build(tp, value, where, problems)
+        return build(tp, value, f"{where}.", problems)
     if origin is list:
         if isinstance(value, str):
             parsed = yaml.safe_load(value) if value.strip().startswith("[") else [value]
@@ -107,7 +107,7 @@ def build(cls, data: dict, prefix: str, problems: list[str]):
             problems.append(f"unknown key '{where}': {hint}")
             continue
         try:
-            kwargs[key] = _coerce(value, hints[key], f"{where}.", problems)
+            kwargs[key] = _coerce(value, hints[key], where, problems)
         except _Bad as e:
             problems.append(f"'{where}' {e}")
     return cls(**kwargs)

@@ -55,6 +55,8 @@ def test_unknown_key_suggests_closest_name():
         config_from_dict({"learnig_rate": 1e-5, "data": {"dir": "x"}})
     with pytest.raises(UserError, match="did you mean 'data.instance_prompt'"):
         config_from_dict({"data": {"dir": "x", "instance_promt": "a"}})
+    with pytest.raises(UserError, match=r"unknown key 'subjects\[1\].weigth': did you mean 'subjects\[1\].weight'"):
+        config_from_dict({"subjects": [{"dir": "a"}, {"dir": "b", "weigth": 2}]})
 
 
 def test_all_problems_reported_at_once():
