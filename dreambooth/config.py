@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .config_file import apply_override, build, flatten_keys, read_file
+from .config_file import Problem, apply_override, build, flatten_keys, read_file
 # re-exported: callers use dreambooth.config as the one config API
 from .config_file import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
 from .errors import UserError
@@ -157,26 +157,62 @@ def non_training_keys(cls=Config) -> frozenset[str]:
 NON_TRAINING_KEYS = non_training_keys()
 
 
+COMMAND_LINE = "the command line"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML (or JumpStart hyperparameters JSON) file, apply `key=value` overrides, validate."""
-    source = str(path) if path else "the command line"
+    source = str(path) if path else COMMAND_LINE
     data = read_file(Path(path)) if path else {}
+    set_by: dict[str, str] = {}  # dotted key -> the override that set it last, so errors can name it
     for item in overrides:
-        apply_override(data, item)
-    return config_from_dict(data, source)
+        key = apply_override(data, item)
+        set_by.pop(key, None)  # re-inserted last: a later override of a key or its parent wins
+        set_by[key] = item
+    return config_from_dict(data, source, set_by)
 
 
-def config_from_dict(data: dict, source: str = "config") -> Config:
-    """Build and validate a Config from a plain dict; raises one UserError listing every problem."""
+def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] | None = None) -> Config:
+    """Build and validate a Config from a plain dict; raises one UserError listing every problem, each named by
+    where its value came from: `source`, or the override in `set_by` (dotted key -> key=value) that set it."""
     problems: list[str] = []
     cfg = build(Config, data, "", problems)
     cfg.provided = flatten_keys(data)
     problems += validate(cfg)
     if problems:
-        if len(problems) == 1:
-            raise UserError(f"{source}: {problems[0]}")
-        raise UserError(f"{source} has {len(problems)} problems:\n  - " + "\n  - ".join(problems))
+        raise UserError(_report(problems, source, set_by or {}))
     return cfg
+
+
+def _origins(problem: str, source: str, set_by: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Where a problem's keys were set: [(place, the override's key=value or None)], e.g. [(COMMAND_LINE, "a=1")]."""
+    found = []
+    for key in getattr(problem, "keys", ()) or ("",):
+        item = None
+        for set_key, text in set_by.items():  # in order, so the last override covering the key wins
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+                item = text
+        origin = (COMMAND_LINE, item) if item else (source, None)
+        found += [origin] if origin not in found else []
+    return found
+
+
+def _report(problems: list[str], source: str, set_by: dict[str, str]) -> str:
+    """One message for every problem, each attributed to the file or the override its value came from."""
+    origins = [_origins(p, source, set_by) for p in problems]
+    used = {place for found in origins for place, _ in found}
+    places = [place for place in dict.fromkeys((source, COMMAND_LINE)) if place in used]  # the file first
+
+    def label(found, short: bool) -> str:  # short: the header already names the one place
+        parts = [item if short else f"{place} ({item})" if item else place for place, item in found]
+        return " and ".join(part for part in parts if part)
+
+    if len(problems) == 1:
+        return f"{label(origins[0], False)}: {problems[0]}"
+    head = f"{' and '.join(places)} {'has' if len(places) == 1 else 'have'} {len(problems)} problems:"
+    lines = [f"{label(found, len(places) == 1)}: {p}" if label(found, len(places) == 1) else p
+             for p, found in zip(problems, origins)]
+    return head + "\n  - " + "\n  - ".join(lines)
 
 
 def validate(cfg: Config) -> list[str]:
@@ -185,7 +221,7 @@ def validate(cfg: Config) -> list[str]:
 
     def need(ok: bool, msg: str):
         if not ok:
-            p.append(msg)
+            p.append(Problem(msg, msg.split("'")[1]))  # each message starts with the key it is about, quoted
 
     need(cfg.learning_rate > 0, f"'learning_rate' must be > 0 (got {cfg.learning_rate}); JumpStart's default is 2e-06")
     need(cfg.epochs >= 1, f"'epochs' must be >= 1 (got {cfg.epochs})")
@@ -216,9 +252,10 @@ def validate(cfg: Config) -> list[str]:
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:
-        p.append("set either 'data.dir' (one subject) or 'subjects' (several), not both")
+        p.append(Problem("set either 'data.dir' (one subject) or 'subjects' (several), not both", "data.dir", "subjects"))
     elif not cfg.subjects and not cfg.data.dir:
-        p.append("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)")
+        p.append(Problem("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)",
+                         "data.dir"))
     for i, s in enumerate(cfg.subjects):
         need(bool(s.dir.strip()), f"'subjects[{i}].dir' must name the subject's folder")
         need(s.weight > 0, f"'subjects[{i}].weight' must be > 0 (got {s.weight})")

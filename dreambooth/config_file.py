@@ -29,6 +29,15 @@ _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 _WORDS = {True: {"true", "yes", "on"}, False: {"false", "no", "off"}}  # what YAML 1.1 reads as a boolean
 
 
+class Problem(str):
+    """One problem's text, carrying the dotted keys it is about, so the message can name where they were set."""
+
+    def __new__(cls, text: str, *keys: str):
+        self = super().__new__(cls, text)
+        self.keys = keys
+        return self
+
+
 class _Bad(Exception):
     """A value that does not fit its type; the message says what was expected."""
 
@@ -104,12 +113,12 @@ def build(cls, data: dict, prefix: str, problems: list[str]):
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
-            problems.append(f"unknown key '{where}': {hint}")
+            problems.append(Problem(f"unknown key '{where}': {hint}", where))
             continue
         try:
             kwargs[key] = _coerce(value, hints[key], where, problems)
         except _Bad as e:
-            problems.append(f"'{where}' {e}")
+            problems.append(Problem(f"'{where}' {e}", where))
     return cls(**kwargs)
 
 

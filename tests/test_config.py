@@ -174,3 +174,37 @@ def test_a_boolean_two_words_could_have_been_is_refused():
     switch = build(Switch, {"mode": False, "level": True}, "", problems)
     assert switch.level == "on"
     assert problems == ["'mode' got False, which YAML reads from off or no: quote the one you mean"]
+
+
+def test_errors_name_where_each_value_came_from(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  dir: x\nlearning_rate: -1\nresolution: 30\n")
+    with pytest.raises(UserError) as err:
+        load_config(path, ["mixed_precision=maybe"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path} and the command line have 3 problems:"
+    assert f"  - {path}: 'learning_rate' must be > 0 (got -1.0); JumpStart's default is 2e-06" in lines
+    assert f"  - {path}: 'resolution' must be a positive multiple of 8 (got 30); e.g. 512" in lines
+    assert ("  - the command line (mixed_precision=maybe): 'mixed_precision' got 'maybe'; "
+            "choose one of auto, no, fp16, bf16") in lines
+    # A bad value given only on the command line names the override, not the file it was applied to.
+    with pytest.raises(UserError) as err:
+        load_config(path, ["learning_rate=1e-5", "resolution=32", "mixed_precision=maybe"])
+    assert str(err.value).startswith("the command line (mixed_precision=maybe): 'mixed_precision' got 'maybe'")
+    assert str(path) not in str(err.value)
+    # The last override of a key (or of its parent) is the one named.
+    with pytest.raises(UserError, match=r"^the command line \(data=\{dir: ''\}\): no training images"):
+        load_config(path, ["learning_rate=1e-5", "resolution=32", "data.dir=y", "data={dir: ''}"])
+    # A key set by neither is the file's problem, as before.
+    path.write_text("learning_rate: 1.0e-5\n")
+    with pytest.raises(UserError, match=f"^{path}: no training images"):
+        load_config(path, ["max_steps=5"])
+
+
+def test_problems_only_on_the_command_line_name_each_override():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["data.dir=x", "max_steps=0", "subjects=[{dir: a}]"])
+    assert str(err.value).splitlines() == [
+        "the command line has 2 problems:",
+        "  - max_steps=0: 'max_steps' must be >= 1 or None (got 0)",
+        "  - data.dir=x and subjects=[{dir: a}]: set either 'data.dir' (one subject) or 'subjects' (several), not both"]
