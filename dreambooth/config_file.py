@@ -103,6 +103,16 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
+def _nearest(key: str, known: list[str], prefix: str) -> str:
+    """The few known keys spelt most like `key` (never the whole list of options)."""
+    close = difflib.get_close_matches(key, known, n=3)
+    names = [f"'{prefix}{c}'" for c in close or difflib.get_close_matches(key, known, n=3, cutoff=0)]
+    if not close:
+        return f"no such option (nearest: {', '.join(names)})"
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+    return f"did you mean {listed}?"
+
+
 def build(cls, data: dict, prefix: str, problems: list[str]):
     """Make a `cls` from a plain dict, appending every problem (unknown key, bad value) to `problems`."""
     known = {f.name: f for f in doc_fields(cls)}
@@ -111,9 +121,7 @@ def build(cls, data: dict, prefix: str, problems: list[str]):
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
-            problems.append(Problem(f"unknown key '{where}': {hint}", where))
+            problems.append(Problem(f"unknown key '{where}': {_nearest(str(key), list(known), prefix)}", where))
             continue
         try:
             kwargs[key] = _coerce(value, hints[key], where, problems)

@@ -208,3 +208,10 @@ def test_problems_only_on_the_command_line_name_each_override():
         "the command line has 2 problems:",
         "  - max_steps=0: 'max_steps' must be >= 1 or None (got 0)",
         "  - data.dir=x and subjects=[{dir: a}]: set either 'data.dir' (one subject) or 'subjects' (several), not both"]
+
+
+def test_unknown_key_lists_a_few_nearest_keys_only():
+    with pytest.raises(UserError) as err:
+        config_from_dict({"data": {"dir": "x"}, "foo": 1})
+    text = str(err.value)
+    assert "unknown key 'foo': no such option (nearest: " in text and text.count("'") == 2 + 2 * 3
