@@ -7,6 +7,7 @@ Top-level keys carry JumpStart's hyperparameter names and defaults, so a JumpSta
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,6 +16,8 @@ from .config_file import Problem, apply_override, build, flatten_keys, read_file
 # re-exported: callers use dreambooth.config as the one config API
 from .config_file import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -93,6 +96,8 @@ class Config:
     gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimisation step (JumpStart).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (JumpStart).")
     seed: int = opt(0, "Seed of everything random; same seed, same machine, same weights (JumpStart).")
+    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to the "
+                            "validation images and report instead (JumpStart).", training=False)
     # --- training, ours ---
     resolution: int = opt(512, "Training image size in pixels (multiple of 8).")
     random_flip: bool = opt(False, "Randomly flip training images horizontally.")
@@ -181,6 +186,9 @@ def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] 
     problems += validate(cfg)
     if problems:
         raise UserError(_report(problems, source, set_by or {}))
+    if cfg.compute_fid:
+        log.warning("compute_fid: no FID is computed here (this project has no evaluation metrics yet; a scored "
+                    "evaluation is planned): judge the run by its validation images and report.html in output_dir")
     return cfg
 
 

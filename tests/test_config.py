@@ -1,6 +1,7 @@
 """Config schema: files in configs/ validate, overrides, JumpStart string forms, unknown keys, cross-field checks."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,13 @@ def test_memory_profile_keys_accept_auto_and_boolean_forms():
 
 
 def test_non_training_keys_come_from_the_schema():
-    """The keys a resume may change are those whose field says training=False: the list once kept by hand."""
+    """The keys a resume may change are those whose field says training=False: the list once kept by hand,
+    plus compute_fid."""
     from dreambooth.config import NON_TRAINING_KEYS, non_training_keys
     by_hand = {"output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet",
                "log_with", "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size",
                "compile", "compile_mode", "regenerate_class_images", "cache_prompts"}
-    assert NON_TRAINING_KEYS == non_training_keys() == by_hand
+    assert NON_TRAINING_KEYS == non_training_keys() == by_hand | {"compute_fid"}
 
 
 def test_a_listed_choice_is_accepted_as_typed(tmp_path):
@@ -210,8 +212,24 @@ def test_problems_only_on_the_command_line_name_each_override():
         "  - data.dir=x and subjects=[{dir: a}]: set either 'data.dir' (one subject) or 'subjects' (several), not both"]
 
 
+def test_compute_fid_warns_once_and_never_fails(caplog):
+    caplog.set_level(logging.INFO, logger="dreambooth.config")
+    assert config_from_dict({"compute_fid": "False", "data": {"dir": "x"}}).compute_fid is False
+    assert not caplog.records
+    cfg = config_from_dict({"compute_fid": "True", "data": {"dir": "x"}})
+    assert cfg.compute_fid is True
+    (warning,) = [r for r in caplog.records if r.name == "dreambooth.config"]
+    assert warning.levelname == "WARNING" and "no FID is computed here" in warning.getMessage()
+    assert "validation images" in warning.getMessage() and "report.html" in warning.getMessage()
+    from dreambooth.checkpoint import training_settings
+    assert training_settings(cfg) == training_settings(config_from_dict({"data": {"dir": "x"}}))
+
+
 def test_unknown_key_lists_a_few_nearest_keys_only():
     with pytest.raises(UserError) as err:
         config_from_dict({"data": {"dir": "x"}, "foo": 1})
     text = str(err.value)
     assert "unknown key 'foo': no such option (nearest: " in text and text.count("'") == 2 + 2 * 3
+    with pytest.raises(UserError) as err:
+        config_from_dict({"data": {"dir": "x"}, "compute_fd": 1})
+    assert str(err.value).startswith("config: unknown key 'compute_fd': did you mean 'compute_fid'")
