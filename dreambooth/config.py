@@ -1,7 +1,8 @@
 """Typed run configuration: the schema, loading with dotted overrides, and validation.
 
 Top-level keys carry JumpStart's hyperparameter names and defaults, so a JumpStart hyperparameters dict
-(string values included: "True", "None", "2e-06") pastes in unchanged. Our own options sit beside them.
+(string values included: "True", "None", "2e-06") pastes in unchanged; SageMaker's own keys in it (sagemaker_*)
+are ignored. Our own options sit beside them. docs/jumpstart.md maps each JumpStart key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .config_file import Problem, apply_override, build, flatten_keys, read_file
+from .config_file import Problem, apply_override, build, flatten_keys, is_platform_key, read_file
 # re-exported: callers use dreambooth.config as the one config API
 from .config_file import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
 from .errors import UserError
@@ -180,12 +181,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] | None = None) -> Config:
     """Build and validate a Config from a plain dict; raises one UserError listing every problem, each named by
     where its value came from: `source`, or the override in `set_by` (dotted key -> key=value) that set it."""
+    ignored = [key for key in data if is_platform_key(key)]
+    data = {key: value for key, value in data.items() if key not in ignored}
     problems: list[str] = []
     cfg = build(Config, data, "", problems)
     cfg.provided = flatten_keys(data)
     problems += validate(cfg)
     if problems:
         raise UserError(_report(problems, source, set_by or {}))
+    if ignored:
+        log.info("ignored SageMaker's own job keys (not training settings): %s", ", ".join(map(str, ignored)))
     if cfg.compute_fid:
         log.warning("compute_fid: no FID is computed here (this project has no evaluation metrics yet; a scored "
                     "evaluation is planned): judge the run by its validation images and report.html in output_dir")

@@ -132,6 +132,12 @@ def build(cls, data: dict, prefix: str, problems: list[str]):
 
 # ----------------------------------------------------------------------------------------------- loading
 
+def is_platform_key(key: Any) -> bool:
+    """A key SageMaker adds to a job's hyperparameters (sagemaker_program, ...; automatic model tuning's
+    _tuning_objective_metric and the like): the platform's bookkeeping, not a training setting."""
+    return isinstance(key, str) and (key.startswith("sagemaker_") or key.startswith("_"))
+
+
 def read_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: check the path")

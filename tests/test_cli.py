@@ -110,3 +110,19 @@ def test_train_with_mixed_precision_no(tmp_path, subject_dir):
     assert yaml.safe_load((model / "config.yaml").read_text())["mixed_precision"] == "no"
     assert json.loads((model / "train_summary.json").read_text())["steps"] == 1
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_train_from_a_jumpstart_job_hyperparameters_file(tmp_path, subject_dir, capsys):
+    """Issue 22: a real JumpStart job's hyperparameters dict, pasted in unchanged, trains."""
+    import yaml
+    from test_config import JUMPSTART_HP
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(JUMPSTART_HP))
+    model = tmp_path / "model"
+    assert main(["train", str(hp), "model=builtin:tiny", f"data.dir={subject_dir}", "max_steps=1",
+                 f"resolution={TINY_RESOLUTION}", "validation.enabled=false", f"output_dir={model}", "quiet=true"]) == 0
+    assert "error" not in capsys.readouterr().err
+    saved = yaml.safe_load((model / "config.yaml").read_text())
+    assert not [k for k in saved if k.startswith(("sagemaker", "_"))]
+    assert (saved["compute_fid"], saved["learning_rate"], saved["epochs"]) == (False, 2e-6, 20)
+    assert json.loads((model / "train_summary.json").read_text())["steps"] == 1

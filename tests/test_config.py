@@ -212,6 +212,44 @@ def test_problems_only_on_the_command_line_name_each_override():
         "  - data.dir=x and subjects=[{dir: a}]: set either 'data.dir' (one subject) or 'subjects' (several), not both"]
 
 
+# A real JumpStart DreamBooth job's hyperparameters (issue 22): every value a string, plus SageMaker's own keys.
+JUMPSTART_HP = {
+    "epochs": "20", "max_steps": "None", "batch_size": "1", "learning_rate": "2e-06", "with_prior_preservation": "False",
+    "num_class_images": "100", "prior_loss_weight": "1.0", "center_crop": "False", "lr_scheduler": "constant",
+    "adam_weight_decay": "0.01", "adam_beta1": "0.9", "adam_beta2": "0.999", "adam_epsilon": "1e-08",
+    "gradient_accumulation_steps": "1", "max_grad_norm": "1.0", "seed": "0", "compute_fid": "False",
+    "sagemaker_submit_directory": "/opt/ml/input/data/code/sourcedir.tar.gz", "sagemaker_program": "transfer_learning.py"}
+
+
+def test_jumpstart_job_hyperparameters_load_unchanged(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dreambooth.config")
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps(JUMPSTART_HP))
+    cfg = load_config(path, ["data.dir=x"])
+    assert cfg == config_from_dict({"data": {"dir": "x"}})  # JumpStart's values are our defaults
+    assert "sagemaker_program" not in cfg.provided and "compute_fid" in cfg.provided
+    notes = [r for r in caplog.records if r.name == "dreambooth.config"]
+    assert [(r.levelname, r.getMessage()) for r in notes] == [
+        ("INFO", "ignored SageMaker's own job keys (not training settings): sagemaker_submit_directory, "
+                 "sagemaker_program")]
+
+
+def test_sagemaker_and_tuning_keys_are_ignored_and_not_saved(tmp_path, caplog):
+    from dreambooth.config import save_config
+    caplog.set_level(logging.INFO, logger="dreambooth.config")
+    cfg = config_from_dict({"data": {"dir": "x"}, "sagemaker_job_name": "db-1", "_tuning_objective_metric": "loss",
+                            "sagemaker_region": "us-west-2", "max_steps": "5"})
+    assert cfg.max_steps == 5
+    (note,) = [r.getMessage() for r in caplog.records if r.name == "dreambooth.config"]
+    assert note.endswith(": sagemaker_job_name, _tuning_objective_metric, sagemaker_region")
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "sagemaker" not in text and "_tuning" not in text and "max_steps: 5" in text
+    # Only the platform's own prefixes are waved through: other unknown keys still fail.
+    with pytest.raises(UserError, match="unknown key 'sagemaker'"):
+        config_from_dict({"data": {"dir": "x"}, "sagemaker": "1"})
+
+
 def test_compute_fid_warns_once_and_never_fails(caplog):
     caplog.set_level(logging.INFO, logger="dreambooth.config")
     assert config_from_dict({"compute_fid": "False", "data": {"dir": "x"}}).compute_fid is False
