@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -175,7 +176,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key = apply_override(data, item)
         set_by.pop(key, None)  # re-inserted last: a later override of a key or its parent wins
         set_by[key] = item
-    return config_from_dict(data, source, set_by)
+    channel = os.environ.get("SM_CHANNEL_TRAINING")  # inside a SageMaker training job: the "training" channel
+    section = data.get("data")
+    from_channel = bool(channel) and not data.get("subjects") and (
+        section is None or isinstance(section, dict) and not section.get("dir"))
+    if from_channel:
+        data["data"] = {**(section or {}), "dir": channel}
+    cfg = config_from_dict(data, source, set_by)
+    if from_channel:
+        log.info("data.dir unset: training on SageMaker's training channel %s (SM_CHANNEL_TRAINING)", channel)
+    return cfg
 
 
 def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] | None = None) -> Config:

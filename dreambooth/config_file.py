@@ -138,6 +138,18 @@ def is_platform_key(key: Any) -> bool:
     return isinstance(key, str) and (key.startswith("sagemaker_") or key.startswith("_"))
 
 
+def _unquote(value: Any) -> Any:
+    """One layer of JSON string encoding removed: SageMaker's SDK stores some hyperparameters as json.dumps
+    of a string ('"constant"'), so hyperparameters.json may hold a string inside a string."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            inner = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return inner if isinstance(inner, str) else value
+    return value
+
+
 def read_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: check the path")
@@ -151,6 +163,8 @@ def read_file(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}")
+    if path.suffix.lower() == ".json":
+        data = {key: _unquote(value) for key, value in data.items()}
     return data
 
 

@@ -263,6 +263,27 @@ def test_compute_fid_warns_once_and_never_fails(caplog):
     assert training_settings(cfg) == training_settings(config_from_dict({"data": {"dir": "x"}}))
 
 
+def test_sagemaker_container_hyperparameters_json(tmp_path, monkeypatch, caplog):
+    """/opt/ml/input/config/hyperparameters.json: flat, every value a string (some JSON-encoded twice by the SDK);
+    the images come from the training channel."""
+    caplog.set_level(logging.INFO, logger="dreambooth.config")
+    monkeypatch.setenv("SM_CHANNEL_TRAINING", str(tmp_path / "training"))
+    path = tmp_path / "hyperparameters.json"
+    path.write_text(json.dumps({**JUMPSTART_HP, "max_steps": "400", "lr_scheduler": '"cosine"',
+                                "sagemaker_program": '"transfer_learning.py"', "sagemaker_container_log_level": "20"}))
+    cfg = load_config(path)
+    assert (cfg.max_steps, cfg.lr_scheduler, cfg.data.dir) == (400, "cosine", str(tmp_path / "training"))
+    notes = [r.getMessage() for r in caplog.records if r.name == "dreambooth.config"]
+    assert len(notes) == 2 and "training channel" in notes[1] and "SM_CHANNEL_TRAINING" in notes[1]
+    # A folder the user names wins over the channel, and so do subjects.
+    assert load_config(path, ["data.dir=mine"]).data.dir == "mine"
+    cfg = load_config(path, ["subjects=[{dir: a}]"])
+    assert cfg.data.dir is None and cfg.subjects[0].dir == "a"
+    monkeypatch.delenv("SM_CHANNEL_TRAINING")
+    with pytest.raises(UserError, match="no training images"):
+        load_config(path)
+
+
 def test_unknown_key_lists_a_few_nearest_keys_only():
     with pytest.raises(UserError) as err:
         config_from_dict({"data": {"dir": "x"}, "foo": 1})
