@@ -292,3 +292,11 @@ def test_unknown_key_lists_a_few_nearest_keys_only():
     with pytest.raises(UserError) as err:
         config_from_dict({"data": {"dir": "x"}, "compute_fd": 1})
     assert str(err.value).startswith("config: unknown key 'compute_fd': did you mean 'compute_fid'")
+
+
+def test_jumpstart_doc_shows_the_dict_that_is_tested():
+    """docs/jumpstart.md's example is the job dict the tests train from, and its table covers every key."""
+    doc = (Path(__file__).parent.parent / "docs" / "jumpstart.md").read_text()
+    example = json.loads(doc.split("```json\n", 1)[1].split("```", 1)[0])
+    assert example == JUMPSTART_HP
+    assert all(f"| `{key}` |" in doc for key in JUMPSTART_HP)
