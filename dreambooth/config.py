@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .config_file import Problem, apply_override, build, flatten_keys, is_platform_key, read_file
+from .config_file import (COMMAND_LINE, Problem, apply_override, build, flatten_keys, is_platform_key, read_file,
+                          report_problems)
 # re-exported: callers use dreambooth.config as the one config API
 from .config_file import config_to_dict, flatten_config, save_config, schema_rows  # noqa: F401
 from .errors import UserError
@@ -164,11 +165,8 @@ def non_training_keys(cls=Config) -> frozenset[str]:
 NON_TRAINING_KEYS = non_training_keys()
 
 
-COMMAND_LINE = "the command line"
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML (or JumpStart hyperparameters JSON) file, apply `key=value` overrides, validate."""
+    """Read a YAML (or JumpStart/SageMaker hyperparameters JSON) file, apply `key=value` overrides, validate."""
     source = str(path) if path else COMMAND_LINE
     data = read_file(Path(path)) if path else {}
     set_by: dict[str, str] = {}  # dotted key -> the override that set it last, so errors can name it
@@ -198,44 +196,13 @@ def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] 
     cfg.provided = flatten_keys(data)
     problems += validate(cfg)
     if problems:
-        raise UserError(_report(problems, source, set_by or {}))
+        raise UserError(report_problems(problems, source, set_by or {}))
     if ignored:
         log.info("ignored SageMaker's own job keys (not training settings): %s", ", ".join(map(str, ignored)))
     if cfg.compute_fid:
         log.warning("compute_fid: no FID is computed here (this project has no evaluation metrics yet; a scored "
                     "evaluation is planned): judge the run by its validation images and report.html in output_dir")
     return cfg
-
-
-def _origins(problem: str, source: str, set_by: dict[str, str]) -> list[tuple[str, str | None]]:
-    """Where a problem's keys were set: [(place, the override's key=value or None)], e.g. [(COMMAND_LINE, "a=1")]."""
-    found = []
-    for key in getattr(problem, "keys", ()) or ("",):
-        item = None
-        for set_key, text in set_by.items():  # in order, so the last override covering the key wins
-            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
-                item = text
-        origin = (COMMAND_LINE, item) if item else (source, None)
-        found += [origin] if origin not in found else []
-    return found
-
-
-def _report(problems: list[str], source: str, set_by: dict[str, str]) -> str:
-    """One message for every problem, each attributed to the file or the override its value came from."""
-    origins = [_origins(p, source, set_by) for p in problems]
-    used = {place for found in origins for place, _ in found}
-    places = [place for place in dict.fromkeys((source, COMMAND_LINE)) if place in used]  # the file first
-
-    def label(found, short: bool) -> str:  # short: the header already names the one place
-        parts = [item if short else f"{place} ({item})" if item else place for place, item in found]
-        return " and ".join(part for part in parts if part)
-
-    if len(problems) == 1:
-        return f"{label(origins[0], False)}: {problems[0]}"
-    head = f"{' and '.join(places)} {'has' if len(places) == 1 else 'have'} {len(problems)} problems:"
-    lines = [f"{label(found, len(places) == 1)}: {p}" if label(found, len(places) == 1) else p
-             for p, found in zip(problems, origins)]
-    return head + "\n  - " + "\n  - ".join(lines)
 
 
 def validate(cfg: Config) -> list[str]:
@@ -275,7 +242,8 @@ def validate(cfg: Config) -> list[str]:
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:
-        p.append(Problem("set either 'data.dir' (one subject) or 'subjects' (several), not both", "data.dir", "subjects"))
+        p.append(Problem("set either 'data.dir' (one subject) or 'subjects' (several), not both",
+                         "data.dir", "subjects"))
     elif not cfg.subjects and not cfg.data.dir:
         p.append(Problem("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)",
                          "data.dir"))

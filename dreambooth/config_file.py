@@ -1,4 +1,5 @@
-"""Config text in and out: value coercion, YAML/JSON reading, dotted overrides, config.yaml writing, the option table."""
+"""Config text in and out: value coercion, YAML/JSON reading, dotted overrides, problem reports naming where each
+value came from, config.yaml writing, the option table."""
 
 from __future__ import annotations
 
@@ -182,6 +183,40 @@ def apply_override(data: dict, item: str) -> str:
         node = node[part]
     node[parts[-1]] = value
     return key.strip()
+
+
+COMMAND_LINE = "the command line"
+
+
+def _origins(problem: str, source: str, set_by: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Where a problem's keys were set: [(place, the override's key=value or None)], e.g. [(COMMAND_LINE, "a=1")]."""
+    found = []
+    for key in getattr(problem, "keys", ()):
+        item = None
+        for set_key, text in set_by.items():  # in order, so the last override covering the key wins
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+                item = text
+        origin = (COMMAND_LINE, item) if item else (source, None)
+        found += [origin] if origin not in found else []
+    return found or [(source, None)]
+
+
+def report_problems(problems: list[str], source: str, set_by: dict[str, str]) -> str:
+    """One message for every problem, each attributed to `source` (the file) or to the override in `set_by`
+    (dotted key -> key=value) that set its value."""
+    origins = [_origins(p, source, set_by) for p in problems]
+    used = {place for found in origins for place, _ in found}
+    places = [place for place in dict.fromkeys((source, COMMAND_LINE)) if place in used]  # the file first
+
+    def label(found, short: bool) -> str:  # short: the header already names the one place
+        parts = [item if short else f"{place} ({item})" if item else place for place, item in found]
+        return " and ".join(part for part in parts if part)
+
+    if len(problems) == 1:
+        return f"{label(origins[0], False)}: {problems[0]}"
+    head = f"{' and '.join(places)} {'has' if len(places) == 1 else 'have'} {len(problems)} problems:"
+    labels = [label(found, len(places) == 1) for found in origins]
+    return head + "".join(f"\n  - {name}: {p}" if name else f"\n  - {p}" for p, name in zip(problems, labels))
 
 
 def flatten_keys(data: dict, prefix: str = "") -> set[str]:
