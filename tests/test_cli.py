@@ -98,3 +98,31 @@ def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, 
     (run / "config.yaml").write_text("model: someone/sd-model\nrevision: abc123\nvariant: null\n")
     assert main(["generate", str(run), "--prompt", "x"]) == 2
     assert seen[-1] == ("someone/sd-model", "abc123", None)
+
+
+def test_train_with_mixed_precision_no(tmp_path, subject_dir):
+    """`mixed_precision=no`, a listed choice that YAML reads as false, trains (on CPU here)."""
+    import yaml
+    model = tmp_path / "model"
+    assert main(["train", "model=builtin:tiny", f"data.dir={subject_dir}", f"resolution={TINY_RESOLUTION}",
+                 "validation.enabled=false", "max_steps=1", "mixed_precision=no", f"output_dir={model}",
+                 "quiet=true"]) == 0
+    assert yaml.safe_load((model / "config.yaml").read_text())["mixed_precision"] == "no"
+    assert json.loads((model / "train_summary.json").read_text())["steps"] == 1
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_train_from_a_jumpstart_job_hyperparameters_file(tmp_path, subject_dir, capsys):
+    """Issue 22: a real JumpStart job's hyperparameters dict, pasted in unchanged, trains."""
+    import yaml
+    from test_config import JUMPSTART_HP
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(JUMPSTART_HP))
+    model = tmp_path / "model"
+    assert main(["train", str(hp), "model=builtin:tiny", f"data.dir={subject_dir}", "max_steps=1",
+                 f"resolution={TINY_RESOLUTION}", "validation.enabled=false", f"output_dir={model}", "quiet=true"]) == 0
+    assert "error" not in capsys.readouterr().err
+    saved = yaml.safe_load((model / "config.yaml").read_text())
+    assert not [k for k in saved if k.startswith(("sagemaker", "_"))]
+    assert (saved["compute_fid"], saved["learning_rate"], saved["epochs"]) == (False, 2e-6, 20)
+    assert json.loads((model / "train_summary.json").read_text())["steps"] == 1

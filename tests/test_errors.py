@@ -139,3 +139,11 @@ def test_pickle_weights_load_only_when_allowed(tmp_path, subject_dir, capsys):
     # Allowed: diffusers and transformers then read .bin files with torch.load(weights_only=True).
     assert main(["train", str(tmp_path / "run.yaml"), "allow_pickle=true"]) == 0
     assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pkl")]
+
+
+def test_override_mistake_names_the_command_line(tmp_path, subject_dir, capsys):
+    """A bad value typed as key=value is the command line's, not the config file's it was applied to."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, subject_dir)))
+    assert_refused(["train", str(path), "mixed_precision=maybe"], capsys,
+                   "error: the command line (mixed_precision=maybe): 'mixed_precision' got 'maybe'", tmp_path / "out")

