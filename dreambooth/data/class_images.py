@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dreambooth.config.machine import gpu_memory_gib
 from dreambooth.config.schema import Config
+from dreambooth.models.base_model import REMOVED
 from dreambooth.data.dataset import CLASS_MANIFEST as MANIFEST
 from dreambooth.data.dataset import list_images, load_image, mixed_seed
 from dreambooth.errors import UserError
@@ -49,6 +50,14 @@ def model_id(cfg: Config) -> str:
     path = Path(cfg.model).expanduser()
     name = str(path.resolve()) if path.exists() else cfg.model
     return name + (f"@{cfg.revision}" if cfg.revision else "") + (f" ({cfg.variant})" if cfg.variant else "")
+
+
+def _same(key: str, recorded, current) -> bool:
+    """Whether a class image made with `recorded` counts as made with `current`. A taken-down hub id and its
+    community copy hold the same weights, so images sampled before the default moved stay valid."""
+    if key == "model" and isinstance(recorded, str):
+        recorded = REMOVED.get(recorded, (recorded,))[0]
+    return recorded == current
 
 
 def settings_for(cfg: Config, prompt: str) -> dict:
@@ -137,7 +146,7 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
     if gone:
         log.info("%s: %d generated class images were deleted; they will be replaced by new ones", folder, len(gone))
     for key in KEY_SETTINGS + SOFT_SETTINGS:
-        other = [name for name, rec in images.items() if rec.get(key) != settings[key]]
+        other = [name for name, rec in images.items() if not _same(key, rec.get(key), settings[key])]
         if not other:
             continue
         old = images[other[0]].get(key)
