@@ -14,6 +14,9 @@ import torch
 
 from dreambooth import __version__
 from dreambooth.errors import UserError
+from dreambooth.export.formats import export_run
+from dreambooth.files import fsync, replace_folder, write_json_atomic
+from dreambooth.models.load import load_frozen, sd_pipeline
 from dreambooth.training.runlog import run_summary
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
@@ -46,24 +49,30 @@ def check_output_dir(path: str) -> Path:
 def mark_output_dir(out: Path) -> None:
     """Create the folder and the marker that lets later runs (and resumes) write into it."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
+    write_json_atomic(out / MARKER, {"tool": "dreambooth", "version": __version__}, indent=None)
 
 
 def write_pipeline(pipe, out: Path) -> None:
-    """save_pretrained into out/.saving (safetensors), then move each part over the old one.
+    """save_pretrained into out/.saving (safetensors), then move each part over the old one, each part whole
+    (files.replace_folder; the folder holds our other outputs too, so it cannot be swapped in one rename).
 
     model_index.json, which makes the folder loadable, goes first and comes back last: a crash mid-swap leaves
     a folder that refuses to load rather than one that loads a mix of two models."""
     tmp = out / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [tmp, *out.glob(".*.old-*")]:  # left by a save that was killed part-way
+        shutil.rmtree(stale, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder")
+    for f in sorted(tmp.rglob("*"), reverse=True):  # on disk before any part replaces the old one
+        fsync(f)
     (out / "model_index.json").unlink(missing_ok=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+        if item.is_dir():
+            replace_folder(item, target)
+        else:
+            os.replace(item, target)
+    fsync(out)
     tmp.rmdir()
 
 
@@ -102,7 +111,6 @@ class TrainerOutput:
 
     def pipeline(self):
         """The trained pipeline: our UNet (and text encoder), the base model's other parts in fp32."""
-        from dreambooth.models.load import load_frozen, sd_pipeline
         c, unwrap = self.components, self.accelerator.unwrap_model
         text_encoder = unwrap(c.text_encoder) if self.trains_text_encoder else None
         vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
@@ -117,10 +125,9 @@ class TrainerOutput:
         in when complete), a LoRA run's LoRA file, single-file and kohya exports (export.py)."""
         if not self.accelerator.is_main_process:
             return self.out
-        from dreambooth.export.formats import export_run
         pipe = export_run(self, summary)  # None when export_formats leaves out the diffusers folder
         if pipe is not None:
             write_pipeline(pipe, self.out)
         if summary is not None:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.out / "train_summary.json", summary)
         return self.out
