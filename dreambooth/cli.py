@@ -79,7 +79,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from dreambooth.serve.generate import Request, generate, load_pipeline, read_payload, set_scheduler
+    from dreambooth.serve.generate import Request, generate, read_payload
 
     fields = read_payload(args.payload) if args.payload else {}
     for name in Request.__dataclass_fields__:
@@ -88,6 +88,7 @@ def cmd_generate(args) -> int:
     request = Request(**fields).check()
     _quiet_library_bars()
     from dreambooth.models.lora import apply_lora, split_lora_run
+    from dreambooth.models.pipeline import load_pipeline, set_scheduler
     # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
     model, lora, base = split_lora_run(args.model, args.lora)
     pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),

@@ -19,7 +19,7 @@ from dreambooth.export.kohya import KOHYA_FILE, save_kohya
 from dreambooth.files import save_safetensors_atomic, write_text_atomic
 from dreambooth.models.load import base_pipeline
 from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline, resolve_lora_file, save_lora
-from dreambooth.serve.generate import load_pipeline
+from dreambooth.models.pipeline import load_pipeline
 from dreambooth.models.single_file import CONFIGS_KEY, load_single_file, pipeline_to_original
 
 SINGLE_FILE = "model.safetensors"
