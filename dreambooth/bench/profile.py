@@ -10,13 +10,14 @@ import time
 
 import torch
 
+from dreambooth.bench.measure import sync
+
 TOP = 12  # operators listed per profiled row
 
 
 def profile_steps(trainer, batches, steps: int = 2) -> dict:
     """Profile `steps` more training steps of a set-up trainer; per-step figures, in milliseconds."""
     from torch.autograd import DeviceType
-    from dreambooth.bench.measure import sync
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()

@@ -12,6 +12,8 @@ import weakref
 
 import torch
 
+from dreambooth.training.optim import adamw
+
 # ------------------------------------------------------------------------------------------ bf16 write-back
 
 def split_bf16_(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor) -> None:
@@ -43,7 +45,6 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 # ------------------------------------------------------------------------------------------ optimizer
 
 def _inner_optimizer(name: str, tensor: torch.Tensor, group: dict) -> torch.optim.Optimizer:
-    from dreambooth.training.optim import adamw
     return adamw([tensor], name, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                  weight_decay=group["weight_decay"])
 
