@@ -1,4 +1,5 @@
-"""Config schema: files in configs/ validate, overrides, JumpStart string forms, unknown keys, cross-field checks."""
+"""Config schema: files in configs/ and the demo's packaged one validate, overrides, JumpStart string forms,
+unknown keys, cross-field checks."""
 
 import json
 from pathlib import Path
@@ -6,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from dreambooth.config.schema import Config, config_from_dict, load_config, schema_rows, subjects_of
+from dreambooth.demo import demo_config_path
 from dreambooth.errors import UserError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [demo_config_path()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
