@@ -22,7 +22,7 @@ from dreambooth.errors import UserError
 from dreambooth.files import save_png, temp_glob, write_json_atomic
 from dreambooth.models.load import base_pipeline
 from dreambooth.models.pipeline import set_scheduler
-from dreambooth.training.memory import gpu_memory_gib
+from dreambooth.training import memory
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def sampling_steps(cfg: Config) -> int:
 
 def default_batch_size() -> int:
     """Class images per sampling batch when sample_batch_size is unset: by GPU memory, 4 on CPU."""
-    gib = gpu_memory_gib()
+    gib = memory.gpu_memory_gib()
     if gib is None:
         return 4
     return 16 if gib >= 40 else 8 if gib >= 20 else 4 if gib >= 12 else 2

@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from dreambooth.training.optim import adamw
+from dreambooth.training import optim
 
 # ------------------------------------------------------------------------------------------ bf16 write-back
 
@@ -45,8 +45,8 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Gener
 # ------------------------------------------------------------------------------------------ optimizer
 
 def _inner_optimizer(name: str, tensor: torch.Tensor, group: dict) -> torch.optim.Optimizer:
-    return adamw([tensor], name, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                 weight_decay=group["weight_decay"])
+    return optim.adamw([tensor], name, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                       weight_decay=group["weight_decay"])
 
 
 class ParamwiseOptimizer(torch.optim.Optimizer):
