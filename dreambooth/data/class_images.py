@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,13 +14,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.config.machine import gpu_memory_gib
+from dreambooth.config import machine
 from dreambooth.config.schema import Config
-from dreambooth.models.base_model import REMOVED
 from dreambooth.data.dataset import CLASS_MANIFEST as MANIFEST
 from dreambooth.data.dataset import list_images, load_image, mixed_seed
-from dreambooth.errors import UserError
 from dreambooth.data.subjects import Subject, resolve_subjects
+from dreambooth.errors import UserError
+from dreambooth.files import save_png, temp_glob, write_json_atomic
+from dreambooth.models.base_model import REMOVED
+from dreambooth.models.load import base_pipeline
+from dreambooth.models.pipeline import set_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def sampling_steps(cfg: Config) -> int:
 
 def default_batch_size() -> int:
     """Class images per sampling batch when sample_batch_size is unset: by GPU memory, 4 on CPU."""
-    gib = gpu_memory_gib()
+    gib = machine.gpu_memory_gib()
     if gib is None:
         return 4
     return 16 if gib >= 40 else 8 if gib >= 20 else 4 if gib >= 12 else 2
@@ -96,9 +98,7 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)  # never a half-written manifest
+    write_json_atomic(folder / MANIFEST, manifest, indent=1)  # never a half-written manifest
 
 
 def _decode(path: Path):
@@ -130,8 +130,8 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
     recorded = (folder / MANIFEST).is_file()  # written below before any sampling, so sampled files have one
     manifest = _read_manifest(folder)
     images = manifest["images"]
-    for tmp in folder.glob(".class-*.tmp.png"):
-        tmp.unlink()  # a write cut short by an interruption
+    for tmp in [*folder.glob(temp_glob("class-*.png")), *folder.glob(temp_glob(MANIFEST))]:
+        tmp.unlink()  # a write cut short by a hard kill (files.atomic_file's temp names)
     numbered = [(path, int(m.group(1))) for path in folder.iterdir() if (m := NAME.match(path.name))]
     if not recorded:
         # No manifest (copied-in folder, or the user deleted it): every class-NNNNN.png is the user's own image,
@@ -179,9 +179,6 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
 
 def load_sampler(cfg: Config):
     """The base model as a StableDiffusionPipeline for sampling: fp16 on CUDA, no safety checker."""
-    from dreambooth.serve.generate import set_scheduler
-    from dreambooth.models.load import base_pipeline
-
     pipe = base_pipeline(cfg)
     if torch.cuda.is_available():
         pipe = pipe.to(device="cuda", dtype=torch.float16)  # load_components gives fp32; sampling needs no more
@@ -194,8 +191,6 @@ def load_sampler(cfg: Config):
 def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None:
     """Sample every plan's missing images in batches, recording each batch in the manifest as it lands; DECODED,
     if given, keeps each new image (PNG is lossless, so training need not read it back)."""
-    from dreambooth.serve.generate import save_png
-
     todo = sum(len(p.indices) for p in plans)
     batch_size = cfg.sample_batch_size or default_batch_size()
     log.info("sampling %d class images (%s, %d steps, batch %d)", todo, cfg.class_sampler, sampling_steps(cfg),
@@ -216,8 +211,7 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
                                   generator=[torch.Generator(pipe.device).manual_seed(x) for x in seeds]).images
                 for k, seed, image in zip(indices, seeds, images):
                     name, record = f"class-{k:05d}.png", {**s, "seed": seed, "index": k}
-                    tmp = save_png(image, plan.folder / f".class-{k:05d}.tmp.png", record)
-                    os.replace(tmp, plan.folder / name)
+                    save_png(image, plan.folder / name, record)  # whole or not at all
                     plan.manifest["images"][name] = record
                     plan.usable.append(plan.folder / name)
                     if decoded is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dreambooth import __version__
 from dreambooth.errors import UserError
+from dreambooth.files import fsync, replace_folder, write_json_atomic
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
 
@@ -42,24 +43,30 @@ def check_output_dir(path: str) -> Path:
 def mark_output_dir(out: Path) -> None:
     """Create the folder and the marker that lets later runs (and resumes) write into it."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
+    write_json_atomic(out / MARKER, {"tool": "dreambooth", "version": __version__}, indent=None)
 
 
 def write_pipeline(pipe, out: Path) -> None:
-    """save_pretrained into out/.saving (safetensors), then move each part over the old one.
+    """save_pretrained into out/.saving (safetensors), then move each part over the old one, each part whole
+    (files.replace_folder; the folder holds our other outputs too, so it cannot be swapped in one rename).
 
     model_index.json, which makes the folder loadable, goes first and comes back last: a crash mid-swap leaves
     a folder that refuses to load rather than one that loads a mix of two models."""
     tmp = out / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [tmp, *out.glob(".*.old-*")]:  # left by a save that was killed part-way
+        shutil.rmtree(stale, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder")
+    for f in sorted(tmp.rglob("*"), reverse=True):  # on disk before any part replaces the old one
+        fsync(f)
     (out / "model_index.json").unlink(missing_ok=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+        if item.is_dir():
+            replace_folder(item, target)
+        else:
+            os.replace(item, target)
+    fsync(out)
     tmp.rmdir()
 
 

@@ -16,6 +16,7 @@ from dreambooth.config.machine import hub_offline
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import DEFAULT_MODEL, check_sd21_base, explain
+from dreambooth.models.builtin import asset_path, build_sd21_components, build_tiny_pipeline, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,10 @@ def load_pipeline_source(cfg: Config):
     if kind == "builtin" and cfg.model != BUILTIN_TINY:
         return build_builtin_sd21(cfg.model)
     if kind == "builtin":
-        from dreambooth.models.builtin import build_tiny_pipeline
         return build_tiny_pipeline(seed=0)
     if kind == "single-file":
-        from dreambooth.models.single_file import load_single_file  # SD 2.x .safetensors checkpoints (export issue)
+        # Imported here, not above: single_file uses this module's pickle and offline checks (a cycle).
+        from dreambooth.models.single_file import load_single_file
         return load_single_file(cfg.model, allow_pickle=cfg.allow_pickle)
     return None
 
@@ -139,7 +140,6 @@ def builtin_sd21_scale(model: str) -> float:
 
 
 def _build_sd21_parts(model: str) -> dict:
-    from dreambooth.models.builtin import build_sd21_components
     # Built on the GPU when there is one (initialising 1.3 B parameters on a CPU takes long), kept on the CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
@@ -156,7 +156,6 @@ def build_builtin_sd21(model: str, remember: bool = False):
 
     from diffusers import PNDMScheduler
 
-    from dreambooth.models.builtin import _load_tokenizer, asset_path
     parts = _BUILTIN_MEMO.get(model)
     if parts is None:
         parts = _build_sd21_parts(model)
@@ -164,7 +163,7 @@ def build_builtin_sd21(model: str, remember: bool = False):
             _BUILTIN_MEMO[model] = parts
     parts = {k: copy.deepcopy(m) for k, m in parts.items()} if model in _BUILTIN_MEMO else parts
     scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(asset_path("sd21-base") / "scheduler"))
-    return sd_pipeline(parts["vae"], parts["text_encoder"].eval(), _load_tokenizer(), parts["unet"], scheduler)
+    return sd_pipeline(parts["vae"], parts["text_encoder"].eval(), load_tokenizer(), parts["unet"], scheduler)
 
 
 def forget_builtin() -> None:

@@ -16,8 +16,9 @@ from urllib.parse import quote
 import yaml
 
 from dreambooth.data.dataset import list_images, load_image
-from dreambooth.training.runlog import hms
 from dreambooth.data.subjects import class_folder, prompts_as_trained
+from dreambooth.files import write_text_atomic
+from dreambooth.training.runlog import hms
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,7 @@ def write_report(out_dir: str | Path) -> Path:
 {CHECK}
 </body></html>
 """
-    path = out / REPORT
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / REPORT, page)
 
 
 if __name__ == "__main__":

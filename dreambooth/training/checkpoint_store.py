@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from dreambooth.errors import UserError
+from dreambooth.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -108,37 +108,13 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(final: Path, write_files, marker: dict) -> Path:
-    """Write a folder via `write_files(tmp)` into a temp folder beside `final`, add the completion marker,
-    fsync, then rename into place; on any failure (or Ctrl-C) the temp folder goes and `final` is untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    """Write a checkpoint folder via `write_files(tmp)` with the completion marker added last, atomically
+    (files.atomic_folder: a failure or Ctrl-C leaves `final` untouched and no temp folder)."""
+    def write(tmp: Path) -> None:
         write_files(tmp)
         (tmp / COMPLETE).write_text(json.dumps(marker, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        old = None
-        if final.exists():  # the same step written again: swap, since rename cannot replace a full folder
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return atomic_folder(final, write)
 
 
 def prune(out: str | Path, keep_last: int | None) -> list[Path]:

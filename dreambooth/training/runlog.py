@@ -6,15 +6,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import platform
+import resource
 import time
 from pathlib import Path
 
+import accelerate
+import diffusers
 import numpy as np
+import torch
+import transformers
 
 from dreambooth.config.plan import RunPlan
+from dreambooth import __version__
 from dreambooth.config.parse import flatten_config
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError
+from dreambooth.files import write_json_atomic
 from dreambooth.training.state import TrainState
 
 log = logging.getLogger("dreambooth")
@@ -129,7 +137,7 @@ class RunLog:
             first = history[0]["step"] if history else float("inf")
             earlier = [h for h in json.loads(path.read_text()) if h["step"] < first]
             history = earlier + history
-        path.write_text(json.dumps(history))
+        write_json_atomic(path, history, indent=None)
         return path
 
     def close(self, error: BaseException | None = None) -> None:
@@ -174,10 +182,6 @@ def hms(seconds: float) -> str:
 
 def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
     """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions."""
-    import platform
-
-    import torch
-
     cfg, cuda = plan.config, torch.cuda.is_available()
     samples = state.step * cfg.batch_size * cfg.gradient_accumulation_steps
     return {
@@ -201,16 +205,9 @@ def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
 
 def library_versions() -> dict:
     """The versions of this package and the libraries it trains with (train_summary.json and bench JSON)."""
-    import accelerate
-    import diffusers
-    import torch
-    import transformers
-
-    from dreambooth import __version__
     return {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
 def peak_rss() -> int:
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

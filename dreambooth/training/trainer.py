@@ -3,12 +3,15 @@ saves the result. run_training() is the whole job: setup -> train -> save -> rep
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dreambooth.config.machine import Machine
@@ -18,9 +21,12 @@ from dreambooth.config.schema import Config
 from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
+from dreambooth.export.formats import export_run
 from dreambooth.export.output_dir import check_output_dir, mark_output_dir, write_pipeline
+from dreambooth.files import write_json_atomic
 from dreambooth.models.load import load_components, load_frozen, sd_pipeline
 from dreambooth.models.lora import add_lora_layers
+from dreambooth.report.page import write_report
 from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
 from dreambooth.training.compiling import compile_unet
 from dreambooth.training.inputs import Inputs
@@ -52,10 +58,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import set_seed
-
         cfg, plan = self.cfg, self.plan
         self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
@@ -79,7 +81,6 @@ class Trainer:
         params = [p for m in trainable for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, plan)
         paramwise = optimizer if plan.memory.paramwise else None  # bf16 weights and/or steps inside backward
-        from diffusers.optimization import get_scheduler
         schedule = cfg.lr_scheduler
         if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up
             schedule = "constant_with_warmup"
@@ -208,14 +209,13 @@ class Trainer:
         complete), a LoRA run's LoRA file, single-file and kohya exports (export/formats.py)."""
         if not self.accelerator.is_main_process:
             return self.out
-        from dreambooth.export.formats import export_run  # imports the single-file key maps: only when saving
         unwrap = self.accelerator.unwrap_model
         pipe = export_run(self.out, self.plan, summary, [s.instance_prompt for s in self.subjects], self.pipeline,
                           unwrap(self.unet), unwrap(self.components.text_encoder))
         if pipe is not None:
             write_pipeline(pipe, self.out)
         if summary is not None:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.out / "train_summary.json", summary)
         return self.out
 
 
@@ -227,7 +227,6 @@ def run_training(cfg: Config) -> dict:
         summary = trainer.train()
         trainer.save(summary)
         if trainer.accelerator.is_main_process:
-            from dreambooth.report.page import write_report  # report reads the run folder; loaded at the end
             write_report(trainer.out)
     except BaseException as e:
         error = e

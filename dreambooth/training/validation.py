@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from dreambooth.config.schema import Config, ValidationConfig
-from dreambooth.serve.generate import save_png, slug
+from dreambooth.data.subjects import Subject, resolve_subjects
+from dreambooth.files import atomic_file, save_png, slug, write_json_atomic
+from dreambooth.models.load import on_device, sd_pipeline
 from dreambooth.training.rng import restore_rng, rng_snapshot
 from dreambooth.training.compiling import eager
-from dreambooth.models.load import on_device
-from dreambooth.data.subjects import Subject, resolve_subjects
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
@@ -181,7 +181,6 @@ class Validator:
         (good at ~25 steps) so the trainer's scheduler objects are untouched."""
         from diffusers import DPMSolverMultistepScheduler
 
-        from dreambooth.models.load import sd_pipeline
         c = self.components
         pipe = sd_pipeline(vae, text_encoder, c.tokenizer, unet,
                            DPMSolverMultistepScheduler.from_config(c.scheduler.config))
@@ -232,8 +231,9 @@ class Validator:
                                 {"prompt": prompt, "seed": seed, "step": step, **self._settings()})
                 rel[-1].append(path.relative_to(self.out).as_posix())
         grid = folder / "grid.png"
-        make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
-                  row_labels=self.prompts).save(grid)
+        with atomic_file(grid) as tmp:
+            make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
+                      row_labels=self.prompts).save(tmp)
         self.done[str(step)] = {"images": rel, "grid": grid.relative_to(self.out).as_posix(),
                                 "seconds": round(seconds, 3)}
         self.write_sweep()
@@ -261,10 +261,11 @@ class Validator:
             rows.append(row)
         sweep = self.dir / "sweep.png"
         if any(im is not None for row in rows for im in row):  # none: the images were deleted meanwhile
-            make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(sweep)
+            with atomic_file(sweep) as tmp:  # redrawn after every validation: never half a picture
+                make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(tmp)
         index = {"prompts": self.prompts, "seeds": self.seeds, "planned_steps": self.steps, **self._settings(),
                  "sweep": sweep.relative_to(self.out).as_posix(), "done": self.done}
-        (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+        write_json_atomic(self.dir / INDEX, index)
         self._swept = sorted(self.done)
         return sweep
 
