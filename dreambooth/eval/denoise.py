@@ -55,17 +55,17 @@ def probe_loss(unet, probe: Probe, embeds: torch.Tensor, scheduler, device, dtyp
                autocast=nullcontext) -> float:
     """Mean squared error of the UNet's prediction (epsilon or v, as `scheduler` says) over the probe's latents
     and timesteps; `embeds` [n, 77, D] are the prompts' embeddings, row for row."""
-    total, count = 0.0, 0
-    prediction = scheduler.config.prediction_type
-    for k, t in enumerate(probe.timesteps):
-        for i in range(0, len(probe), CHUNK):
-            latents = probe.latents[i:i + CHUNK].to(device)
-            noise = probe.noise[k, i:i + CHUNK].to(device)
-            steps = torch.full((len(latents),), t, device=device, dtype=torch.long)
-            noisy = scheduler.add_noise(latents, noise, steps)
-            target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, steps)
-            with autocast():
-                pred = unet(noisy.to(dtype), steps, embeds[i:i + CHUNK].to(device, dtype)).sample
-            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-            count += target.numel()
-    return total / count
+    n, total = len(probe), 0.0
+    pairs = [(k, i) for k in range(len(probe.timesteps)) for i in range(n)]  # every (timestep, latent), CHUNK a call
+    for start in range(0, len(pairs), CHUNK):
+        ks, rows = (torch.tensor(x) for x in zip(*pairs[start:start + CHUNK]))
+        latents = probe.latents[rows].to(device)
+        noise = probe.noise[ks, rows].to(device)
+        steps = torch.tensor(probe.timesteps)[ks].to(device)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else \
+            scheduler.get_velocity(latents, noise, steps)
+        with autocast():
+            pred = unet(noisy.to(dtype), steps, embeds[rows.to(embeds.device)].to(device, dtype)).sample
+        total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
+    return total / (len(pairs) * probe.latents[0].numel())
