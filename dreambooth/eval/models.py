@@ -37,7 +37,7 @@ def missing_message(models: dict[str, str], how: str) -> str:
     """One line naming the models that cannot load and how to point at local copies (`how`: the keys or flags)."""
     listed = ", ".join(f"{name} ({what})" for what, name in models.items())
     offline = " with HF_HUB_OFFLINE set" if hub_offline() else ""
-    return (f"metric model not available{offline}: {listed}; download once (huggingface-cli download ID) or point "
+    return (f"metric model not available{offline}: {listed}; download once (hf download ID) or point "
             f"{how} at local copies (folders with config.json)")
 
 
