@@ -115,7 +115,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from dreambooth.eval.run import RESULT, TABLE, EvalRequest, evaluate  # light: torch and tqdm only
+    from dreambooth.eval.run import RESULT, TABLE, EvalRequest, evaluate
     req = EvalRequest(**{k: v for k, v in vars(args).items() if k in EvalRequest.__dataclass_fields__})
     _quiet_library_bars()
     result = evaluate(req)

@@ -50,7 +50,8 @@ def test_prompt_sets_and_the_subject_they_name(tmp_path):
 # ------------------------------------------------------------------------------------------------ scores
 
 def _pictures(folder: Path, n: int, seed: int) -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in sorted(write_demo_dataset(folder, n=n, size=48, seed=seed).glob("*.png"))]
+    files = sorted(write_demo_dataset(folder, n=n, size=48, seed=seed).glob("*.png"))
+    return [Image.open(p).convert("RGB") for p in files]
 
 
 def test_identical_image_sets_score_one_and_scores_are_deterministic(metric_models, tmp_path):
@@ -107,10 +108,10 @@ def test_metric_config_is_checked(make_cfg):
 def _cfg(root: Path, data: Path, name: str, metric_models, **extra) -> dict:
     clip, dino = metric_models
     cfg = {"model": "builtin:tiny", "output_dir": str(root / name), "data": {"dir": str(data)}, "resolution": 32,
-           "max_steps": 6, "learning_rate": 1e-3, "center_crop": True, "gradient_checkpointing": False,
+           "max_steps": 4, "learning_rate": 1e-3, "center_crop": True, "gradient_checkpointing": False,
            "quiet": True, "num_class_images": 4, "class_sampling_steps": 2,
            "eval": {"clip_model": str(clip), "dino_model": str(dino)},
-           "validation": {"steps": [3, 6], "num_inference_steps": 1, "metrics": ALL}}
+           "validation": {"steps": [2, 4], "num_inference_steps": 1, "metrics": ALL}}
     for key, value in extra.items():
         node, parts = cfg, key.split(".")
         for part in parts[:-1]:
@@ -134,10 +135,10 @@ def runs(tmp_path_factory, metric_models):
 def test_loss_falls_and_prior_preservation_keeps_drift_smaller(runs):
     for name in ("prior", "plain"):
         scoring = runs[name]["validation_scores"]
-        losses = [scoring["scores"][s]["loss"] for s in ("3", "6")]
+        losses = [scoring["scores"][s]["loss"] for s in ("2", "4")]
         assert scoring["base"]["loss"] > losses[0] > losses[-1], (name, losses)
-        assert set(scoring["scores"]["6"]) == {"loss", "class_loss", "drift", "dino", "clip_i", "clip_t"}
-    drift = {name: runs[name]["validation_scores"]["scores"]["6"]["drift"] for name in ("prior", "plain")}
+        assert set(scoring["scores"]["4"]) == {"loss", "class_loss", "drift", "dino", "clip_i", "clip_t"}
+    drift = {name: runs[name]["validation_scores"]["scores"]["4"]["drift"] for name in ("prior", "plain")}
     assert drift["prior"] < drift["plain"], drift
     # Both measured against the same base model on the same class images.
     assert runs["prior"]["validation_scores"]["base"] == pytest.approx(runs["plain"]["validation_scores"]["base"])
@@ -147,8 +148,8 @@ def test_scores_reach_index_summary_log_and_report(runs):
     out = runs["root"] / "prior"
     index = json.loads((out / "validation" / "index.json").read_text())
     summary = json.loads((out / "train_summary.json").read_text())
-    assert index["scores"] == summary["validation_scores"]["scores"] and set(index["scores"]) == {"3", "6"}
-    assert index["done"]["3"]["scores"] == index["scores"]["3"]
+    assert index["scores"] == summary["validation_scores"]["scores"] and set(index["scores"]) == {"2", "4"}
+    assert index["done"]["2"]["scores"] == index["scores"]["2"]
     best = recommend(index["scores"], 0.01)
     assert index["recommended"] == best and summary["recommended_step"] == best["step"]
     assert set(index["reference"]) == {"dino", "clip_i"} and 0 < index["reference"]["dino"] <= 1
@@ -192,7 +193,8 @@ def test_eval_command_writes_json_and_table_deterministically(runs, metric_model
             "--num-inference-steps", "1", "--quiet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| subject | DINO | CLIP-I | CLIP-T |" in printed and "paper: DreamBooth (Stable Diffusion) | 0.668" in printed
+    assert "| subject | DINO | CLIP-I | CLIP-T |" in printed
+    assert "| paper: DreamBooth (Stable Diffusion) | 0.668 | 0.803 | 0.305 |" in printed
     result = json.loads((run / "eval" / "eval.json").read_text())
     (subject,) = result["subjects"]
     assert subject["prompt_set"] == "object" and len(subject["prompts"]) == 25
@@ -200,7 +202,7 @@ def test_eval_command_writes_json_and_table_deterministically(runs, metric_model
     assert all((run / "eval" / f).is_file() for p in subject["prompts"] for f in p["images"])
     assert 0 < subject["dino"] <= 1 and 0 < subject["real_clip_i"] <= 1 and "drift" in subject
     # The trained model's loss here is the last validation's: same images, seed and noise.
-    assert subject["loss"] == pytest.approx(runs["plain"]["validation_scores"]["scores"]["6"]["loss"], rel=1e-5)
+    assert subject["loss"] == pytest.approx(runs["plain"]["validation_scores"]["scores"]["4"]["loss"], rel=1e-5)
     assert (run / "eval" / "eval.md").read_text().startswith("| subject |") and "random weights" in result["note"]
     # A file of templates; its two prompts are the object list's first two, so with the same seed they must
     # come out as the first run's: the same images, the same scores (up to float rounding: other batch sizes).
@@ -226,3 +228,24 @@ def test_eval_without_metric_models_stops_before_generating(runs, capsys, monkey
     err = capsys.readouterr().err
     assert "openai/clip-vit-base-patch32 (CLIP), facebook/dino-vits16 (DINO)" in err and "--clip-model" in err
     assert main(["eval", "builtin:tiny"]) == 2 and "--data DIR" in capsys.readouterr().err
+
+
+def test_scores_go_to_the_tracker_and_the_log(caplog):
+    """RunLog.validated: one log line with every score, and `validation/<score>` scalars for TensorBoard."""
+    import logging
+
+    from dreambooth.training.runlog import RunLog
+    logged = []
+
+    class Tracking:
+        is_main_process, trackers = False, []  # no train.log file: the line is read from the progress logger
+
+        def log(self, values, step):
+            logged.append((step, values))
+    log = RunLog.__new__(RunLog)
+    log.tracking, log.accelerator, log._last_time = True, Tracking(), 0.0
+    caplog.set_level(logging.INFO, logger="dreambooth.progress")
+    log.validated(200, {}, 1.5, {"loss": 0.12345, "drift": -0.01, "dino": 0.7})
+    assert logged == [(200, {"validation/loss": 0.12345, "validation/drift": -0.01, "validation/dino": 0.7})]
+    assert "validation scores at step 200: loss 0.1235  drift -0.0100  dino 0.7000" in caplog.text
+    assert log._last_time == 1.5  # its time kept out of s/step, as for any validation

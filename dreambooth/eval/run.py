@@ -99,8 +99,8 @@ def evaluate(req: EvalRequest) -> dict:
                 r["drift"] = now["class_loss"] - before["class_loss"]
     _score(req, clip_name, dino_name, texts, real, generated, results)
 
-    result = {"model": req.model, "out": str(out), "base_model": cfg.model if cfg else None, "resolution": resolution,
-              "seeds": seeds, "images_per_prompt": req.images_per_prompt,
+    result = {"model": req.model, "out": str(out), "base_model": cfg.model if cfg else None,
+              "resolution": resolution, "seeds": seeds, "images_per_prompt": req.images_per_prompt,
               "num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale,
               "scheduler": "DPMSolverMultistepScheduler", "clip_model": clip_name, "dino_model": dino_name,
               "subjects": results, "mean": {k: metrics.mean_of([r.get(k) for r in results])
