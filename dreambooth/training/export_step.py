@@ -4,6 +4,7 @@ validation.keep_checkpoints kept, written as a run of that many steps that resum
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from dreambooth.config.schema import load_config
@@ -55,7 +56,13 @@ def export_step(run: str | Path, step: str | int, out: str | Path | None = None,
     cfg = load_config(run / "config.yaml", [
         f"resume={checkpoint}", f"max_steps={n}", "resume_force=true", f"output_dir={out}",
         "validation.enabled=false", "validation.metrics=[]", "log_with=null", "checkpoint_steps=null"])
-    run_training(cfg)
+    resume_log = logging.getLogger("dreambooth.training.resume")
+    level = resume_log.level
+    resume_log.setLevel(logging.ERROR)  # its warning that max_steps differs from the checkpoint's is the point here
+    try:
+        run_training(cfg)
+    finally:
+        resume_log.setLevel(level)
     if fmt:
         from dreambooth.export.formats import export_model
         export_model(out, fmt, half=half)
