@@ -104,9 +104,26 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.step is None and args.format is None:
+        raise UserError("give --format single-file|kohya, or --step best|N to export a validated step of a run")
     _quiet_library_bars()
+    if args.step is not None:
+        from dreambooth.training.export_step import export_step
+        print(export_step(args.model, args.step, args.out, args.format, half=args.half))
+        return 0
     from dreambooth.export.formats import export_model
     print(export_model(args.model, args.format, args.out, half=args.half, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dreambooth.eval.run import RESULT, TABLE, EvalRequest, evaluate
+    req = EvalRequest(**{k: v for k, v in vars(args).items() if k in EvalRequest.__dataclass_fields__})
+    _quiet_library_bars()
+    result = evaluate(req)
+    out = Path(result["out"])
+    print((out / TABLE).read_text(), end="")
+    print(f"scores: {out / RESULT}  images: {out / 'images'}")
     return 0
 
 
@@ -170,17 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a trained model as one .safetensors file or a LoRA for A1111/ComfyUI",
-                       description="dreambooth export MODEL_DIR --format single-file|kohya [--out FILE] [--half]")
+    p = sub.add_parser("export", help="write a trained model as one .safetensors file or a LoRA for A1111/ComfyUI, "
+                                      "or the model of a validated step",
+                       description="dreambooth export MODEL_DIR --format single-file|kohya [--out FILE] [--half]; "
+                                   "dreambooth export RUN --step best|N [--format ...] [--out DIR]")
     p.add_argument("model", help="a training run's output folder (full or LoRA run), or a .safetensors file")
-    p.add_argument("--format", required=True, choices=["single-file", "kohya"],
+    p.add_argument("--format", choices=["single-file", "kohya"],
                    help="single-file: one original-layout SD 2.x checkpoint plus its .yaml; kohya: the LoRA in "
                         "kohya layout")
+    p.add_argument("--step", help="best (the step the run recommends, docs/evaluate.md) or a validated step number: "
+                                  "its model from the checkpoint validation.keep_checkpoints kept, into --out")
     p.add_argument("--out", help="output .safetensors (default: model.safetensors or lora-kohya.safetensors in "
-                                 "MODEL_DIR)")
+                                 "MODEL_DIR); with --step a folder (default: RUN/step-N)")
     p.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="score a trained model on DreamBench-style prompts: DINO, CLIP-I, CLIP-T",
+                       description="dreambooth eval RUN_OR_MODEL [--data DIR] [--prompts auto|object|live|FILE]: "
+                                   "generates the prompt set at fixed seeds, scores it against the subject's photos, "
+                                   "writes eval.json and eval.md (docs/evaluate.md)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="a training run's output folder, a diffusers folder, "
+                                                        ".safetensors file or hub id")
+    p.add_argument("--data", help="the subject's JumpStart-format folder (default: the run's subjects)")
+    p.add_argument("--prompts", default="auto", help="object, live (pets: accessories instead of half the scenes), "
+                   "a file of templates with {subject}, or auto (live for pets, by the class noun; the default)")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4, as DreamBench)")
+    p.add_argument("--seed", type=int, default=0, help="seeds seed..seed+N-1, the same for every prompt")
+    p.add_argument("--num-inference-steps", type=int, default=25, help="DPM++ steps per image (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--clip-model", help="CLIP for CLIP-I/CLIP-T: hub id or local folder "
+                                        "(default: the run's eval.clip_model, openai/clip-vit-base-patch32)")
+    p.add_argument("--dino-model", help="ViT for DINO: hub id or local folder "
+                                        "(default: the run's eval.dino_model, facebook/dino-vits16)")
+    p.add_argument("--class-noun", help="the word CLIP-T puts in place of the subject (default: from the class "
+                                        "prompt, else the instance prompt's last word)")
+    p.add_argument("--out", help="folder for eval.json, eval.md and the images (default: RUN/eval, or ./eval)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmark speed and memory of the baseline and each memory profile",
                        description="dreambooth bench [options]: SD 2.1 base architecture with random weights (scaled "

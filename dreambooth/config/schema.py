@@ -61,6 +61,20 @@ class ValidationConfig:
     num_inference_steps: int = opt(25, "Sampler steps per validation image.")
     guidance_scale: float = opt(7.5, "Classifier-free guidance scale for validation images.")
     keep_checkpoints: bool = opt(False, "Keep a checkpoint at each validation step so any step can be exported.")
+    metrics: list[str] = opt([], "Scores at each validation step: loss, drift (no extra model), dino, clip_i, clip_t "
+                             "(the `eval` models); docs/evaluate.md.", training=False)
+
+
+# Names validation.metrics accepts; loss and drift need no model beyond the one being trained.
+METRICS = ("loss", "drift", "dino", "clip_i", "clip_t")
+
+
+@dataclass
+class EvalConfig:
+    clip_model: str = opt("openai/clip-vit-base-patch32", "CLIP model of CLIP-I and CLIP-T: hub id or local folder.")
+    dino_model: str = opt("facebook/dino-vits16", "DINO ViT of the DINO score: hub id or local folder.")
+    clip_t_margin: float = opt(0.01, "The recommended step: highest DINO among steps whose CLIP-T is at most this "
+                               "far below the first validated step's.")
 
 
 @dataclass
@@ -98,8 +112,8 @@ class Config:
     gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimisation step (JumpStart).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (JumpStart).")
     seed: int = opt(0, "Seed of everything random; same seed, same machine, same weights (JumpStart).")
-    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to the "
-                            "validation images and report instead (JumpStart).", training=False)
+    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to "
+                            "validation.metrics, `dreambooth eval` and the report instead (JumpStart).", training=False)
     # --- training, ours ---
     resolution: int = opt(512, "Training image size in pixels (multiple of 8).")
     random_flip: bool = opt(False, "Randomly flip training images horizontally.")
@@ -144,6 +158,8 @@ class Config:
     export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.",
                                     training=False)
     validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.", training=False)
+    eval: EvalConfig = opt(EvalConfig(), "Metric models and the rule of the recommended step (docs/evaluate.md).",
+                           training=False)
     log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.",
                                                      training=False)
     quiet: bool = opt(False, "No progress bars (for logs).", training=False)
@@ -248,6 +264,14 @@ def validate(cfg: Config) -> list[str]:
     need(v.num_inference_steps >= 1, f"'validation.num_inference_steps' must be >= 1 (got {v.num_inference_steps})")
     need(all(s >= 1 for s in v.steps or []), f"'validation.steps' must be positive step numbers (got {v.steps})")
     need(v.every_n_steps is None or v.every_n_steps >= 1, "'validation.every_n_steps' must be >= 1")
+    unknown = [m for m in v.metrics if m not in METRICS]
+    listed = " (a list: validation.metrics=[loss,drift])" if any("," in m for m in unknown) else ""
+    need(not unknown, f"'validation.metrics' has unknown {unknown}; choose from {', '.join(METRICS)}{listed}")
+    need(v.enabled or not v.metrics, "'validation.metrics' scores validation images: set validation.enabled: true, "
+                                     "or drop the metrics")
+    need(cfg.eval.clip_t_margin >= 0, f"'eval.clip_t_margin' must be >= 0 (got {cfg.eval.clip_t_margin})")
+    for key in ("clip_model", "dino_model"):
+        need(bool(getattr(cfg.eval, key).strip()), f"'eval.{key}' must name a hub id or a local folder")
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
     lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]

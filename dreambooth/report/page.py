@@ -18,6 +18,7 @@ import yaml
 from dreambooth.data.dataset import list_images, load_image
 from dreambooth.data.subjects import class_folder, prompts_as_trained
 from dreambooth.files import write_text_atomic
+from dreambooth.report.scores import score_charts, scores_table
 from dreambooth.training.runlog import hms
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _summary_table(summary: dict, validation: dict) -> str:
                 add(f"{prefix}{k}.", v)
             elif not isinstance(v, list):
                 rows.append(f"<tr><th>{html.escape(prefix + k)}</th><td>{html.escape(_fmt(k, v))}</td></tr>")
-    add("", summary)
+    add("", {k: v for k, v in summary.items() if k != "validation_scores"})  # shown with the sweep instead
     spent = sum(d.get("seconds", 0) for d in validation.get("done", {}).values())
     if spent:
         rows.append(f"<tr><th>validation time (part of wall time)</th><td>{_fmt('x_s', spent)}</td></tr>")
@@ -189,7 +190,8 @@ def _validation(validation: dict) -> str:
                     for s, d in sorted(validation["done"].items(), key=lambda kv: int(kv[0])))
     return (f'<p>Rows are prompts, columns are steps. Pick the step where the subject is right and the prompt '
             f'still changes the scene (later steps often copy the training photos).</p>'
-            f'<img class="grid" src="{_src(validation["sweep"])}" alt="validation sweep">'
+            f'<div class=beside><img class="grid" src="{_src(validation["sweep"])}" alt="validation sweep">'
+            f'{score_charts(validation)}</div>{scores_table(validation)}'
             f"<p>Prompts:</p><ol>{prompts}</ol><p class=small>{html.escape(settings)}</p>"
             f"<details><summary>Grid of every seed per step</summary><ul>{grids}</ul></details>")
 
@@ -201,7 +203,9 @@ pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em;max-height:30e
 .thumbs{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:.75em;text-align:center;width:128px}
 figure img{max-width:128px;max-height:128px;min-width:64px;image-rendering:pixelated}
 img.grid{max-width:100%;min-width:320px;image-rendering:pixelated;border:1px solid #ddd}
-.small{font-size:.85em;color:#555}#missing{color:#b00;font-weight:bold}"""
+.small{font-size:.85em;color:#555}#missing{color:#b00;font-weight:bold}
+.beside{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.beside img.grid{flex:0 1 auto}
+.metrics{display:flex;flex-wrap:wrap;gap:10px;flex:1 1 300px}tr.best td{background:#fff3c4;font-weight:bold}"""
 
 # Marks the page when an image did not load, visibly for the user and as data-broken-images for tests.
 CHECK = """<script>window.addEventListener("load",function(){var bad=Array.prototype.filter.call(document.images,
@@ -224,6 +228,8 @@ def write_report(out_dir: str | Path) -> Path:
     head = (f"model {config.get('model', '?')} &middot; {summary.get('steps', '?')} steps &middot; "
             f"learning rate {config.get('learning_rate', '?')} &middot; final loss "
             f"{_fmt('loss', summary.get('final_loss', '?'))}")
+    if (validation.get("recommended") or {}).get("step") is not None:
+        head += f" &middot; recommended step <b>{validation['recommended']['step']}</b>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DreamBooth run: {html.escape(out.name)}</title>
 <style>{STYLE}</style></head>

@@ -117,9 +117,15 @@ class RunLog:
                       entry.get("loss", float("nan")), mean, extras, entry.get("lr", float("nan")),
                       entry.get("grad_norm", float("nan")), per_step, hms(per_step * (total - step)))
 
-    def validated(self, step: int, images: dict[str, list], seconds: float) -> None:
-        """After a validation: keep its time out of s/step and ETA; images to the tracker, a tag per prompt."""
+    def validated(self, step: int, images: dict[str, list], seconds: float, scores: dict | None = None) -> None:
+        """After a validation: keep its time out of s/step and ETA; its scores to the log and tracker, images to
+        the tracker, a tag per prompt."""
         self._last_time += seconds
+        if scores:
+            progress.info("validation scores at step %d: %s", step,
+                          "  ".join(f"{k} {v:+.4f}" if k == "drift" else f"{k} {v:.4f}" for k, v in scores.items()))
+            if self.tracking:
+                self.accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=step)
         if not self.tracking or not images:
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -180,8 +186,9 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
-    """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions."""
+def run_summary(plan: RunPlan, state: TrainState, wall_time: float, scoring: dict | None = None) -> dict:
+    """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions;
+    with validation.metrics, the scores of each validated step and the recommended step (`scoring`)."""
     cfg, cuda = plan.config, torch.cuda.is_available()
     samples = state.step * cfg.batch_size * cfg.gradient_accumulation_steps
     return {
@@ -199,6 +206,8 @@ def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
         # What config.yaml keeps as auto, as this run decided it (export headers read it back).
         "resolved": plan.resolved(),
         "subjects": state.subjects.summary(),
+        **({"validation_scores": scoring} if scoring else {}),
+        **({"recommended_step": scoring["recommended"]["step"]} if scoring and "recommended" in scoring else {}),
         "versions": library_versions(),
     }
 

@@ -33,10 +33,11 @@ from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
 from dreambooth.training.resume import resolve_resume
 from dreambooth.training.runlog import RunLog, run_summary, tracker_kwargs
+from dreambooth.training.scoring import ValidationScorer, check_scoring
 from dreambooth.training.signals import Interrupted, StopSignals
 from dreambooth.training.state import SubjectStats, TrainState
 from dreambooth.training.step import TrainStep
-from dreambooth.training.validation import Validator
+from dreambooth.training.validation import Validator, config_prompts, preserved_training_state
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,6 +54,8 @@ class Trainer:
         self.training_set = TrainingSet(cfg, self.subjects)
         self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
         self.resume_from = resolve_resume(self.plan, self.out)
+        if cfg.validation.enabled and cfg.validation.metrics:
+            check_scoring(cfg, self.subjects, config_prompts(cfg, self.subjects))
         self.state = TrainState()
         self.wall_time = 0.0
 
@@ -98,13 +101,27 @@ class Trainer:
         self.state.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + acc.process_index)
         self.state.subjects = SubjectStats([s.name for s in self.subjects], cfg.gradient_accumulation_steps,
                                            cfg.with_prior_preservation)
+        scorer = self._scorer()  # before a checkpoint is restored: the base model's scores
         if self.resume_from is not None:  # last, so everything it restores (RNG streams above all) stays put
             self.checkpoints.restore(self.state, self.resume_from)
         self.validator = Validator(cfg, self.subjects, plan.total_steps, self.out, acc, c, self.unet,
                                    self.inputs.encode_prompts, [self.state.generator],
-                                   resumed=self.resume_from is not None) if cfg.validation.enabled else None
+                                   resumed=self.resume_from is not None, scorer=scorer) \
+            if cfg.validation.enabled else None
         self.runlog.start(self.state.step)
         return self
+
+    def _scorer(self) -> ValidationScorer | None:
+        """validation.metrics' scorer (main process), prepared while the model is still the base model."""
+        cfg, c = self.cfg, self.components
+        if not (cfg.validation.enabled and cfg.validation.metrics and self.accelerator.is_main_process):
+            return None
+        scorer = ValidationScorer(cfg, self.subjects, self.training_set.instance_images, self.accelerator, c,
+                                  self.unet, self.inputs.encode_prompts, self.weight_dtype)
+        unwrap = self.accelerator.unwrap_model
+        with preserved_training_state([unwrap(self.unet), unwrap(c.text_encoder), c.vae], [self.state.generator]):
+            scorer.prepare()
+        return scorer
 
     def _place_models(self, c, device, master: torch.dtype) -> None:
         """Devices, dtypes and trainability of the components, as the plan asks."""
@@ -162,7 +179,7 @@ class Trainer:
             self.validator.finish()  # the final sweep grid
         self.runlog.write_history()
         self.wall_time = time.time() - start
-        return run_summary(self.plan, state, self.wall_time)
+        return run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         return any_process(self.accelerator, stop.requested is not None)  # every process stops after the same step
@@ -183,7 +200,7 @@ class Trainer:
                 self.checkpoints.save(state, keep=True)
             start = time.time()
             images = self.validator.run(state.step)
-            self.runlog.validated(state.step, images, time.time() - start)
+            self.runlog.validated(state.step, images, time.time() - start, self.validator.scores(state.step))
 
     def _stop_non_finite(self) -> None:
         last = self.checkpoints.last
