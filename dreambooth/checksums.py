@@ -13,6 +13,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dreambooth.errors import UserError
+
 PIECE = 64 * 2**20  # bytes per CRC; one 8-hex-digit CRC per piece, so a 10 GB file records 1.3 KB of them
 READ = 8 * 2**20  # bytes read at a time within a piece (memory per thread)
 ALGORITHM = "crc32/64MiB"  # what complete.json's records hold: the CRC-32 of each 64 MiB piece, in hex
@@ -80,17 +82,27 @@ def check_sizes(folder: Path, records: dict[str, dict]) -> str | None:
     return None
 
 
-def check_files(folder: Path, records: dict[str, dict]) -> str | None:
-    """check_sizes, then every file's CRCs (in parallel): the first problem as 'NAME: why', None if intact."""
-    problem = check_sizes(folder, records)
-    if problem:
-        return problem
-    names = list(records)
+def problems(folder: Path, records: dict[str, dict]) -> dict[str, str]:
+    """{name: why} for every recorded file that is missing, has another size or fails its CRCs (in parallel)."""
+    bad = {name: why for name in records if (why := check_sizes(folder, {name: records[name]}))}
+    names = [n for n in records if n not in bad]
     actual = digests([(folder / n, 0, records[n]["size"]) for n in names])
     for name, crc in zip(names, actual):
         if crc != records[name]["crc32"]:
-            return f"{name} fails its checksum in {first_difference(records[name]['crc32'], crc)}"
-    return None
+            bad[name] = f"{name} fails its checksum in {first_difference(records[name]['crc32'], crc)}"
+    return bad
+
+
+def check_files(folder: Path, records: dict[str, dict]) -> str | None:
+    """The first problem of problems() as 'NAME ... why', None if every file is intact (sizes first: no reading
+    gigabytes when a size already tells)."""
+    return check_sizes(folder, records) or next(iter(problems(folder, records).values()), None)
+
+
+def record_file(path: Path) -> dict:
+    """{"size", "crc32"} of one file, as record_files has them."""
+    size = path.stat().st_size
+    return {"size": size, "crc32": digests([(path, 0, size)])[0]}
 
 
 # ------------------------------------------------------------------------------------------- .safetensors files
@@ -101,7 +113,7 @@ def safetensors_layout(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{size} bytes, too short for a header")
+            raise ValueError("too short for a header")
         n = struct.unpack("<Q", head)[0]
         if n > min(MAX_HEADER, size - 8):
             raise ValueError("its header runs past the end of the file")
@@ -115,7 +127,7 @@ def safetensors_layout(path: Path) -> tuple[int, dict]:
     except (TypeError, KeyError, IndexError):
         raise ValueError("its header does not describe tensors") from None
     if 8 + n + end != size:
-        raise ValueError(f"it is {size} bytes but its header describes {8 + n + end}")
+        raise ValueError(f"its header describes {8 + n + end:,} bytes")
     return 8 + n, header
 
 
@@ -142,7 +154,14 @@ def damaged_message(what: str, path: Path, problem: str) -> str:
         size = f"{path.stat().st_size:,} bytes"
     except OSError:
         size = "size unknown"
-    return f"{what} {path} is damaged ({problem}; {size}): download or copy it again"
+    return f"{what} {path} is damaged ({size}; {problem}): download or copy it again"
+
+
+def refuse_damaged(path: Path, what: str) -> None:
+    """A UserError (damaged_message) if the .safetensors file at `path` is damaged."""
+    problem = safetensors_problem(Path(path))
+    if problem:
+        raise UserError(damaged_message(what, Path(path), problem))
 
 
 def placeholder(tensors: dict) -> str:
