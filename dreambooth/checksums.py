@@ -67,7 +67,9 @@ def first_difference(expected: str, actual: str) -> str:
     """Where two piece-CRC strings first differ, as a byte range."""
     piece = next(i for i in range(0, max(len(expected), len(actual)), 8) if expected[i:i + 8] != actual[i:i + 8])
     start = piece // 8 * PIECE
-    return f"bytes {start / 2**20:.0f}-{(start + PIECE) / 2**20:.0f} MiB"
+    if PIECE % 2**20:
+        return f"bytes {start:,}-{start + PIECE:,}"
+    return f"bytes {start // 2**20:,}-{(start + PIECE) // 2**20:,} MiB"
 
 
 def check_sizes(folder: Path, records: dict[str, dict]) -> str | None:
