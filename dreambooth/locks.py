@@ -96,6 +96,8 @@ def lock_folder(folder: str | Path, what: str, fix: str, shared: bool = False, w
         except FileNotFoundError:  # a refused run removed the empty folder it had made: make it again
             folder.mkdir(parents=True, exist_ok=True)
             continue
+        except OSError as e:  # a read-only folder: whatever writes there next says so
+            return _unlocked(folder, e)
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,6 +108,10 @@ def lock_folder(folder: str | Path, what: str, fix: str, shared: bool = False, w
                 log.warning("%s %s is in use by %s: waiting for it to finish", what, folder, holder(path))
                 waited = True
             fcntl.flock(fd, mode)
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return _unlocked(folder, e)
         # The file may have been removed by its last holder between our open and our lock: then lock the new one.
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -123,3 +129,9 @@ def lock_folder(folder: str | Path, what: str, fix: str, shared: bool = False, w
         os.pwrite(fd, json.dumps(info).encode(), 0)
     _HELD[path] = [fd, 1]
     return FolderLock(path, created)
+
+
+def _unlocked(folder: Path, error: OSError) -> FolderLock:
+    log.warning("cannot lock %s (%s): a second run into it at the same time would not be stopped", folder,
+                error.strerror or error)
+    return FolderLock(folder / LOCK, None)  # holds nothing: release() has nothing to let go
