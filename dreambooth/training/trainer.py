@@ -63,6 +63,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Build the run's parts; a failure here ends the run, so output_dir is let go at once."""
+        try:
+            return self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> "Trainer":
         cfg, plan = self.cfg, self.plan
         self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
