@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dreambooth import checksums
+
 TEMP = ".tmp"  # temp files are named .<stem>.<random>.tmp<suffix>: hidden, and they keep the suffix
 
 
@@ -68,13 +70,16 @@ def write_json_atomic(path: str | Path, data, indent: int | None = 2) -> Path:
 
 def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None,
                             half: bool = False) -> Path:
-    """Write tensors (in fp16 if `half`, floats only) as one .safetensors file with `metadata` in its header."""
+    """Write tensors (in fp16 if `half`, floats only) as one .safetensors file with `metadata` in its header, and
+    the CRCs of its data (checksums.HEADER_KEY), which checksums.safetensors_problem checks when it is read back."""
     from safetensors.torch import save_file  # heavy (torch): most users of this module never need it
 
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
+    metadata = {**(metadata or {}), checksums.HEADER_KEY: checksums.placeholder(tensors)}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        checksums.seal(tmp)  # the bytes were just written: read back from the page cache
     return Path(path)
 
 

@@ -153,7 +153,7 @@ def test_single_file_mistakes_are_one_line_errors(tmp_path, capsys):
         load_single_file(sd1)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(UserError, match="not a readable"):
+    with pytest.raises(UserError, match="is damaged"):
         load_single_file(junk)
     with pytest.raises(UserError, match="pickle"):
         (tmp_path / "model.ckpt").write_bytes(b"x")

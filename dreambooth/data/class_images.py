@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dreambooth import checksums
 from dreambooth.config import machine
 from dreambooth.config.schema import Config
 from dreambooth.data.dataset import CLASS_MANIFEST as MANIFEST
@@ -21,6 +22,7 @@ from dreambooth.data.dataset import list_images, load_image, mixed_seed
 from dreambooth.data.subjects import Subject, resolve_subjects
 from dreambooth.errors import UserError
 from dreambooth.files import save_png, temp_glob, write_json_atomic
+from dreambooth.locks import FolderLock, launch_rank, lock_folder
 from dreambooth.models.base_model import REMOVED
 from dreambooth.models.load import base_pipeline
 from dreambooth.models.pipeline import set_scheduler
@@ -145,6 +147,12 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
         del images[name]
     if gone:
         log.info("%s: %d generated class images were deleted; they will be replaced by new ones", folder, len(gone))
+    # A recorded image whose bytes changed (cut short, a flipped bit) counts as missing: deleted, sampled anew.
+    recorded = {name: rec for name, rec in images.items() if "size" in rec and "crc32" in rec}
+    for name, why in checksums.problems(folder, recorded).items():
+        log.warning("class image %s is damaged (%s): it will be sampled again", folder / name, why)
+        (folder / name).unlink()
+        del images[name]
     for key in KEY_SETTINGS + SOFT_SETTINGS:
         other = [name for name, rec in images.items() if not _same(key, rec.get(key), settings[key])]
         if not other:
@@ -212,7 +220,7 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
                 for k, seed, image in zip(indices, seeds, images):
                     name, record = f"class-{k:05d}.png", {**s, "seed": seed, "index": k}
                     save_png(image, plan.folder / name, record)  # whole or not at all
-                    plan.manifest["images"][name] = record
+                    plan.manifest["images"][name] = {**record, **checksums.record_file(plan.folder / name)}
                     plan.usable.append(plan.folder / name)
                     if decoded is not None:
                         decoded[plan.folder / name] = image
@@ -228,11 +236,37 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
             torch.cuda.empty_cache()
 
 
-def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
-                        decoded: dict | None = None) -> list[list[Path]]:
+def lock_class_folders(folders: list[Path], wait: bool) -> list[FolderLock]:
+    """Hold every class folder (in one order, so two runs waiting for each other's folders cannot deadlock);
+    another run in one of them is waited for (`wait`) or refused. The other processes of an accelerate launch
+    come after the main one and share its hold."""
+    locks: list[FolderLock] = []
+    try:
+        for folder in sorted({f.expanduser().resolve() for f in folders}):
+            locks.append(lock_folder(folder, "class folder", "wait for it to finish, or set class_data_dir to "
+                                     "another folder", shared=launch_rank() != 0, wait=wait))
+    except BaseException:
+        for held in locks:
+            held.release()
+        raise
+    return locks
+
+
+def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None, decoded: dict | None = None,
+                        wait: bool = True) -> list[list[Path]]:
     """Top up every subject's class folder to its num_class_images; returns each subject's class image paths.
-    DECODED, if given, receives {path: image} for the images decoded while checking the folders or sampled."""
+    DECODED, if given, receives {path: image} for the images decoded while checking the folders or sampled. Each
+    class folder is locked meanwhile: a run already in one is waited for (`wait`), or refused."""
     subjects = subjects if subjects is not None else resolve_subjects(cfg, need_class_prompt=True)
+    locks = lock_class_folders([s.class_dir for s in subjects], wait)
+    try:
+        return _ensure(cfg, subjects, decoded)
+    finally:
+        for held in locks:
+            held.release()
+
+
+def _ensure(cfg: Config, subjects: list[Subject], decoded: dict | None) -> list[list[Path]]:
     plans: dict[Path, Plan] = {}
     for s in subjects:
         key = s.class_dir.resolve()
@@ -260,7 +294,7 @@ def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
 def class_report(cfg: Config) -> None:
     """Print where each subject's class images are (the `dreambooth classes` command)."""
     subjects = resolve_subjects(cfg, need_class_prompt=True)
-    for s, paths in zip(subjects, ensure_class_images(cfg, subjects)):
+    for s, paths in zip(subjects, ensure_class_images(cfg, subjects, wait=False)):
         print(f"class images: {s.class_dir}  ({len(paths)} images of {s.class_prompt!r})")
     if not cfg.with_prior_preservation:
         print("note: with_prior_preservation is false, so training will not use them")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dreambooth.errors import UserError
+from dreambooth.locks import LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
         raise UserError(f"cannot list {folder}: {e}; check its permissions") from None
     images, skipped = [], []
     for entry in entries:
-        if entry.name in (INFO_FILE, CLASS_MANIFEST) or entry.name in exclude:
+        if entry.name in (INFO_FILE, CLASS_MANIFEST, LOCK) or entry.name in exclude:
             continue  # expected companions of the images: not worth a warning
         is_dir = entry.is_dir()
         # Hidden entries include macOS "._x.jpg" resource forks, which have an image suffix but are not images.

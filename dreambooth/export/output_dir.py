@@ -12,6 +12,7 @@ from pathlib import Path
 from dreambooth import __version__
 from dreambooth.errors import UserError
 from dreambooth.files import fsync, replace_folder, write_json_atomic
+from dreambooth.locks import LOCK, FolderLock, launch_rank, lock_folder
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
 
@@ -21,7 +22,7 @@ def check_output_dir(path: str) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a folder path for output_dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"output_dir {out} is not empty and was not written by dreambooth: "
                         "choose a new output_dir or empty that folder")
     parent = out
@@ -38,6 +39,14 @@ def check_output_dir(path: str) -> Path:
     if not writable:
         raise UserError(f"output_dir {out} cannot be written ({parent} is read-only): choose a writable output_dir")
     return out
+
+
+def lock_output_dir(out: Path) -> FolderLock | None:
+    """Hold output_dir for this run's life (locks.py), so a second run into it is refused. Only the launch's first
+    process takes it: the others under accelerate launch belong to the same run (and stop with it)."""
+    if launch_rank() != 0:
+        return None
+    return lock_folder(out, "output_dir", "wait for that run to end, or choose another output_dir")
 
 
 def mark_output_dir(out: Path) -> None:

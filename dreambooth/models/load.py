@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import hub_offline
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
@@ -68,11 +70,41 @@ def model_kind(model: str, allow_pickle: bool = False) -> str:
     return "hub"
 
 
+def _cached_snapshot(model: str, revision: str | None) -> Path | None:
+    """The Hugging Face cache's folder of a hub model, if it is cached (no network)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:  # not cached, not a repo id: nothing to look at
+        return None
+
+
+def damaged_weights(model: str, revision: str | None, error: BaseException, subfolder: str | None = None):
+    """A UserError naming the first damaged .safetensors file of a model that failed to load (in its folder or hub
+    cache, `subfolder` or every component's, or named by the error), else None."""
+    paths = [Path(p) for p in re.findall(r"[^\s'\"]+\.safetensors", str(error))]
+    folder = Path(model).expanduser()
+    folder = folder if folder.is_dir() else _cached_snapshot(model, revision)
+    if folder is not None:
+        paths += sorted(folder.glob(f"{subfolder}/*.safetensors" if subfolder else "*/*.safetensors"))
+    for path in dict.fromkeys(paths):
+        problem = checksums.safetensors_problem(path) if path.is_file() else None
+        if problem:
+            cached = "" if Path(model).expanduser().is_dir() else " (from the Hugging Face cache: delete it there)"
+            return UserError(checksums.damaged_message("model file", path, problem) + cached)
+    return None
+
+
 def _hub_call(cfg: Config, what: str, fn):
     """Run one load from a folder or hub id, turning its failure into one line that says what to do."""
     try:
         return fn()
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers lets safetensors' own error type through for a damaged file
+        damaged = damaged_weights(cfg.model, cfg.revision, e, what)
+        if damaged:
+            raise damaged from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         removed = explain(cfg.model, e)  # a taken-down SD 2.x id: say so, and what to use instead
         if removed:
             raise removed from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import require_peft
 from dreambooth.errors import UserError, first_line
 from dreambooth.files import save_safetensors_atomic
@@ -101,6 +102,7 @@ def resolve_lora_file(path: str | Path) -> Path:
         raise UserError(f"LoRA file {path} does not exist: pass a .safetensors LoRA file or a LoRA run's output folder")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"LoRA file {path} is not .safetensors: only safetensors LoRA files are loaded (no pickle)")
+    checksums.refuse_damaged(path, "LoRA file")
     return path
 
 
@@ -130,6 +132,7 @@ def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
 def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]:
     """Tensors, header and per-part alpha of one of our diffusers-layout LoRA files."""
     from safetensors import safe_open
+    checksums.refuse_damaged(Path(path), "LoRA file")
     with safe_open(str(path), "pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     packed = json.loads(header.get("lora_adapter_metadata", "{}"))

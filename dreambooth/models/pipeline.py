@@ -8,7 +8,7 @@ import torch
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import check_sd21_base, explain
-from dreambooth.models.load import load_pipeline_source, model_kind
+from dreambooth.models.load import damaged_weights, load_pipeline_source, model_kind
 
 # Short names users know from the UIs, mapped to diffusers scheduler classes.
 SCHEDULERS = {
@@ -49,6 +49,10 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
             pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                            use_safetensors=None if allow_pickle else True,
                                                            revision=revision, variant=variant)
-        except (OSError, ValueError) as e:
-            raise explain(model, e) or UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
+        except Exception as e:  # transformers lets safetensors' own error type through for a damaged file
+            damaged = damaged_weights(model, revision, e)
+            if damaged or isinstance(e, (OSError, ValueError)):
+                raise damaged or explain(model, e) or UserError(f"cannot load pipeline '{model}': {first_line(e)}") \
+                    from None
+            raise
     return pipe.to(device)

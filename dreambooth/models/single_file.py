@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import hub_offline
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import DEFAULT_MODEL, former_ids
@@ -214,6 +215,7 @@ def load_single_file(path: str | Path, allow_pickle: bool = False, dtype: torch.
         refuse_pickle(path, allow_pickle)
         header, shapes = {}, None  # no cheap look inside a pickle; from_single_file reads it (weights only)
     elif path.suffix.lower() == ".safetensors":
+        checksums.refuse_damaged(path, "model file")  # cut short, unparsable, or (our exports) a changed byte
         header, shapes = _header_and_keys(path)
         _check_sd2(path, shapes)
     else:

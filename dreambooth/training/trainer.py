@@ -22,7 +22,7 @@ from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
 from dreambooth.export.formats import export_run
-from dreambooth.export.output_dir import check_output_dir, mark_output_dir, write_pipeline
+from dreambooth.export.output_dir import check_output_dir, lock_output_dir, mark_output_dir, write_pipeline
 from dreambooth.files import write_json_atomic
 from dreambooth.models.load import load_components, load_frozen, sd_pipeline
 from dreambooth.models.lora import add_lora_layers
@@ -49,18 +49,31 @@ class Trainer:
     def __init__(self, cfg: Config, machine: Machine | None = None):
         self.cfg = cfg
         self.out = check_output_dir(cfg.output_dir)
-        # Everything that can refuse the run does so here, before anything is written or sampled.
-        self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
-        self.training_set = TrainingSet(cfg, self.subjects)
-        self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
-        self.resume_from = resolve_resume(self.plan, self.out)
-        if cfg.validation.enabled and cfg.validation.metrics:
-            check_scoring(cfg, self.subjects, config_prompts(cfg, self.subjects))
+        self.lock = lock_output_dir(self.out)  # held until close() or the process ends (however it ends)
+        try:
+            # Everything that can refuse the run does so here, before anything is written or sampled.
+            self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
+            self.training_set = TrainingSet(cfg, self.subjects)
+            self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
+            self.resume_from = resolve_resume(self.plan, self.out)
+            if cfg.validation.enabled and cfg.validation.metrics:
+                check_scoring(cfg, self.subjects, config_prompts(cfg, self.subjects))
+        except BaseException:
+            self.close()
+            raise
         self.state = TrainState()
         self.wall_time = 0.0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Build the run's parts; a failure here ends the run, so output_dir is let go at once."""
+        try:
+            return self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> "Trainer":
         cfg, plan = self.cfg, self.plan
         self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
@@ -235,19 +248,28 @@ class Trainer:
             write_json_atomic(self.out / "train_summary.json", summary)
         return self.out
 
+    def close(self) -> None:
+        """Let the next run into output_dir (a lock file in an otherwise empty folder goes, with the folder)."""
+        if self.lock is not None:
+            self.lock.release()
+
 
 def run_training(cfg: Config) -> dict:
     """setup -> train -> save -> report.html; returns the summary."""
-    trainer = Trainer(cfg).setup()
-    error = None
+    trainer = Trainer(cfg)
     try:
-        summary = trainer.train()
-        trainer.save(summary)
-        if trainer.accelerator.is_main_process:
-            write_report(trainer.out)
-    except BaseException as e:
-        error = e
-        raise
+        trainer.setup()
+        error = None
+        try:
+            summary = trainer.train()
+            trainer.save(summary)
+            if trainer.accelerator.is_main_process:
+                write_report(trainer.out)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            trainer.runlog.close(error)  # the log file says how the run ended
     finally:
-        trainer.runlog.close(error)  # the log file says how the run ended
+        trainer.close()
     return summary
