@@ -75,18 +75,20 @@ def item_keys(buckets: Buckets, images: list, length: int) -> list[tuple[int, in
 
 
 def class_picks(buckets: Buckets, class_images: list, sizes: list[int], generator: torch.Generator) -> list[list[int]]:
-    """Class images for batches of SIZES, each batch's from one class bucket: the buckets take turns, each
-    shuffled, and a bucket's last batch is topped up from its start (so each image shows about once a pass)."""
+    """Class images for batches of SIZES, each batch's from one class bucket. The buckets take turns in proportion
+    to their image counts (smooth weighted round-robin), each cycling through its images in a shuffled order: one
+    class bucket (sampled class images) shows every image once per pass, several about once."""
     groups: dict = {}
     for c in torch.randperm(len(class_images), generator=generator).tolist():
         groups.setdefault(buckets.assign(*class_images[c].size), []).append(c)
-    turns, at, pos, out = list(groups.values()), 0, 0, []
+    turns = list(groups.values())
+    credit, used, out = [0] * len(turns), [0] * len(turns), []
     for size in sizes:
-        group = turns[at]
-        out.append([group[(pos + i) % len(group)] for i in range(size)])
-        pos += size
-        if pos >= len(group):
-            at, pos = (at + 1) % len(turns), 0
+        credit = [c + len(g) for c, g in zip(credit, turns)]
+        k = max(range(len(turns)), key=lambda i: (credit[i], -i))
+        credit[k] -= len(class_images)
+        out.append([turns[k][(used[k] + i) % len(turns[k])] for i in range(size)])
+        used[k] += size
     return out
 
 

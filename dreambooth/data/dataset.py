@@ -232,7 +232,8 @@ class ImageTransform:
 
     def cut_mask(self, img: Image.Image, mask: Image.Image, place: tuple[int, int, bool]) -> torch.Tensor:
         """IMG's mask (any size: it is stretched over the image) at PLACE, as [1, H, W] float in [0, 1]."""
-        arr = np.array(mask.convert("L").resize(self.resized_size(img), Image.Resampling.BILINEAR), dtype=np.uint8)
+        # BOX: each pixel the share of its area that is masked, so a sharp mask edge stays where it was.
+        arr = np.array(mask.convert("L").resize(self.resized_size(img), Image.Resampling.BOX), dtype=np.uint8)
         return torch.from_numpy(self._cut(arr, img, place)).float().div(255.0).unsqueeze(0)
 
 
