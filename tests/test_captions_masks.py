@@ -108,6 +108,21 @@ def test_training_step_gradient_is_zero_on_the_masked_out_half(make_cfg, subject
     assert grad.shape[-1] == 16 and (grad[..., :8] == 0).all() and (grad[..., 8:] != 0).any()
 
 
+def test_class_images_of_another_bucket_get_the_joined_forwards_loss(make_cfg, subject_dir):
+    (subject_dir / "class_data_dir").mkdir()
+    for i in range(2):
+        red_left((48, 48)).save(subject_dir / "class_data_dir" / f"c{i}.png")
+    trainer = Trainer(make_cfg(with_prior_preservation=True, num_class_images=2, batch_size=2)).setup()
+    step, batch = trainer.step, next(trainer.batches())
+    joined = step.forward_loss(batch, torch.Generator().manual_seed(5))  # same sizes: one joined forward
+    g = torch.Generator().manual_seed(5)
+    parts = [step.noised(batch["pixel_values"], g), step.noised(batch["class_pixel_values"], g)]
+    split = step.split_loss(parts, batch, None)  # what a batch with class images of another bucket runs
+    assert joined.keys() == split.keys() == {"loss", "instance_loss", "prior_loss"}
+    for key in joined:
+        torch.testing.assert_close(joined[key], split[key], rtol=1e-5, atol=1e-6)
+
+
 class Rows:
     """A stand-in latent cache that keeps the pixels of each view it is given."""
 
