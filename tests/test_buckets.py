@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import second_subject, two_subjects
+from conftest import two_subjects
 from PIL import Image
 
 from dreambooth.config import Machine, resolve

@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import max_diff
 from PIL import Image
 from test_checkpoint import interrupt_at, trained
 
@@ -18,10 +20,11 @@ from dreambooth.data.latent_cache import CachedViews
 from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
+from dreambooth.report.page import write_report
 from dreambooth.training import signals
 from dreambooth.training.loss import mask_weight, masked_mse
 from dreambooth.training.trainer import Trainer, run_training
-from conftest import max_diff
+from dreambooth.training.validation import config_prompts
 
 PROMPT = "a photo of riobugger toy"  # the demo subject's instance prompt
 
@@ -55,6 +58,19 @@ def test_a_caption_changes_the_prompt_its_image_trains_with(make_cfg, subject_di
     for _ in range(4):  # one epoch of 4 images, batch 1
         trainer.step.run(batches, trainer.state)
     assert Counter(seen) == {PROMPT: 2, f"{PROMPT} sitting on a red sofa": 1, "a pencil drawing of a toy": 1}
+
+
+def test_validation_and_report_show_captions(make_cfg, subject_dir, tmp_path):
+    (subject_dir / "toy_01.txt").write_text("[instance] on a red sofa")
+    cfg = make_cfg(captions=True)
+    subjects = resolve_subjects(cfg)
+    TrainingSet(cfg, subjects)  # reads the captions
+    assert config_prompts(cfg, subjects)[-1] == f"{PROMPT} on a red sofa"
+    assert f"{PROMPT} on a red sofa" not in config_prompts(make_cfg(), resolve_subjects(make_cfg()))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump({"data": {"dir": str(subject_dir)}, "captions": True}))
+    assert f"{PROMPT} on a red sofa" in write_report(out).read_text()
 
 
 def test_caption_dropout_is_drawn_per_item_apart_from_the_crops():
@@ -183,7 +199,7 @@ def test_a_messy_folder_gives_one_warning_naming_each_file(tmp_path, caplog):
 
 def test_masked_loss_without_any_mask_is_one_clear_error(make_cfg):
     cfg = make_cfg(masked_loss=True)
-    with pytest.raises(UserError, match="masked_loss: true, but no image in .* has a mask"):
+    with pytest.raises(UserError, match="masked_loss: true, but no image in .* has a usable mask"):
         TrainingSet(cfg, resolve_subjects(cfg))
 
 

@@ -83,11 +83,13 @@ def read_annotations(folder: Path, paths: list[Path], images: list[Image.Image],
     """Captions and/or masks of the images at PATHS (their decoded IMAGES) in FOLDER; problems are warned once."""
     folder = Path(folder)
     out = Annotations()
+    if not (captions or masks):
+        return out
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     stems = {p.stem for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p)}
     if captions:
         texts = {p.stem: p for p in files if p.suffix.lower() == CAPTION_SUFFIX}
-        out.problems += [f"{p.name}: no image {p.stem}.* beside it, ignored" for s, p in texts.items() if s not in stems]
+        out.problems += [f"{p.name}: no image {s}.* beside it, ignored" for s, p in texts.items() if s not in stems]
         out.captions = [_caption(texts[p.stem], instance_prompt, out.problems) if p.stem in texts else None
                         for p in paths]
         if not texts:

@@ -38,7 +38,7 @@ class TrainingSet:
                 log.info("buckets of %s: %s", s.dir, describe([self.buckets.assign(*im.size) for im in images]))
         if cfg.masked_loss and not any(a.masked for a in self.annotations):
             raise UserError(f"masked_loss: true, but no image in {', '.join(str(s.dir) for s in subjects)} has a "
-                            "mask: add NAME.mask.png beside NAME.jpg (white = subject) or use PNGs with "
+                            "usable mask: add NAME.mask.png beside NAME.jpg (white = subject) or use PNGs with "
                             "transparency, or set masked_loss: false")
         for s, a in zip(subjects, self.annotations):
             if cfg.masked_loss and not a.masked:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import yaml
 
+from dreambooth.data.annotations import PLACEHOLDER
 from dreambooth.data.dataset import list_images, load_image
 from dreambooth.data.subjects import class_folder, prompts_as_trained
 from dreambooth.files import write_text_atomic
@@ -114,12 +115,13 @@ def _prompts(subject: dict) -> tuple:
     return prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"), subject.get("class_prompt"))
 
 
-def _caption(path: Path) -> str:
-    """The NAME.txt caption beside an instance image (captions: true), for its thumbnail; "" if none."""
+def _caption(path: Path, instance_prompt) -> str:
+    """The NAME.txt caption beside an instance image (captions: true) as trained, for its thumbnail; "" if none."""
     try:
-        return " ".join(path.with_suffix(".txt").read_text(encoding="utf-8-sig").split())
+        text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8-sig").split())
     except (OSError, UnicodeDecodeError):
         return ""
+    return text.replace(PLACEHOLDER, str(instance_prompt))
 
 
 def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]], captions: bool = False, masks: bool = False) -> str:
@@ -151,7 +153,7 @@ def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]], captions: bool = 
                 image.thumbnail((THUMB, THUMB))
                 name = f"{ASSETS}/s{i}-{'class' if label.startswith('class') else 'data'}-{j:02d}.png"
                 image.save(out / name)
-                text = _caption(path) if captions and where == folder else ""
+                text = _caption(path, instance) if captions and where == folder else ""
                 text = f"<br><i>{html.escape(text)}</i>" if text else ""
                 cells.append(f'<figure><img src="{_src(name)}" alt="{html.escape(path.name)}">'
                              f'<figcaption>{html.escape(path.name)}{text}</figcaption></figure>')

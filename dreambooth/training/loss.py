@@ -35,7 +35,8 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_loss_weight: float,
-                    instance_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    instance_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss of a joined batch (instances first, then class examples): instance MSE + weight x prior MSE.
     INSTANCE_WEIGHT [n_instance, 1, h, w] (masked_loss) weights the instance pixels; the prior loss is untouched.
 

@@ -60,7 +60,7 @@ class TrainStep:
             parts.append(self.noised(batch["class_pixel_values"], generator))
             prompts += batch["class_prompts"]
         weight = self.instance_weight(batch, parts[0][0])
-        if len(parts) > 1 and parts[0][0].shape[1:] != parts[1][0].shape[1:]:  # buckets: class images in another
+        if len(parts) > 1 and parts[0][0].shape[1:] != parts[1][0].shape[1:]:  # class images in another bucket
             return self.split_loss(parts, batch, weight)
         latents, noise, t = (torch.cat(x) for x in zip(*parts))
         pred, target = self.predict(latents, noise, t, prompts)
