@@ -182,6 +182,8 @@ def why_not_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: 
         return f"memory_profile {memory.profile}: a compiled backward holds every gradient at once"
     if memory.backwards_per_step > 1:
         return "several backward passes per step"
+    if cfg.buckets:
+        return "buckets: batch shapes vary, and CUDA graphs would be recorded for each"
     if not machine.triton:
         return "Triton is not installed"
     if total_steps < PAYBACK_STEPS:

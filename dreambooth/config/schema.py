@@ -124,6 +124,14 @@ class Config:
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
     finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    # --- the whole photo: buckets, captions, masks (docs/data-format.md) ---
+    buckets: bool = opt(False, "Train each image at the aspect-ratio bucket nearest its shape (about resolution^2 pixels, never upscaled) instead of a square crop.")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this (64 for SD: 8 latent pixels).")
+    bucket_max_ratio: float = opt(2.0, "Longest bucket side over the shortest, at most.")
+    captions: bool = opt(False, "Train each image with NAME.txt beside it as its prompt; [instance] in it stands for the instance prompt.")
+    caption_dropout: float = opt(0.0, "Probability of training an instance image with an empty prompt.")
+    masked_loss: bool = opt(False, "Count the instance loss only where NAME.mask.png (or the image's alpha channel) is white.")
+    mask_min: float = opt(0.0, "Loss weight outside the mask, at least (0: background ignored, 1: masks have no effect).")
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
@@ -247,6 +255,13 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.class_sampling_steps is None or cfg.class_sampling_steps >= 1,
          f"'class_sampling_steps' must be >= 1 (got {cfg.class_sampling_steps})")
     need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
+    need(cfg.bucket_step >= 8 and cfg.bucket_step % 8 == 0, f"'bucket_step' must be a positive multiple of 8 "
+         f"(got {cfg.bucket_step}); 64 suits SD")
+    need(not cfg.buckets or cfg.bucket_step <= cfg.resolution,
+         f"'bucket_step' ({cfg.bucket_step}) must not exceed resolution ({cfg.resolution}) with buckets: true")
+    need(cfg.bucket_max_ratio >= 1, f"'bucket_max_ratio' must be >= 1 (got {cfg.bucket_max_ratio}); e.g. 2.0")
+    need(0 <= cfg.caption_dropout < 1, f"'caption_dropout' must be in [0, 1) (got {cfg.caption_dropout}); e.g. 0.1")
+    need(0 <= cfg.mask_min <= 1, f"'mask_min' must be in [0, 1] (got {cfg.mask_min})")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import yaml
 
+from dreambooth.data.annotations import PLACEHOLDER
 from dreambooth.data.dataset import list_images, load_image
 from dreambooth.data.subjects import class_folder, prompts_as_trained
 from dreambooth.files import write_text_atomic
@@ -115,9 +116,19 @@ def _prompts(subject: dict) -> tuple:
     return prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"), subject.get("class_prompt"))
 
 
-def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
+def _caption(path: Path, instance_prompt) -> str:
+    """The NAME.txt caption beside an instance image (captions: true) as trained, for its thumbnail; "" if none."""
+    try:
+        text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8-sig").split())
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text.replace(PLACEHOLDER, str(instance_prompt))
+
+
+def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]], captions: bool = False, masks: bool = False) -> str:
     """Small PNG copies of the training (and class) images in report_files/, so the page survives a move.
-    SUBJECTS: each config subject with its prompts as trained (_prompts)."""
+    SUBJECTS: each config subject with its prompts as trained (_prompts); CAPTIONS: show each image's caption;
+    MASKS: mask files are expected beside the images."""
     assets = out / ASSETS
     assets.mkdir(exist_ok=True)
     blocks = []
@@ -130,7 +141,7 @@ def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
             if not where.is_dir():
                 continue
             try:
-                paths = list_images(where)
+                paths = list_images(where, captions=captions, masks=masks)
             except Exception as e:  # an unreadable folder must not cost the whole report
                 log.warning("report: cannot list %s: %s", where, e)
                 continue
@@ -143,8 +154,10 @@ def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
                 image.thumbnail((THUMB, THUMB))
                 name = f"{ASSETS}/s{i}-{'class' if label.startswith('class') else 'data'}-{j:02d}.png"
                 image.save(out / name)
+                text = _caption(path, instance) if captions and where == folder else ""
+                text = f"<br><i>{html.escape(text)}</i>" if text else ""
                 cells.append(f'<figure><img src="{_src(name)}" alt="{html.escape(path.name)}">'
-                             f'<figcaption>{html.escape(path.name)}</figcaption></figure>')
+                             f'<figcaption>{html.escape(path.name)}{text}</figcaption></figure>')
             if cells:
                 more = f" (first {n} of {len(paths)})" if len(paths) > n else ""
                 blocks.append(f"<h3>{html.escape(label)}: {html.escape(str(where))}{more}</h3>"
@@ -245,7 +258,7 @@ def write_report(out_dir: str | Path) -> Path:
 <h2>Timings and memory</h2>
 {_summary_table(summary, validation)}
 <h2>Training data</h2>
-{_thumbnails(out, subjects)}
+{_thumbnails(out, subjects, bool(config.get("captions")), bool(config.get("masked_loss")))}
 <h2>Resolved config</h2>
 <pre>{html.escape(config_text)}</pre>
 {CHECK}

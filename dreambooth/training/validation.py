@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
 
 DEFAULT_STEPS = (50, 100, 200, 400, 800)  # JumpStart's guide compares separate runs of these lengths
+CAPTION_PROMPTS = 2  # with captions: true, the first captions of each subject join the default prompts
 INDEX = "index.json"
 _PHOTO_OF = re.compile(r"^(a|an)\s+(photo|picture|image)\s+of\s+", re.IGNORECASE)
 
@@ -45,11 +46,12 @@ def default_prompts(pairs: list[tuple[str, str | None]]) -> list[str]:
 
 def config_prompts(cfg: Config, subjects: list[Subject] | None = None) -> list[str]:
     """`validation.prompts`, or the defaults derived from every subject's resolved prompts (the run's own
-    `subjects` when given, else resolved from the config)."""
+    `subjects` when given, else resolved from the config) and a few of its captions."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
     subjects = resolve_subjects(cfg, need_class_prompt=False) if subjects is None else subjects
-    return default_prompts([(s.instance_prompt, s.class_prompt) for s in subjects])
+    prompts = default_prompts([(s.instance_prompt, s.class_prompt) for s in subjects])
+    return list(dict.fromkeys(prompts + [c for s in subjects for c in s.captions[:CAPTION_PROMPTS]]))
 
 
 def validation_steps(v: ValidationConfig, total_steps: int) -> list[int]:
