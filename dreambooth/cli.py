@@ -1,4 +1,4 @@
-"""The `dreambooth` command: train, generate, demo (and the subcommands later issues add)."""
+"""The `dreambooth` command: train, generate, serve, demo (and the subcommands later issues add)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,32 @@ def cmd_bench(args) -> int:
     return bench_from_args(args)
 
 
+def cmd_serve(args) -> int:
+    from dreambooth.serve.options import Limits, ModelSpec, ServeOptions, check_options, parse_loras
+
+    # Address, token and limits are checked before torch and FastAPI load (seconds).
+    options = check_options(ServeOptions(
+        host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, max_batch=args.max_batch,
+        grace_s=args.grace, default_steps=args.default_steps, metadata=not args.no_metadata, log_level=args.log_level,
+        limits=Limits(args.max_side, args.max_steps, args.max_images, args.max_body, args.timeout)))
+    spec = ModelSpec(args.model, parse_loras(args.lora or []), args.adapter, args.scheduler, args.allow_pickle,
+                     args.revision, args.variant, args.device)
+    try:
+        from dreambooth.serve.runner import serve  # the `serve` extra: FastAPI and uvicorn
+    except ImportError as e:
+        raise UserError(f"dreambooth serve needs FastAPI and uvicorn ({e.name} is missing): "
+                        "pip install 'dreambooth[serve]'") from None
+    _quiet_library_bars()
+    from dreambooth.serve.engine import resolve_spec
+    return serve(resolve_spec(spec), options)
+
+
+def cmd_bench_serve(args) -> int:
+    _quiet_library_bars()
+    from dreambooth.bench.serve import bench_serve_from_args
+    return bench_serve_from_args(args)
+
+
 def cmd_demo(args) -> int:
     _quiet_library_bars()
     from dreambooth.demo import run_demo
@@ -138,6 +164,54 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP: JumpStart's /invocations, A1111's txt2img, a web page",
+                       description="dreambooth serve MODEL [options]: loads the model once and answers SageMaker/"
+                                   "JumpStart's GET /ping and POST /invocations, AUTOMATIC1111's POST "
+                                   "/sdapi/v1/txt2img, and a web page at /")
+    p.add_argument("model", help="a training run's output folder (full or LoRA run), a diffusers folder, a "
+                                 ".safetensors file, a hub id or builtin:tiny")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a "
+                                                       "token)")
+    p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")
+    p.add_argument("--token", help="bearer token required on every route but /ping; prefer the environment variable "
+                                   "DREAMBOOTH_SERVE_TOKEN (a command line is visible to other users)")
+    p.add_argument("--lora", nargs="+", metavar="NAME=PATH", help="LoRA adapters requests may pick by NAME (a "
+                   ".safetensors file or a LoRA run's folder)")
+    p.add_argument("--adapter", help="the adapter used when a request names none (default: a LoRA run's own LoRA, "
+                                     "else none)")
+    p.add_argument("--scheduler", help="the default sampler: dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc "
+                                       "(default: the model's own)")
+    p.add_argument("--default-steps", type=int, default=50, help="inference steps when a request gives none "
+                                                                 "(default 50, as JumpStart and A1111)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503 (default 32)")
+    p.add_argument("--max-batch", type=int, default=4, help="images made together in one pipeline call (default 4)")
+    p.add_argument("--max-side", type=int, default=1024, help="largest width or height (default 1024)")
+    p.add_argument("--max-steps", type=int, default=150, help="most inference steps (default 150)")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests after SIGTERM / Ctrl-C "
+                                                             "(default 30)")
+    p.add_argument("--no-metadata", action="store_true", help="do not write prompts and settings into the images")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when the model is a hub id")
+    p.add_argument("--variant", help="weight file variant when the model is a hub id, e.g. fp16")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:tiny", help="default builtin:tiny (builtin:sd21 on a GPU)")
+    p.add_argument("--size", type=int, help="image width and height (default 32 for builtin:tiny, else 512)")
+    p.add_argument("--steps", type=int, default=10, help="inference steps per image (default 10)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
+    p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (default 4)")
+    p.add_argument("--out", default="bench-serve.json", help="JSON results (default bench-serve.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "down on CPU), baseline and profiles, with and without prior; JSON + table")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
+    kinds = p.add_subparsers(dest="bench_kind", metavar="{serve}")  # optional: plain `bench` is the training one
+    q = kinds.add_parser("serve", help="latency and images/s of `dreambooth serve` at several concurrencies",
+                         description="dreambooth bench serve [options]: the server on loopback against calling the "
+                                     "pipeline in-process; concurrency 1, 4, 16; batching on and off; JSON out")
+    add_bench_serve_args(q)
+    q.set_defaults(func=cmd_bench_serve)
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")
