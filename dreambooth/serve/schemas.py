@@ -112,7 +112,8 @@ def parse(model: type[BaseModel], data: Any) -> BaseModel:
     if not isinstance(data, dict):
         raise ApiError(422, 'the body must be a JSON object such as {"prompt": "a photo of riobugger cat"}')
     if model is JumpStartBody and "text_inputs" in data and "prompt" not in data:
-        data = {**data, "prompt": data.pop("text_inputs")}  # the other name JumpStart's payloads use
+        data = dict(data)
+        data["prompt"] = data.pop("text_inputs")  # the other name JumpStart's payloads use
     try:
         return model.model_validate(data)
     except ValidationError as e:
