@@ -67,7 +67,8 @@ def build(spec: ModelSpec, o: ServeOptions, load: Callable[[], Engine] | None = 
 def make_server(spec: ModelSpec, o: ServeOptions, load=None) -> tuple[Server, Worker, socket.socket]:
     worker, app = build(spec, o, load)
     sock = bind(o.host, o.port)
-    config = uvicorn.Config(app, log_level=o.log_level, timeout_graceful_shutdown=o.grace_s + 2.0,
+    # uvicorn's own limit comes after ours: by then every waiting request has had its 503.
+    config = uvicorn.Config(app, log_level=o.log_level, timeout_graceful_shutdown=o.grace_s + 5.0,
                             server_header=False, lifespan="on")
     return Server(config, worker, o.grace_s), worker, sock
 

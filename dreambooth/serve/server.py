@@ -140,7 +140,11 @@ def create_app(worker: Worker, cfg: AppConfig) -> FastAPI:
                     give_up()
                     raise ApiError(504, f"the request took longer than the server's limit of "
                                         f"{cfg.limits.timeout_s:g} s (--timeout)", kind="timeout")
-                await asyncio.wait({done}, timeout=min(0.5, left))
+                await asyncio.wait({done}, timeout=min(0.25, left))
+                if not done.done() and worker.past_deadline():  # answer now, even mid-step or mid-decode
+                    give_up()
+                    raise ApiError(503, "the server shut down before this request was served",
+                                   headers={"Retry-After": "30"}, kind="shutting_down")
                 if not done.done() and await request.is_disconnected():
                     give_up()
                     raise ApiError(499, "the client closed the connection", kind="gone")  # nobody reads it

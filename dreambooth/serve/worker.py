@@ -71,6 +71,10 @@ class Worker:
             self._deadline = min(self._deadline, time.monotonic() + grace_s)
             self._cond.notify_all()
 
+    def past_deadline(self) -> bool:
+        """Draining and out of grace: requests still waiting are answered now, whatever the engine is doing."""
+        return time.monotonic() >= self._deadline
+
     def stop(self, grace_s: float = 0.0, join_s: float = 30.0) -> None:
         self.drain(grace_s)
         if self._thread.is_alive():
