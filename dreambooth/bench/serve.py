@@ -61,8 +61,8 @@ class Client:
         return time.perf_counter() - started
 
 
-def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
-    """`requests` requests from `concurrency` clients at once, each with its own seed."""
+def load(url: str, body: dict, requests: int, concurrency: int) -> tuple[list[float], float]:
+    """`requests` requests from `concurrency` clients at once, each with its own seed: latencies and wall time."""
     latencies, errors, lock = [], [], threading.Lock()
     counter = iter(range(requests))
 
@@ -84,7 +84,7 @@ def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
         t.join()
     if errors:
         raise RuntimeError(f"benchmark requests failed: {errors[0]}")
-    return summary(latencies, time.perf_counter() - started, requests)
+    return latencies, time.perf_counter() - started
 
 
 def run_serve_bench(o: ServeBenchOptions) -> dict:
@@ -107,7 +107,8 @@ def run_serve_bench(o: ServeBenchOptions) -> dict:
               "route": ROUTE, "max_batch": o.max_batch, "requests_per_level": o.requests,
               "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} "
                                                                    f"cores, {torch.get_num_threads()} torch threads)",
-              "versions": library_versions(), "statistic": "median (p50) and 95th percentile of request latency"}
+              "versions": library_versions(), "statistic": "median (p50) and 95th percentile of request latency",
+              "load_average_before": os.getloadavg()[0]}  # other work on the machine shows in every number
 
     def in_process(seed: int) -> float:
         started = time.perf_counter()
@@ -133,17 +134,24 @@ def run_serve_bench(o: ServeBenchOptions) -> dict:
         result["overhead_concurrency_1"] = round(statistics.median(served) / statistics.median(direct) - 1, 4)
         result["concurrency"] = {}
         for c in o.concurrency:
-            result["concurrency"][str(c)] = load(server.url, body, o.requests, c)
-        batching = {}
-        for max_batch in (1, o.max_batch):  # what waiting requests of one shape gain by sharing a call
-            server.worker.max_batch = max_batch
-            before = server.worker.batches_run
-            batching[f"max_batch_{max_batch}"] = {**load(server.url, body, o.requests, 4),
-                                                  "pipeline_calls": server.worker.batches_run - before}
+            latencies, wall = load(server.url, body, o.requests, c)
+            result["concurrency"][str(c)] = summary(latencies, wall, o.requests)
+        # What waiting requests of one shape gain by sharing a call: unbatched and batched in alternating halves.
+        batching, runs = {}, {1: ([], 0.0, 0), o.max_batch: ([], 0.0, 0)}
+        for half in (o.requests // 2, o.requests - o.requests // 2):
+            for max_batch in runs:
+                server.worker.max_batch = max_batch
+                before = server.worker.batches_run
+                latencies, wall = load(server.url, body, half, 4)
+                seen, total, calls = runs[max_batch]
+                runs[max_batch] = (seen + latencies, total + wall, calls + server.worker.batches_run - before)
         server.worker.max_batch = o.max_batch
+        for max_batch, (latencies, wall, calls) in runs.items():
+            batching[f"max_batch_{max_batch}"] = {**summary(latencies, wall, len(latencies)), "pipeline_calls": calls}
         batching["speedup"] = round(batching[f"max_batch_{o.max_batch}"]["images_per_s"]
                                     / batching["max_batch_1"]["images_per_s"], 3)
         result["batching_concurrency_4"] = batching
+    result["load_average_after"] = os.getloadavg()[0]
     if o.out:
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
         Path(o.out).write_text(json.dumps(result, indent=2))
@@ -151,7 +159,8 @@ def run_serve_bench(o: ServeBenchOptions) -> dict:
 
 
 def format_serve_table(r: dict) -> str:
-    lines = [f"{r['date']} | {r['device']} | {r['model']} {r['size']} px, {r['steps']} steps | {r['route']}", "",
+    lines = [f"{r['date']} | {r['device']} | {r['model']} {r['size']} px, {r['steps']} steps | {r['route']}",
+             f"load average (1 min) {r['load_average_before']:.1f} before, {r['load_average_after']:.1f} after", "",
              "| clients | p50 s | p95 s | images/s |", "| --- | --- | --- | --- |",
              f"| in-process (1) | {r['in_process']['p50_s']:.3f} | {r['in_process']['p95_s']:.3f} | "
              f"{r['in_process']['images_per_s']:.2f} |",
