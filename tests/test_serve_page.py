@@ -42,16 +42,21 @@ class Chromium:
         self.pid = os.posix_spawn(BROWSER, [BROWSER, *args], os.environ, file_actions=actions)
         for fd in (to_browser, from_browser, *high):
             os.close(fd)
-        self._buffer, self._id = b"", 0
+        self._buffer, self._id, self.on_event = b"", 0, None
         target = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
         self.session = self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
 
-    def send(self, method: str, session: str | None = None, timeout: float = 30, **params) -> dict:
+    def post(self, method: str, session: str | None = None, **params) -> int:
+        """Send a command without waiting for its answer (which `send` then skips)."""
         self._id += 1
         message = {"id": self._id, "method": method, "params": params}
         if session:
             message["sessionId"] = session
         os.write(self._out, json.dumps(message).encode() + b"\0")
+        return self._id
+
+    def send(self, method: str, session: str | None = None, timeout: float = 30, **params) -> dict:
+        wanted = self.post(method, session, **params)
         deadline = time.monotonic() + timeout
         while True:
             while b"\0" not in self._buffer:
@@ -62,9 +67,11 @@ class Chromium:
                 self._buffer += chunk
             raw, self._buffer = self._buffer.split(b"\0", 1)
             answer = json.loads(raw)
-            if answer.get("id") == self._id:  # events (no id) are not needed here
+            if answer.get("id") == wanted:
                 assert "error" not in answer, answer["error"]
                 return answer["result"]
+            if "method" in answer and self.on_event:  # an event
+                self.on_event(answer)
 
     def js(self, expression: str):
         result = self.send("Runtime.evaluate", self.session, expression=expression, returnByValue=True,
@@ -136,5 +143,35 @@ def test_page_renders_and_generates_in_chromium(tmp_path):
             assert browser.js("document.querySelectorAll('#gallery figure').length") == 2
             shot = browser.send("Page.captureScreenshot", browser.session, format="png")["data"]
             assert len(shot) > 1000
+        finally:
+            browser.close()
+
+
+def test_page_behind_a_token_logs_in_once(tmp_path):
+    """With a token, the browser's login prompt (answered here over DevTools) opens the page, and the page's own
+    requests reuse that login."""
+    options = ServeOptions(port=0, log_level="warning", default_steps=2, token="page-token-123")
+    with Background(ModelSpec("builtin:tiny"), options) as server:
+        browser = Chromium(tmp_path / "profile")
+        logins = []
+
+        def answer(event):
+            params, session = event.get("params", {}), event.get("sessionId")
+            if event["method"] == "Fetch.authRequired":
+                logins.append(params["request"]["url"])
+                browser.post("Fetch.continueWithAuth", session, requestId=params["requestId"],
+                             authChallengeResponse={"response": "ProvideCredentials", "username": "me",
+                                                    "password": "page-token-123"})
+            elif event["method"] == "Fetch.requestPaused":
+                browser.post("Fetch.continueRequest", session, requestId=params["requestId"])
+        try:
+            browser.on_event = answer
+            browser.send("Fetch.enable", browser.session, handleAuthRequests=True)
+            browser.send("Page.navigate", browser.session, url=server.url + "/")
+            browser.wait_for("document.getElementById('status') && "
+                             "document.getElementById('status').textContent === 'Ready.'")
+            browser.js(FILL.format(fields=json.dumps({"prompt": "a toy", "width": 16, "height": 16})))
+            browser.wait_for("document.querySelectorAll('#gallery img').length === 1")
+            assert logins == [server.url + "/"]  # asked once, for the page; ping and txt2img reused it
         finally:
             browser.close()
