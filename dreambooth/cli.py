@@ -180,8 +180,8 @@ def add_serve_parser(sub) -> None:
                                    "DREAMBOOTH_SERVE_TOKEN (a command line is visible to other users)")
     p.add_argument("--lora", nargs="+", metavar="NAME=PATH", help="LoRA adapters requests may pick by NAME (a "
                    ".safetensors file or a LoRA run's folder)")
-    p.add_argument("--adapter", help="the adapter used when a request names none (default: a LoRA run's own LoRA, "
-                                     "else none)")
+    p.add_argument("--adapter", help="the adapter used when a request names none: a --lora name or none "
+                                     "(default: a LoRA run's own LoRA, else none)")
     p.add_argument("--scheduler", help="the default sampler: dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc "
                                        "(default: the model's own)")
     p.add_argument("--default-steps", type=int, default=50, help="inference steps when a request gives none "

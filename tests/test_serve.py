@@ -219,6 +219,7 @@ def test_lora_run_serves_its_base_with_its_lora(tmp_path_factory):
     run = train(tmp_path_factory, "lora-run", "finetune=lora", "learning_rate=0.05", "max_steps=2")
     spec = resolve_spec(ModelSpec(str(run), loras={"again": str(run / "pytorch_lora_weights.safetensors")}))
     assert spec.model == "builtin:tiny" and list(spec.loras) == ["run", "again"] and spec.default_adapter == "run"
+    assert resolve_spec(ModelSpec(str(run), default_adapter="none")).default_adapter is None  # --adapter none
     body = {"prompt": PROMPT, "seed": 1, "width": 32, "height": 32}
     with Background(spec, ServeOptions(port=0, log_level="warning", default_steps=2)) as s:
         def image(**extra):

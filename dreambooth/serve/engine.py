@@ -26,7 +26,9 @@ def resolve_spec(spec: ModelSpec) -> ModelSpec:
             name = f"{name}-run"
         loras = {name: str(resolve_lora_file(lora)), **loras}
         default = default or name
-    if default is not None and default not in loras:
+    if default == "none":  # the base model unless a request names an adapter
+        default = None
+    elif default is not None and default not in loras:
         raise UserError(f"--adapter {default} is not one of the --lora names ({', '.join(loras) or 'none given'})")
     if spec.scheduler is not None and spec.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{spec.scheduler}': choose one of {', '.join(SCHEDULERS)}")

@@ -86,6 +86,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the worker thread
     def _main(self) -> None:
+        started = time.perf_counter()
         try:
             self.engine = self.load()
         except BaseException as e:  # the server reports it and exits
@@ -97,6 +98,7 @@ class Worker:
         with self._cond:
             if self.state == "loading":
                 self.state = "ready"
+        log.info("model ready in %.1f s: /ping answers 200", time.perf_counter() - started)
         while (batch := self._take()) is not None:
             self._run(batch)
         with self._cond:
