@@ -18,6 +18,7 @@ pytest.importorskip("uvicorn")
 
 from serve_util import call, in_thread  # noqa: E402
 
+from dreambooth.serve.jobs import Job  # noqa: E402
 from dreambooth.serve.options import Limits, ModelSpec, ServeOptions  # noqa: E402
 from dreambooth.serve.runner import Background  # noqa: E402
 
@@ -92,6 +93,8 @@ def test_sixteen_clients_valid_and_malformed():
                 else:
                     assert 400 <= status < 500 and body["message"] and headers["content-type"] == "application/json"
         assert call(server.url + "/ping")[0] == 200 and server.worker.queued() == 0
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, Job)]  # nothing of any request is kept
         assert server.worker.batches_run < server.worker.images_made  # waiting requests were batched
         # The first round warms the allocator; the second may not keep what it used.
         assert growth[-1] < 25, growth

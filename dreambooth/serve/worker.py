@@ -101,6 +101,7 @@ class Worker:
         log.info("model ready in %.1f s: /ping answers 200", time.perf_counter() - started)
         while (batch := self._take()) is not None:
             self._run(batch)
+            batch = None  # not kept (with its images) while waiting for the next one
         with self._cond:
             self.state = "stopped"
 
