@@ -115,15 +115,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from dreambooth.serve.options import Limits, ModelSpec, ServeOptions, check_options, parse_loras
+    from dreambooth.serve.options import from_args
 
-    # Address, token and limits are checked before torch and FastAPI load (seconds).
-    options = check_options(ServeOptions(
-        host=args.host, port=args.port, token=args.token, max_queue=args.max_queue, max_batch=args.max_batch,
-        grace_s=args.grace, default_steps=args.default_steps, metadata=not args.no_metadata, log_level=args.log_level,
-        limits=Limits(args.max_side, args.max_steps, args.max_images, args.max_body, args.timeout)))
-    spec = ModelSpec(args.model, parse_loras(args.lora or []), args.adapter, args.scheduler, args.allow_pickle,
-                     args.revision, args.variant, args.device)
+    options, spec = from_args(args)  # address, token and limits checked before torch and FastAPI load (seconds)
     try:
         from dreambooth.serve.runner import serve  # the `serve` extra: FastAPI and uvicorn
     except ImportError as e:
@@ -167,40 +161,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_parser(sub) -> None:
+    from dreambooth.serve.options import add_serve_args  # light: argparse only
     p = sub.add_parser("serve", help="serve a model over HTTP: JumpStart's /invocations, A1111's txt2img, a web page",
                        description="dreambooth serve MODEL [options]: loads the model once and answers SageMaker/"
                                    "JumpStart's GET /ping and POST /invocations, AUTOMATIC1111's POST "
                                    "/sdapi/v1/txt2img, and a web page at /")
-    p.add_argument("model", help="a training run's output folder (full or LoRA run), a diffusers folder, a "
-                                 ".safetensors file, a hub id or builtin:tiny")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a "
-                                                       "token)")
-    p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")
-    p.add_argument("--token", help="bearer token required on every route but /ping; prefer the environment variable "
-                                   "DREAMBOOTH_SERVE_TOKEN (a command line is visible to other users)")
-    p.add_argument("--lora", nargs="+", metavar="NAME=PATH", help="LoRA adapters requests may pick by NAME (a "
-                   ".safetensors file or a LoRA run's folder)")
-    p.add_argument("--adapter", help="the adapter used when a request names none: a --lora name or none "
-                                     "(default: a LoRA run's own LoRA, else none)")
-    p.add_argument("--scheduler", help="the default sampler: dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc "
-                                       "(default: the model's own)")
-    p.add_argument("--default-steps", type=int, default=50, help="inference steps when a request gives none "
-                                                                 "(default 50, as JumpStart and A1111)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503 (default 32)")
-    p.add_argument("--max-batch", type=int, default=4, help="images made together in one pipeline call (default 4)")
-    p.add_argument("--max-side", type=int, default=1024, help="largest width or height (default 1024)")
-    p.add_argument("--max-steps", type=int, default=150, help="most inference steps (default 150)")
-    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests after SIGTERM / Ctrl-C "
-                                                             "(default 30)")
-    p.add_argument("--no-metadata", action="store_true", help="do not write prompts and settings into the images")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) when the model is a hub id")
-    p.add_argument("--variant", help="weight file variant when the model is a hub id, e.g. fp16")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
 

@@ -124,7 +124,7 @@ def held():
     yield worker, engine, first
     engine.gate.set()
     worker.stop(0.0, join_s=10)
-    assert not worker._thread.is_alive()
+    assert worker.state == "stopped"
 
 
 def test_waiting_jobs_of_one_shape_share_a_batch(held):
