@@ -120,16 +120,17 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
                 time.sleep(0.05)
             slow = json.dumps({"prompt": "a toy", "width": 16, "height": 16, "num_inference_steps": 40,
                                "num_images_per_prompt": 4}).encode()
-            thread, result = in_thread(call, urls[0] + "/invocations", slow, JSON)
+            thread, result = in_thread(lambda: (call(urls[0] + "/invocations", slow, JSON), time.monotonic()))
             time.sleep(0.3)
             os.kill(os.getpid(), sig)
+            seen["signalled"] = time.monotonic()
             time.sleep(0.3)
             try:  # the listening socket is closed: no new connections while the old ones finish
                 seen["refused"] = not call(urls[0] + "/ping", timeout=5)
             except urllib.error.URLError:
                 seen["refused"] = True
             thread.join(60)
-            seen["result"] = result
+            seen["result"], seen["answered"] = result[0]
         finally:
             if "result" not in seen:  # never leave the main thread serving
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -137,7 +138,8 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
     helper.start()
     assert main(["serve", "builtin:tiny", "--port", "0", "--grace", "30", "--log-level", "warning"]) == 0
     helper.join(60)
-    status, _, raw = seen["result"][0]
+    status, _, raw = seen["result"]
     assert status == 200 and len(json.loads(raw)["generated_images"]) == 4  # finished within the grace period
     assert seen["refused"] and "stopped" in capsys.readouterr().out
+    assert seen["answered"] > seen["signalled"]  # it was still being made when the signal came
     assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)  # handlers given back
