@@ -1,4 +1,4 @@
-"""The `dreambooth` command: train, generate, demo (and the subcommands later issues add)."""
+"""The `dreambooth` command: train, generate, serve, demo (and the subcommands later issues add)."""
 
 from __future__ import annotations
 
@@ -133,6 +133,26 @@ def cmd_bench(args) -> int:
     return bench_from_args(args)
 
 
+def cmd_serve(args) -> int:
+    from dreambooth.serve.options import from_args
+
+    options, spec = from_args(args)  # address, token and limits checked before torch and FastAPI load (seconds)
+    try:
+        from dreambooth.serve.runner import serve  # the `serve` extra: FastAPI and uvicorn
+    except ImportError as e:
+        raise UserError(f"dreambooth serve needs FastAPI and uvicorn ({e.name} is missing): "
+                        "pip install 'dreambooth[serve]'") from None
+    _quiet_library_bars()
+    from dreambooth.serve.engine import resolve_spec
+    return serve(resolve_spec(spec), options)
+
+
+def cmd_bench_serve(args) -> int:
+    _quiet_library_bars()
+    from dreambooth.bench.serve import bench_serve_from_args
+    return bench_serve_from_args(args)
+
+
 def cmd_demo(args) -> int:
     _quiet_library_bars()
     from dreambooth.demo import run_demo
@@ -156,6 +176,26 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
+
+
+def add_serve_parser(sub) -> None:
+    from dreambooth.serve.options import add_serve_args  # light: argparse only
+    p = sub.add_parser("serve", help="serve a model over HTTP: JumpStart's /invocations, A1111's txt2img, a web page",
+                       description="dreambooth serve MODEL [options]: loads the model once and answers SageMaker/"
+                                   "JumpStart's GET /ping and POST /invocations, AUTOMATIC1111's POST "
+                                   "/sdapi/v1/txt2img, and a web page at /")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:tiny", help="default builtin:tiny (builtin:sd21 on a GPU)")
+    p.add_argument("--size", type=int, help="image width and height (default 32 for builtin:tiny, else 512)")
+    p.add_argument("--steps", type=int, default=10, help="inference steps per image (default 10)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
+    p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (default 4)")
+    p.add_argument("--out", default="bench-serve.json", help="JSON results (default bench-serve.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "down on CPU), baseline and profiles, with and without prior; JSON + table")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
+    kinds = p.add_subparsers(dest="bench_kind", metavar="{serve}")  # optional: plain `bench` is the training one
+    q = kinds.add_parser("serve", help="latency and images/s of `dreambooth serve` at several concurrencies",
+                         description="dreambooth bench serve [options]: the server on loopback against calling the "
+                                     "pipeline in-process; concurrency 1, 4, 16; batching on and off; JSON out")
+    add_bench_serve_args(q)
+    q.set_defaults(func=cmd_bench_serve)
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")
