@@ -80,7 +80,8 @@ def test_jumpstart_notebook_calls(server):
     again, _ = parse_response_multiple_images(
         query_endpoint_with_json_payload(url, payload, "application/json", "application/json"))
     assert again == arrays
-    from dreambooth.serve.generate import Request, generate, load_pipeline
+    from dreambooth.models.pipeline import load_pipeline
+    from dreambooth.serve.generate import Request, generate
     pipe = load_pipeline(str(server.run), device="cpu")
     fields = {k: v for k, v in payload.items() if k != "prompt"}
     paths = generate(pipe, Request(prompt=[PROMPT], **fields), server.run.parent / "generated", quiet=True)

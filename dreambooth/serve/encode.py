@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from dreambooth.serve.generate import save_png
+from dreambooth.files import save_png
 
 
 def png_base64(image, settings: dict | None) -> str:

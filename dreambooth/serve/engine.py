@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from dreambooth.errors import UserError
-from dreambooth.serve.generate import SCHEDULERS, load_pipeline, set_scheduler
+from dreambooth.models.pipeline import SCHEDULERS, load_pipeline, set_scheduler
 from dreambooth.serve.jobs import Cancelled, Item, Shape
 from dreambooth.serve.options import ModelSpec
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dreambooth.serve.generate import SCHEDULERS
+from dreambooth.models.pipeline import SCHEDULERS
 from dreambooth.serve.jobs import Item, Job, Shape
 from dreambooth.serve.options import Limits
 
