@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -33,14 +34,18 @@ from dreambooth.training.step import TrainStep
 from dreambooth.training.validation import Validator
 
 log = logging.getLogger(__name__)
+# Called after each optimisation step (its checkpoint and validation done) with the state and the step's logs;
+# a truthy return stops the run as Ctrl-C does (checkpoint, Interrupted), a str naming the reason.
+OnStep = Callable[[TrainState, dict], "str | bool | None"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Trainer:
     """DreamBooth fine-tuning of one SD pipeline: Trainer(cfg) plans, setup() builds, train() runs, save() writes."""
 
-    def __init__(self, cfg: Config, machine: Machine | None = None):
+    def __init__(self, cfg: Config, machine: Machine | None = None, on_step: OnStep | None = None):
         self.cfg = cfg
+        self.on_step, self.stop_reason = on_step, None
         self.out = check_output_dir(cfg.output_dir)
         # Everything that can refuse the run does so here, before anything is written or sampled.
         self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
@@ -155,7 +160,7 @@ class Trainer:
                 if self._stop_requested(stop):
                     saved = self.checkpoints.last_step == state.step
                     path = self.checkpoints.last if saved else self.checkpoints.save(state)
-                    raise Interrupted(state.step, path, stop.requested or "SIGINT")
+                    raise Interrupted(state.step, path, stop.requested or self.stop_reason or "SIGINT")
         self.checkpoints.assert_finite(state, "final model")  # never hand NaN weights to save()
         if self.validator is not None:
             self.validator.finish()  # the final sweep grid
@@ -164,7 +169,8 @@ class Trainer:
         return run_summary(self.plan, state, self.wall_time)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
-        return any_process(self.accelerator, stop.requested is not None)  # every process stops after the same step
+        requested = stop.requested is not None or self.stop_reason is not None
+        return any_process(self.accelerator, requested)  # every process stops after the same step
 
     def after_step(self, logs: dict[str, float]) -> None:
         """After each optimisation step: the loss history, checkpoints, the log, validation at its steps."""
@@ -183,6 +189,10 @@ class Trainer:
             start = time.time()
             images = self.validator.run(state.step)
             self.runlog.validated(state.step, images, time.time() - start)
+        if self.on_step is not None:  # last: the step's checkpoint and validation images exist by now
+            reason = self.on_step(state, logs)
+            if reason:
+                self.stop_reason = reason if isinstance(reason, str) else "stop requested"
 
     def _stop_non_finite(self) -> None:
         last = self.checkpoints.last
@@ -219,9 +229,9 @@ class Trainer:
         return self.out
 
 
-def run_training(cfg: Config) -> dict:
-    """setup -> train -> save -> report.html; returns the summary."""
-    trainer = Trainer(cfg).setup()
+def run_training(cfg: Config, on_step: OnStep | None = None) -> dict:
+    """setup -> train -> save -> report.html; returns the summary. on_step: see OnStep."""
+    trainer = Trainer(cfg, on_step=on_step).setup()
     error = None
     try:
         summary = trainer.train()
