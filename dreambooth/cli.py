@@ -114,6 +114,12 @@ def cmd_bench(args) -> int:
     return bench_from_args(args)
 
 
+def cmd_sweep(args) -> int:
+    from dreambooth.sweep.command import sweep_from_args
+    config, overrides = _split_config_args(args.items)
+    return sweep_from_args(args, config, overrides, _quiet_library_bars)
+
+
 def cmd_demo(args) -> int:
     _quiet_library_bars()
     from dreambooth.demo import run_demo
@@ -187,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("sweep", help="train a grid of settings x subjects as Ray Tune trials (dreambooth[sweep])",
+                       description="dreambooth sweep CONFIG [key=value ...] --grid KEY=[v1,v2] ... [--subjects DIR ...]: "
+                                   "one normal run per trial in output_dir/<trial>, sweep.csv/json/html beside them; "
+                                   "rerun the same command to resume (finished trials are skipped)")
+    from dreambooth.sweep.command import add_sweep_args  # argparse only: no torch, no Ray
+    add_sweep_args(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")
     p.add_argument("--quiet", action="store_true")
@@ -216,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # (set before CUDA starts; your own allocator settings win).
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a sweep prints it as the command that resumes it
     try:
         return args.func(args)
     except UserError as e:
