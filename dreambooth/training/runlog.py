@@ -129,7 +129,9 @@ class RunLog:
             first = history[0]["step"] if history else float("inf")
             earlier = [h for h in json.loads(path.read_text()) if h["step"] < first]
             history = earlier + history
-        path.write_text(json.dumps(history))
+        tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a killed process must not leave half
+        tmp.write_text(json.dumps(history))
+        tmp.replace(path)
         return path
 
     def close(self, error: BaseException | None = None) -> None:

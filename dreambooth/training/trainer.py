@@ -180,9 +180,12 @@ class Trainer:
         # A validated step with keep_checkpoints keeps its checkpoint, so any validated step can be exported.
         keep = validating and cfg.validation.keep_checkpoints
         # A checkpoint only after a good step, so the newest one is never inside a NaN streak.
-        if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and not state.bad_steps:
+        checkpointed = cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and not state.bad_steps
+        if checkpointed:
             self.checkpoints.save(state, keep=keep)
         self.runlog.step(state.step, logs)
+        if checkpointed:  # a process killed later still leaves the loss history up to the checkpoint it resumes
+            self.runlog.write_history()
         if validating:
             if keep and self.checkpoints.last_step != state.step:
                 self.checkpoints.save(state, keep=True)
