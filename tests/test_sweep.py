@@ -140,3 +140,17 @@ def test_summary_files_and_the_best_pick(tmp_path):
     page = (sweep / summary.HTML).read_text()
     assert "<b>b</b>" in page and 'src="b/validation/g2.png"' in page and "<th>step 2</th>" in page
     assert page.count("class=best") == 2  # its table row and its row of grids
+
+
+def test_a_trial_its_scheduler_stops_checkpoints_and_reports_no_more(tmp_path, subject_dir):
+    trial = grid.expand(tiny_base(tmp_path / "sweep", subject_dir, max_steps=4), {}, checkpoint_steps=3)[0]
+    reports = []
+
+    def report(metrics):  # what Tune's report does in a trial that ASHA has just stopped
+        reports.append(metrics)
+        if metrics["step"] == 2:
+            raise SystemExit(0)
+    result = run_trial(trial, report, None, report_steps=1)
+    assert result["status"] == "early_stopped" and result["checkpoint"].endswith("step-000002")
+    assert [r["step"] for r in reports] == [1, 2]  # nothing after the stop
+    assert json.loads((Path(trial.dir) / RECORD).read_text())["status"] == "early_stopped"

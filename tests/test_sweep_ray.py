@@ -158,6 +158,27 @@ def test_ctrl_c_on_the_driver_stops_the_sweep(local_ray, tmp_path, subject_dir):
     assert not (tmp_path / "sweep" / STOP_FILE).exists()
 
 
+def fixed_losses(trial, report, stop_file, report_steps):
+    """A trial without training for the scheduler's wiring: losses as its seed says (1.0 or 5.0), steps 1 to 8."""
+    Path(trial.dir).mkdir(parents=True)
+    (Path(trial.dir) / RECORD).write_text(json.dumps({"status": "running", "attempts": 1}))
+    loss = 1.0 if trial.settings["seed"] == 0 else 5.0
+    for step in range(1, 9):
+        report({"step": step, "final_loss": loss})
+    (Path(trial.dir) / RECORD).write_text(json.dumps({"status": "finished", "attempts": 1}))
+    report({"step": 8, "final_loss": loss, "status": "finished"})
+
+
+def test_asha_stops_the_trial_behind_at_its_first_rung(local_ray, tmp_path, subject_dir):
+    trials = grid.expand(base(tmp_path / "sweep", subject_dir, max_steps=8), grid.parse_grid(["seed=[0,1]"]))
+    asha = engine.scheduler_for("asha", "final_loss", "min", trials, grace_steps=2)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "final_loss", "min", 8)
+    result = engine.run_sweep(trials, tmp_path / "sweep", gpus_per_trial=0, max_concurrent=1, scheduler="asha",
+                              grace_steps=2, trial_fn=fixed_losses, verbose=0)
+    assert [(r["status"], r["steps"]) for r in result.rows] == [("finished", 8), ("early_stopped", 2)]
+    assert result.best == trials[0].name
+
+
 def test_stop_on_signal_first_stops_second_aborts(tmp_path):
     stop_file, before = tmp_path / STOP_FILE, signal.getsignal(signal.SIGTERM)
     with engine.StopOnSignal(stop_file) as stop:

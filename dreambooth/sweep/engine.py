@@ -148,8 +148,9 @@ def scheduler_for(name: str | None, metric: str, mode: str, trials: list[Trial],
     grace = grace_steps or max(1, min(steps) // 4 if max_t < 10**6 else 50)
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
     if name == "asha":
+        # stop_last_trials off: a trial at its last step finishes (and saves) on its own, it is not "stopped".
         return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=max_t, grace_period=min(grace, max_t),
-                             reduction_factor=2)
+                             reduction_factor=2, stop_last_trials=False)
     return MedianStoppingRule(time_attr="step", metric=metric, mode=mode, grace_period=grace)
 
 

@@ -22,11 +22,12 @@ def trial_row(trial: Trial, reported: dict | None = None, earlier: dict | None =
     record = trial_record(out)
     status = record.get("status") or (earlier or {}).get("status") or "not_started"
     row = {"trial": trial.name, **trial.settings, "status": status}
-    metrics = folder_metrics(out)
-    if status != "finished":
-        fallback = reported or {k: v for k, v in (earlier or {}).items() if k in (*METRICS, "steps")}
-        metrics = {**metrics, **{k: v for k, v in fallback.items() if v is not None}}
-    row["steps"] = metrics.get("step", metrics.get("steps"))
+    before = reported or dict(earlier or {}, step=(earlier or {}).get("steps"))
+    before = {k: v for k, v in before.items() if k in (*METRICS, "step") and v is not None}
+    folder = folder_metrics(out)
+    # A finished run's files are the truth; an unfinished one's files may predate what it reported last.
+    metrics = {**before, **folder} if status == "finished" else {**folder, **before}
+    row["steps"] = metrics.get("step")
     for key in METRICS:
         row[key] = metrics.get(key)
     row.update(wall_time_s=record.get("wall_time_s"), train_time_s=metrics.get("train_time_s"),

@@ -95,12 +95,16 @@ def run_trial(trial: Trial, report: Callable[[dict], None], stop_file: Path | No
     data = copy.deepcopy(trial.data)
     if latest_checkpoint(out) is not None:  # a retry after a lost worker, or a rerun of a stopped sweep
         data["resume"] = "latest"
-    seen = {"losses": []}
+    seen = {"losses": [], "early": False}
 
     def on_step(state, logs):
         seen["losses"] = state.losses
         if state.step % report_steps == 0:
-            report(loss_metrics(state.losses))
+            try:
+                report(loss_metrics(state.losses))
+            except SystemExit:  # how Tune's report ends a trial its scheduler stops: checkpoint, then stop
+                seen["early"] = True
+                return "stopped early by the sweep's scheduler"
         if stop_file is not None and stop_file.exists():
             return "sweep stopped"
         return None
@@ -110,7 +114,8 @@ def run_trial(trial: Trial, report: Callable[[dict], None], stop_file: Path | No
         result = {**folder_metrics(out), "status": "finished"}
         result.setdefault("step", summary["steps"])
     except Interrupted as e:
-        result = {**loss_metrics(seen["losses"]), "status": "stopped", "checkpoint": str(e.path) if e.path else None}
+        result = {**loss_metrics(seen["losses"]), "status": "early_stopped" if seen["early"] else "stopped",
+                  "checkpoint": str(e.path) if e.path else None}
     except UserError as e:  # the same mistake again on a retry: no retry, the error goes in the summary
         result = {"status": "failed", "error": str(e)}
     except BaseException as e:  # a crash: Ray retries the trial (max_failures), which resumes from a checkpoint
@@ -122,7 +127,8 @@ def run_trial(trial: Trial, report: Callable[[dict], None], stop_file: Path | No
     record["wall_time_s"] = round(record.get("wall_time_s", 0) + time.time() - start, 3)
     write_json(out / RECORD, record)
     result["wall_time_s"] = record["wall_time_s"]
-    report(result)
+    if not seen["early"]:  # Tune takes no report from a trial it has stopped
+        report(result)
     return result
 
 
