@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import second_subject
 
+from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.models.builtin import TINY_RESOLUTION
 from dreambooth.sweep import grid, summary
@@ -49,7 +50,7 @@ def test_expand_is_the_subjects_times_the_grid_product(tmp_path, subject_dir, mo
     trials = grid.expand(tiny_base("sweeps/lr"), g, subjects, checkpoint_steps=2)
     assert len(trials) == 8 and len({t.dir for t in trials}) == 8
     first = trials[0]
-    assert first.name == f"{Path(subject_dir).name},learning_rate=1e-3,max_steps=2"
+    assert first.name == f"{Path(subject_dir).name},learning_rate-1e-3,max_steps-2"
     assert first.settings == {"subject": Path(subject_dir).name, "learning_rate": "1e-3", "max_steps": 2}
     assert first.dir == str(tmp_path / "sweeps" / "lr" / first.name)  # absolute: Tune runs trials elsewhere
     cfg = trials[-1].config()
@@ -154,3 +155,6 @@ def test_a_trial_its_scheduler_stops_checkpoints_and_reports_no_more(tmp_path, s
     assert result["status"] == "early_stopped" and result["checkpoint"].endswith("step-000002")
     assert [r["step"] for r in reports] == [1, 2]  # nothing after the stop
     assert json.loads((Path(trial.dir) / RECORD).read_text())["status"] == "early_stopped"
+    # Any trial is a normal run: this one goes on alone, from its checkpoint, with `dreambooth train`.
+    assert main(["train", str(Path(trial.dir) / "config.yaml"), "resume=latest"]) == 0
+    assert json.loads((Path(trial.dir) / "train_summary.json").read_text())["steps"] == 4

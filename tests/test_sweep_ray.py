@@ -23,7 +23,7 @@ from dreambooth.training.trainer import run_training
 ray = pytest.importorskip("ray")
 from dreambooth.sweep import engine  # noqa: E402  (needs Ray)
 
-KILLED = "learning_rate=1e-3,max_steps=4"  # this trial's worker is killed at step 3, after its step-2 checkpoint
+KILLED = "learning_rate-1e-3,max_steps-4"  # this trial's worker is killed at step 3, after its step-2 checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def four_trials(local_ray, tmp_path_factory):
 def test_four_trial_sweep_folders_summary_and_best(four_trials):
     root, trials, result = four_trials
     sweep = root / "sweep"
-    assert [t.name for t in trials] == ["learning_rate=1e-3,max_steps=2", KILLED, "learning_rate=1e-4,max_steps=2",
-                                        "learning_rate=1e-4,max_steps=4"]
+    assert [t.name for t in trials] == ["learning_rate-1e-3,max_steps-2", KILLED, "learning_rate-1e-4,max_steps-2",
+                                        "learning_rate-1e-4,max_steps-4"]
     for t in trials:  # each a normal run folder
         out = Path(t.dir)
         assert out.parent == sweep

@@ -102,9 +102,10 @@ def _text(value: Any) -> str:
 
 
 def trial_name(settings: dict) -> str:
-    """A folder name from what the trial varies, e.g. `cat,learning_rate=1e-6,max_steps=50` (`trial` if nothing)."""
-    parts = [str(v) if k == "subject" else f"{k}={_text(v)}" for k, v in settings.items()]
-    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts)) or "trial"
+    """A folder name from what the trial varies, e.g. `cat,learning_rate-1e-6,max_steps-50` (`trial` if nothing).
+    No '=': `dreambooth train FOLDER/config.yaml` would read a path with one as a key=value override."""
+    parts = [str(v) if k == "subject" else f"{k}-{_text(v)}" for k, v in settings.items()]
+    name = re.sub(r"[^A-Za-z0-9._,+-]", "_", ",".join(parts)) or "trial"
     name = "_" + name if name.startswith(".") else name
     if len(name) > 100:  # keep paths workable; the full settings are in sweep.json and the trial's config.yaml
         name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
