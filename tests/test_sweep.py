@@ -77,6 +77,17 @@ def test_expand_refuses_before_any_trial_runs(tmp_path, subject_dir):
         grid.find_subjects([str(tmp_path / "missing")])
 
 
+def test_class_images_are_topped_up_once_per_subject_before_the_trials(tmp_path, subject_dir):
+    dog = second_subject(tmp_path)
+    base = tiny_base(tmp_path / "s", with_prior_preservation=True)
+    trials = grid.expand(base, grid.parse_grid(["num_class_images=[2,5]", "learning_rate=[1e-3,1e-4]"]),
+                         [Path(subject_dir), dog])
+    jobs = grid.class_image_jobs(trials)
+    assert [(Path(j.data["data"]["dir"]).name, j.settings["num_class_images"]) for j in jobs] == \
+        [(Path(subject_dir).name, 5), ("dog", 5)]
+    assert grid.class_image_jobs(grid.expand(tiny_base(tmp_path / "s", subject_dir), {})) == []
+
+
 def test_on_step_stops_the_run_with_a_checkpoint(make_cfg, tmp_path):
     seen = []
 
