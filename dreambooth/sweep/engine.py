@@ -15,9 +15,10 @@ from typing import Callable
 
 from dreambooth.errors import UserError
 from dreambooth.export.output_dir import MARKER as RUN_MARKER
-from dreambooth.sweep.grid import Trial, training_differences
+from dreambooth.sweep.grid import Trial, class_image_jobs, training_differences
 from dreambooth.sweep.summary import earlier_rows, trial_row, write_summary
-from dreambooth.sweep.trial import DONE, METRICS, RECORD, STOP_FILE, read_json, run_trial, trial_record, write_json
+from dreambooth.sweep.trial import (DONE, METRICS, RECORD, STOP_FILE, prepare_class_images, read_json, run_trial,
+                                    trial_record, write_json)
 
 try:
     import ray
@@ -202,12 +203,11 @@ def _fit(todo, sweep_dir, recorder, metric, mode, address, num_cpus, gpus_per_tr
         trainable = tune.with_resources(
             tune.with_parameters(tune_trial, trials={t.name: t for t in todo}, stop_file=str(stop_file),
                                  report_steps=report_steps, trial_fn=trial_fn), resources)
-        name_of = _trial_name  # module-level, so Tune can pickle the experiment state
         tuner = tune.Tuner(
             trainable, param_space={"trial": tune.grid_search([t.name for t in todo])},
             tune_config=tune.TuneConfig(scheduler=scheduler_for(scheduler, metric, mode, todo, grace_steps),
                                         max_concurrent_trials=max_concurrent, reuse_actors=True,
-                                        trial_name_creator=name_of, trial_dirname_creator=name_of),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=".ray", storage_path=str(sweep_dir), callbacks=[recorder],
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       verbose=verbose))
@@ -224,13 +224,12 @@ def _fit(todo, sweep_dir, recorder, metric, mode, address, num_cpus, gpus_per_tr
 
 
 def _trial_name(trial) -> str:
+    """Tune's name and folder for a trial: ours (module-level, so Tune can pickle the experiment state)."""
     return trial.config["trial"]
 
 
 def _class_images(todo: list[Trial], resources: dict) -> None:
     """Top up class images (prior preservation) once per subject, on the trials' kind of worker, before trials."""
-    from dreambooth.sweep.grid import class_image_jobs
-    from dreambooth.sweep.trial import prepare_class_images
     jobs = class_image_jobs(todo)
     if jobs:
         log.info("topping up class images for %d subject folder(s) before the trials", len(jobs))
