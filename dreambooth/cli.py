@@ -1,4 +1,4 @@
-"""The `dreambooth` command: train, generate, demo (and the subcommands later issues add)."""
+"""The `dreambooth` command: train, generate, serve, demo (and the subcommands later issues add)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from dreambooth.bench.table import ROWS
+from dreambooth.config.schema import load_config
 from dreambooth.errors import UserError
+from dreambooth.sweep.command import add_sweep_parser
+
+# Only light modules (yaml, no torch) are imported up here: `dreambooth --help` and a config mistake answer in
+# about 0.1 s. Each command imports the modules that pull in torch and diffusers (seconds) inside its function.
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -25,8 +31,6 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from dreambooth.config.schema import load_config
-
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)  # before the heavy imports: a config mistake is reported at once
     _quiet_library_bars()
@@ -54,8 +58,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_classes(args) -> int:
-    from dreambooth.config.schema import load_config
-
     config, overrides = _split_config_args(args.items)
     cfg = load_config(config, overrides)
     _quiet_library_bars()
@@ -79,7 +81,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from dreambooth.serve.generate import Request, generate, load_pipeline, read_payload, set_scheduler
+    from dreambooth.serve.generate import Request, generate, read_payload
 
     fields = read_payload(args.payload) if args.payload else {}
     for name in Request.__dataclass_fields__:
@@ -88,6 +90,7 @@ def cmd_generate(args) -> int:
     request = Request(**fields).check()
     _quiet_library_bars()
     from dreambooth.models.lora import apply_lora, split_lora_run
+    from dreambooth.models.pipeline import load_pipeline, set_scheduler
     # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
     model, lora, base = split_lora_run(args.model, args.lora)
     pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),
@@ -102,9 +105,26 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.step is None and args.format is None:
+        raise UserError("give --format single-file|kohya, or --step best|N to export a validated step of a run")
     _quiet_library_bars()
+    if args.step is not None:
+        from dreambooth.training.export_step import export_step
+        print(export_step(args.model, args.step, args.out, args.format, half=args.half))
+        return 0
     from dreambooth.export.formats import export_model
     print(export_model(args.model, args.format, args.out, half=args.half, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dreambooth.eval.run import RESULT, TABLE, EvalRequest, evaluate
+    req = EvalRequest(**{k: v for k, v in vars(args).items() if k in EvalRequest.__dataclass_fields__})
+    _quiet_library_bars()
+    result = evaluate(req)
+    out = Path(result["out"])
+    print((out / TABLE).read_text(), end="")
+    print(f"scores: {out / RESULT}  images: {out / 'images'}")
     return 0
 
 
@@ -116,8 +136,27 @@ def cmd_bench(args) -> int:
 
 def cmd_sweep(args) -> int:
     from dreambooth.sweep.command import sweep_from_args
-    config, overrides = _split_config_args(args.items)
-    return sweep_from_args(args, config, overrides, _quiet_library_bars)
+    return sweep_from_args(args, *_split_config_args(args.items), _quiet_library_bars)
+
+
+def cmd_serve(args) -> int:
+    from dreambooth.serve.options import from_args
+
+    options, spec = from_args(args)  # address, token and limits checked before torch and FastAPI load (seconds)
+    try:
+        from dreambooth.serve.runner import serve  # the `serve` extra: FastAPI and uvicorn
+    except ImportError as e:
+        raise UserError(f"dreambooth serve needs FastAPI and uvicorn ({e.name} is missing): "
+                        "pip install 'dreambooth[serve]'") from None
+    _quiet_library_bars()
+    from dreambooth.serve.engine import resolve_spec
+    return serve(resolve_spec(spec), options)
+
+
+def cmd_bench_serve(args) -> int:
+    _quiet_library_bars()
+    from dreambooth.bench.serve import bench_serve_from_args
+    return bench_serve_from_args(args)
 
 
 def cmd_demo(args) -> int:
@@ -128,7 +167,6 @@ def cmd_demo(args) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from dreambooth.bench.table import ROWS  # not .bench: building the parser must not import torch
     p.add_argument("--model", help="default: builtin:sd21 on CUDA, builtin:sd21/4 (widths / 4) on CPU")
     p.add_argument("--resolution", type=int, help="default: 512 on CUDA, 128 on CPU")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10 on CUDA, 4 on CPU)")
@@ -144,6 +182,26 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
+
+
+def add_serve_parser(sub) -> None:
+    from dreambooth.serve.options import add_serve_args  # light: argparse only
+    p = sub.add_parser("serve", help="serve a model over HTTP: JumpStart's /invocations, A1111's txt2img, a web page",
+                       description="dreambooth serve MODEL [options]: loads the model once and answers SageMaker/"
+                                   "JumpStart's GET /ping and POST /invocations, AUTOMATIC1111's POST "
+                                   "/sdapi/v1/txt2img, and a web page at /")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:tiny", help="default builtin:tiny (builtin:sd21 on a GPU)")
+    p.add_argument("--size", type=int, help="image width and height (default 32 for builtin:tiny, else 512)")
+    p.add_argument("--steps", type=int, default=10, help="inference steps per image (default 10)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
+    p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (default 4)")
+    p.add_argument("--out", default="bench-serve.json", help="JSON results (default bench-serve.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,31 +233,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a trained model as one .safetensors file or a LoRA for A1111/ComfyUI",
-                       description="dreambooth export MODEL_DIR --format single-file|kohya [--out FILE] [--half]")
+    p = sub.add_parser("export", help="write a trained model as one .safetensors file or a LoRA for A1111/ComfyUI, "
+                                      "or the model of a validated step",
+                       description="dreambooth export MODEL_DIR --format single-file|kohya [--out FILE] [--half]; "
+                                   "dreambooth export RUN --step best|N [--format ...] [--out DIR]")
     p.add_argument("model", help="a training run's output folder (full or LoRA run), or a .safetensors file")
-    p.add_argument("--format", required=True, choices=["single-file", "kohya"],
+    p.add_argument("--format", choices=["single-file", "kohya"],
                    help="single-file: one original-layout SD 2.x checkpoint plus its .yaml; kohya: the LoRA in "
                         "kohya layout")
+    p.add_argument("--step", help="best (the step the run recommends, docs/evaluate.md) or a validated step number: "
+                                  "its model from the checkpoint validation.keep_checkpoints kept, into --out")
     p.add_argument("--out", help="output .safetensors (default: model.safetensors or lora-kohya.safetensors in "
-                                 "MODEL_DIR)")
+                                 "MODEL_DIR); with --step a folder (default: RUN/step-N)")
     p.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="score a trained model on DreamBench-style prompts: DINO, CLIP-I, CLIP-T",
+                       description="dreambooth eval RUN_OR_MODEL [--data DIR] [--prompts auto|object|live|FILE]: "
+                                   "generates the prompt set at fixed seeds, scores it against the subject's photos, "
+                                   "writes eval.json and eval.md (docs/evaluate.md)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="a training run's output folder, a diffusers folder, "
+                                                        ".safetensors file or hub id")
+    p.add_argument("--data", help="the subject's JumpStart-format folder (default: the run's subjects)")
+    p.add_argument("--prompts", default="auto", help="object, live (pets: accessories instead of half the scenes), "
+                   "a file of templates with {subject}, or auto (live for pets, by the class noun; the default)")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4, as DreamBench)")
+    p.add_argument("--seed", type=int, default=0, help="seeds seed..seed+N-1, the same for every prompt")
+    p.add_argument("--num-inference-steps", type=int, default=25, help="DPM++ steps per image (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--clip-model", help="CLIP for CLIP-I/CLIP-T: hub id or local folder "
+                                        "(default: the run's eval.clip_model, openai/clip-vit-base-patch32)")
+    p.add_argument("--dino-model", help="ViT for DINO: hub id or local folder "
+                                        "(default: the run's eval.dino_model, facebook/dino-vits16)")
+    p.add_argument("--class-noun", help="the word CLIP-T puts in place of the subject (default: from the class "
+                                        "prompt, else the instance prompt's last word)")
+    p.add_argument("--out", help="folder for eval.json, eval.md and the images (default: RUN/eval, or ./eval)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmark speed and memory of the baseline and each memory profile",
                        description="dreambooth bench [options]: SD 2.1 base architecture with random weights (scaled "
                                    "down on CPU), baseline and profiles, with and without prior; JSON + table")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)
+    kinds = p.add_subparsers(dest="bench_kind", metavar="{serve}")  # optional: plain `bench` is the training one
+    q = kinds.add_parser("serve", help="latency and images/s of `dreambooth serve` at several concurrencies",
+                         description="dreambooth bench serve [options]: the server on loopback against calling the "
+                                     "pipeline in-process; concurrency 1, 4, 16; batching on and off; JSON out")
+    add_bench_serve_args(q)
+    q.set_defaults(func=cmd_bench_serve)
 
-    p = sub.add_parser("sweep", help="train a grid of settings x subjects as Ray Tune trials (dreambooth[sweep])",
-                       description="dreambooth sweep CONFIG [key=value ...] --grid KEY=[v1,v2] ... [--subjects DIR ...]: "
-                                   "one normal run per trial in output_dir/<trial>, sweep.csv/json/html beside them; "
-                                   "rerun the same command to resume (finished trials are skipped)")
-    from dreambooth.sweep.command import add_sweep_args  # argparse only: no torch, no Ray
-    add_sweep_args(p)
-    p.set_defaults(func=cmd_sweep)
+    add_serve_parser(sub)
+
+    add_sweep_parser(sub, cmd_sweep)
 
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")

@@ -7,7 +7,11 @@ import random
 import shutil
 from pathlib import Path
 
+from dreambooth.config.schema import load_config
 from dreambooth.errors import UserError
+from dreambooth.models.pipeline import load_pipeline
+from dreambooth.serve.generate import Request, generate
+from dreambooth.training.trainer import run_training
 
 DEMO_MARKER = ".dreambooth-demo"
 INSTANCE_PROMPT = "a photo of riobugger toy"
@@ -41,10 +45,6 @@ def write_demo_dataset(folder: Path, n: int = 5, size: int = 96, seed: int = 0) 
 
 def run_demo(out: Path, quiet: bool = False) -> dict:
     """Write data, train the tiny model on it, generate two images; prints where everything is."""
-    from dreambooth.config.schema import load_config
-    from dreambooth.serve.generate import Request, generate, load_pipeline
-    from dreambooth.training.trainer import run_training
-
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise UserError(f"{out} is not empty and is not a demo folder: pass --out to a new folder")

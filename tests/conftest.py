@@ -102,3 +102,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def metric_models(tmp_path_factory):
+    """(CLIP folder, DINO ViT folder): tiny random-weight models built from configs, saved with their image
+    processors (and CLIP's tokenizer, the packaged tiny one) like the hub's, for the eval metrics."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig, ViTImageProcessor,
+                              ViTModel)
+
+    from dreambooth.models.builtin import asset_path
+    root = tmp_path_factory.mktemp("metric-models")
+    tokenizer = CLIPTokenizer.from_pretrained(asset_path("tokenizer"))
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(tower, image_size=32, patch_size=8),
+                                    projection_dim=16))
+        dino = ViTModel(ViTConfig(**tower, image_size=32, patch_size=8), add_pooling_layer=False)
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    dino.save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"

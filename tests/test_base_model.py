@@ -16,7 +16,7 @@ from dreambooth.models.base_model import DEFAULT_MODEL, PUBLISHED, REMOVED, chec
 from dreambooth.cli import main
 from dreambooth.config import Config
 from dreambooth.errors import UserError
-from dreambooth.serve.generate import load_pipeline
+from dreambooth.models.pipeline import load_pipeline
 from dreambooth.models.builtin import TINY_RESOLUTION
 
 OLD = former_ids(DEFAULT_MODEL)[0]  # the id SD 2.1 base was published under, taken down in November 2025
@@ -236,7 +236,7 @@ def test_single_file_tokenizer_from_the_default_or_an_old_cache_never_empty(monk
         if repo != OLD:
             raise OSError("not cached")
         return Full()
-    monkeypatch.setattr("dreambooth.models.builtin._load_tokenizer", lambda: [])  # the shipped tiny one: a small vocabulary
+    monkeypatch.setattr("dreambooth.models.single_file.load_tokenizer", lambda: [])  # the shipped tiny one: a small vocabulary
     monkeypatch.setattr(CLIPTokenizer, "from_pretrained", from_pretrained)
     assert isinstance(_tokenizer(tmp_path / "m.safetensors", 49408), Full)
     assert asked == [(DEFAULT_MODEL, True), (OLD, True)]

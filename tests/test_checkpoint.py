@@ -301,3 +301,18 @@ def test_half_precision_trainable_weights_are_upcast(make_cfg, monkeypatch):
     monkeypatch.setattr(Trainer, "setup", setup)
     assert run_training(make_cfg(max_steps=1))["steps"] == 1
     assert dtypes == [{torch.float32}]
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(make_cfg):
+    """Keys added to the schema after a checkpoint was written are absent from its settings: at their defaults
+    they change nothing, so the resume goes ahead; set to anything else, it is refused as a change."""
+    run_training(make_cfg(checkpoint_steps=2, max_steps=2))
+    folder = checkpoint_store.latest_checkpoint(make_cfg().output_dir)
+    state = json.loads((folder / resume.STATE).read_text())
+    assert state["settings"].pop("random_flip") is False  # as if written before random_flip existed
+    (folder / resume.STATE).write_text(json.dumps(state))
+    marker = folder / checkpoint_store.COMPLETE  # and before checksums: its marker records no files
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
+    assert run_training(make_cfg(checkpoint_steps=2, max_steps=2, resume="latest"))["steps"] == 2
+    with pytest.raises(UserError, match=r"random_flip: \(unset\) -> True"):
+        Trainer(make_cfg(checkpoint_steps=2, max_steps=2, resume="latest", random_flip=True))

@@ -1,4 +1,5 @@
-"""Config schema: files in configs/ validate, overrides, JumpStart string forms, unknown keys, cross-field checks."""
+"""Config schema: files in configs/ and the demo's packaged one validate, overrides, JumpStart string forms,
+unknown keys, cross-field checks."""
 
 import json
 import logging
@@ -8,9 +9,10 @@ import pytest
 
 from dreambooth.config import Config, Machine, config_from_dict, load_config, resolve, save_config, schema_rows
 from dreambooth.config.schema import subjects_of
+from dreambooth.demo import demo_config_path
 from dreambooth.errors import UserError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")) + [demo_config_path()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -127,12 +129,12 @@ def test_memory_profile_keys_accept_auto_and_boolean_forms():
 
 def test_non_training_keys_come_from_the_schema():
     """The keys a resume may change are those whose field says training=False: the list once kept by hand,
-    plus compute_fid."""
+    plus compute_fid and eval."""
     from dreambooth.config.schema import NON_TRAINING_KEYS, non_training_keys
     by_hand = {"output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet",
                "log_with", "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size",
                "compile", "compile_mode", "regenerate_class_images", "cache_prompts"}
-    assert NON_TRAINING_KEYS == non_training_keys() == by_hand | {"compute_fid"}
+    assert NON_TRAINING_KEYS == non_training_keys() == by_hand | {"compute_fid", "eval"}
 
 
 def test_a_listed_choice_is_accepted_as_typed(tmp_path):

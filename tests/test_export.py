@@ -153,7 +153,7 @@ def test_single_file_mistakes_are_one_line_errors(tmp_path, capsys):
         load_single_file(sd1)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(UserError, match="not a readable"):
+    with pytest.raises(UserError, match="is damaged"):
         load_single_file(junk)
     with pytest.raises(UserError, match="pickle"):
         (tmp_path / "model.ckpt").write_bytes(b"x")
@@ -167,16 +167,21 @@ def test_single_file_mistakes_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_partial_one(tmp_path, monkeypatch):
-    """export's single files and LoRA files go through _atomic_save: a write that fails part-way (disk full)
-    leaves the folder as it was."""
+    """export's single files and LoRA files go through files.save_safetensors_atomic: a write that fails part-way
+    (disk full) leaves the folder as it was, an earlier export included."""
     import safetensors.torch
 
-    from dreambooth.export.formats import _atomic_save
+    from dreambooth.files import save_safetensors_atomic
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(OSError, match="No space"):
-        _atomic_save({"w": torch.zeros(2)}, tmp_path / "model.safetensors", {}, half=False)
+        save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "model.safetensors", {})
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "model.safetensors").write_bytes(b"the earlier export")
+    with pytest.raises(OSError, match="No space"):
+        save_single_file(build_tiny_pipeline(), tmp_path / "model.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == b"the earlier export"

@@ -14,16 +14,16 @@ from conftest import assert_bits_equal, cuda, max_diff
 from dreambooth.cli import main
 from dreambooth.config import config_from_dict
 from dreambooth.errors import UserError
-from dreambooth.export.formats import save_kohya
 from dreambooth.config.plan import learning_rate
-from dreambooth.models.lora import LORA_FILE, add_lora_layers, apply_lora, peft_to_kohya, read_lora, save_lora
+from dreambooth.export.kohya import peft_to_kohya, save_kohya
+from dreambooth.models.lora import LORA_FILE, add_lora_layers, apply_lora, read_lora, save_lora
 from dreambooth.models.builtin import build_sd21_components, build_tiny_pipeline
 from dreambooth.training.trainer import Trainer, run_training
 
 LORA = {"finetune": "lora", "lora.text_encoder": True}
 
 
-# The inverse of lora.peft_to_kohya, as a test oracle: the package only writes kohya files (diffusers reads them).
+# The inverse of kohya.peft_to_kohya, as a test oracle: the package only writes kohya files (diffusers reads them).
 # Multi-word names in diffusers' UNet and CLIP module paths; kohya joins every path part with "_", so going back
 # needs to know which underscores belong to a name.
 _WORDS = sorted(["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",

@@ -1,5 +1,6 @@
 """Class images on demand (top-up, resume, manifest checks, `dreambooth classes`) and the prior loss."""
 
+import dataclasses
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ from PIL import Image
 
 from dreambooth.data import class_images as prior
 from dreambooth.errors import UserError
+from dreambooth.models.base_model import DEFAULT_MODEL, former_ids
 from dreambooth.training.trainer import Trainer
 
 PRIOR = {"with_prior_preservation": True, "class_sampling_steps": 2, "sample_batch_size": 2}
@@ -172,6 +174,23 @@ def test_changed_class_prompt_is_refused_unless_regenerating(make_cfg, subject_d
     assert sorted(records) == ["class-00002.png", "class-00003.png"]  # old ones gone, new seeds
     assert all(r["prompt"] == "a photo of a cat" for r in records.values())
     assert not (folder / "class-00000.png").exists()
+
+
+def test_images_sampled_under_the_taken_down_default_stay_valid(make_cfg, subject_dir):
+    """Class folders sampled before the default moved to its community copy record the old id: same weights."""
+    folder = subject_dir / "class_data_dir"
+    prior.ensure_class_images(prior_cfg(make_cfg, num_class_images=2))
+    data = manifest(folder)
+    for record in data["images"].values():
+        record["model"] = former_ids(DEFAULT_MODEL)[0]  # the id SD 2.1 base was published under
+    (folder / "manifest.json").write_text(json.dumps(data))
+    cfg = prior_cfg(make_cfg, num_class_images=2)
+    copy = dataclasses.replace(cfg, model=DEFAULT_MODEL)
+    plan = prior.plan_folder(folder, prior.settings_for(copy, "a photo of a toy"), wanted=2, regenerate=False)
+    assert len(plan.usable) == 2 and not plan.indices  # nothing to sample again, nothing refused
+    other = prior.settings_for(dataclasses.replace(cfg, model="someone/else"), "a photo of a toy")
+    with pytest.raises(UserError, match="regenerate_class_images"):
+        prior.plan_folder(folder, other, wanted=2, regenerate=False)
 
 
 def count_opens(monkeypatch) -> Counter:

@@ -97,14 +97,13 @@ def test_resume_from_the_saved_config(subject_dir, tmp_path):
 def test_lora_export_reads_config_yaml_once(make_cfg, monkeypatch):
     from safetensors import safe_open
 
-    from dreambooth.config import schema as config
-    from dreambooth.export.formats import export_model
+    from dreambooth.export import formats
     cfg = make_cfg(finetune="lora", max_steps=1)
     trainer = Trainer(cfg).setup()
     trainer.save(trainer.train())
-    reads, load = [], config.load_config
-    monkeypatch.setattr(config, "load_config", lambda path, *a: reads.append(Path(path).name) or load(path, *a))
-    written = export_model(cfg.output_dir, "single-file")
+    reads, load = [], formats.load_config
+    monkeypatch.setattr(formats, "load_config", lambda path, *a: reads.append(Path(path).name) or load(path, *a))
+    written = formats.export_model(cfg.output_dir, "single-file")
     assert reads == ["config.yaml"]  # the base model and the file's header come from one read
     with safe_open(str(written), "pt") as f:
         assert f.metadata()["dreambooth.base_model"] == "builtin:tiny"

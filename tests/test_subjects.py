@@ -10,7 +10,8 @@ from PIL import Image
 
 from dreambooth.data.dataset import DreamBoothDataset, ImageTransform, collate
 from dreambooth.errors import UserError
-from dreambooth.serve.generate import Request, generate, load_pipeline
+from dreambooth.models.pipeline import load_pipeline
+from dreambooth.serve.generate import Request, generate
 from dreambooth.data.subjects import MultiSubjectDataset, resolve_subjects, subject_schedule
 from dreambooth.models.builtin import TINY_RESOLUTION
 from dreambooth.training.trainer import run_training

@@ -102,6 +102,25 @@ def test_validation_leaves_training_unchanged(make_cfg, tmp_path):
     assert settings["seed"] == 0 and settings["step"] == 4 and settings["prompt"] == index["prompts"][0]
 
 
+def test_scored_validation_leaves_training_unchanged(make_cfg, tmp_path, metric_models):
+    """Every metric (base scores taken at setup, losses and images scored at each validation): the same final
+    weights, losses and RNG streams as a run without validation."""
+    clip, dino = metric_models
+    common = dict(max_steps=3, center_crop=False, random_flip=True, with_prior_preservation=True,
+                  num_class_images=2, class_sampling_steps=1)
+    plain = _train(make_cfg(output_dir=str(tmp_path / "plain"), **common))
+    scored = _train(make_cfg(output_dir=str(tmp_path / "scored"), **common, **FAST, **{
+        "validation.steps": [1, 3], "eval.clip_model": str(clip),
+        "eval.dino_model": str(dino), "validation.metrics": ["loss", "drift", "dino", "clip_i", "clip_t"]}))
+    assert_bits_equal(plain.accelerator.unwrap_model(plain.unet).state_dict(),
+                      scored.accelerator.unwrap_model(scored.unet).state_dict())
+    assert plain.state.losses == scored.state.losses
+    assert torch.equal(plain.state.generator.get_state(), scored.state.generator.get_state())
+    assert scored.unet.training and not scored.components.vae.training
+    scores = scored.validator.scoring()["scores"]
+    assert list(scores) == ["1", "3"] and all(len(v) == 6 for v in scores.values())
+
+
 def test_validation_off_writes_nothing(make_cfg):
     trainer = _train(make_cfg(max_steps=2))
     assert trainer.validator is None and not (trainer.out / "validation").exists()

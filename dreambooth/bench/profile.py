@@ -10,13 +10,14 @@ import time
 
 import torch
 
+from dreambooth.bench.measure import sync
+
 TOP = 12  # operators listed per profiled row
 
 
 def profile_steps(step, steps: int = 2) -> dict:
     """Profile `steps` more calls of `step` (one training step of a set-up run); per-step figures, in ms."""
     from torch.autograd import DeviceType
-    from dreambooth.bench.measure import sync
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()

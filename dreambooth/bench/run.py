@@ -4,7 +4,6 @@ each memory profile, with and without prior preservation; plus class-image sampl
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import platform
 import statistics
@@ -15,11 +14,20 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.errors import UserError, first_line
+from dreambooth.bench.measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops,
+                                      read_peak, reset_peak, status_bytes, sync)
+from dreambooth.bench.profile import profile_steps
 from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table
-from dreambooth.bench.measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops, read_peak,
-                            reset_peak, status_bytes, sync)
+from dreambooth.config.parse import apply_override
+from dreambooth.config.schema import Config, config_from_dict
+from dreambooth.data.class_images import default_batch_size, load_sampler, sampling_steps
+from dreambooth.demo import write_demo_dataset
+from dreambooth.errors import UserError, first_line
+from dreambooth.files import write_json_atomic, write_text_atomic
+from dreambooth.models.load import build_builtin_sd21, builtin_sd21_scale, forget_builtin, load_components
+from dreambooth.models.pipeline import set_scheduler
 from dreambooth.training.runlog import library_versions
+from dreambooth.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +76,6 @@ def _write_data(root: Path, resolution: int) -> tuple[Path, Path]:
     """A subject folder of 4:3 photos (so random crops differ, as with real photos) and square class images."""
     from PIL import Image
 
-    from dreambooth.demo import write_demo_dataset
     subject = write_demo_dataset(root / "subject", n=4, size=resolution)
     for path in subject.glob("*.png"):
         Image.open(path).resize((resolution * 4 // 3, resolution)).save(path)
@@ -79,8 +86,6 @@ def _write_data(root: Path, resolution: int) -> tuple[Path, Path]:
 
 def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Path, out: Path):
     """A row is a profile (or baseline, lora), optionally with `+key=value` config overrides; `+key` means true."""
-    from dreambooth.config.schema import config_from_dict
-    from dreambooth.config.parse import apply_override
     profile, *extras = name.split("+")
     data = {"model": o.model, "output_dir": str(out), "data": {"dir": str(subject), "class_data_dir": str(classes)},
             "resolution": o.resolution, "max_steps": o.warmup + o.steps, "batch_size": 1,
@@ -99,7 +104,6 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
 
 def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
     """Set up the trainer, run warm-up and timed steps, fill in `row`; everything it made dies on return."""
-    from dreambooth.training.trainer import Trainer
     rss_start = status_bytes("VmRSS")  # the process's own footprint (prebuilt model, libraries) before the row
     compiled_before = compile_snapshot()
     start = time.perf_counter()
@@ -132,7 +136,6 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
                            "prompts_cached": bool(trainer.inputs.text_cache), "finetune": cfg.finetune,
                            "compile": plan.compile and plan.compile_mode}
         if name in o.profile:  # after the measured steps, so the profiler's overhead never enters them
-            from dreambooth.bench.profile import profile_steps
             row["profile"] = profile_steps(step)
     finally:
         trainer.runlog.close(None)
@@ -166,9 +169,6 @@ def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Pat
 
 def sampling_throughput(o: BenchOptions, subject: Path, workdir: Path) -> dict:
     """Class-image sampling: our settings (class_sampler, its steps, default batch) vs PNDM 50 steps batch 1."""
-    from dreambooth.config.schema import config_from_dict
-    from dreambooth.serve.generate import set_scheduler
-    from dreambooth.data.class_images import default_batch_size, load_sampler, sampling_steps
     cfg = config_from_dict({"model": o.model, "data": {"dir": str(subject)}, "output_dir": str(workdir / "s"),
                             "resolution": o.resolution})
     pipe = load_sampler(cfg)
@@ -202,7 +202,6 @@ def sampling_throughput(o: BenchOptions, subject: Path, workdir: Path) -> dict:
 
 def _describe_model(o: BenchOptions) -> tuple[str, bool]:
     if o.model.startswith("builtin:sd21"):
-        from dreambooth.models.load import builtin_sd21_scale
         scale = builtin_sd21_scale(o.model)
         note = "SD 2.1 base architecture, random weights" + ("" if scale == 1 else f", channel widths x{scale:g}")
         return note, scale < 1 or o.resolution < 512
@@ -213,8 +212,6 @@ def _describe_model(o: BenchOptions) -> tuple[str, bool]:
 
 def run_bench(options: BenchOptions) -> dict:
     """Run the matrix and return the results (also written to options.out as JSON when set)."""
-    from dreambooth.config.schema import Config
-    from dreambooth.models.load import build_builtin_sd21, forget_builtin, load_components
     o = options.resolved()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -272,8 +269,7 @@ def run_bench(options: BenchOptions) -> dict:
 
 def _write(result: dict, out: str | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_json_atomic(out, result)  # rewritten after every row: never half a file
 
 
 def _names(text: str) -> list[str]:
@@ -289,7 +285,7 @@ def bench_from_args(args) -> int:
     table = format_table(result)
     print(table)
     if args.table:
-        Path(args.table).write_text(table + "\n")
+        write_text_atomic(args.table, table + "\n")
     print(f"results: {args.out}")
     return 0
 

@@ -75,7 +75,7 @@ def format_table(r: dict) -> str:
                      f"{mem} | {row['achieved_tflops']:.3f} | {row['mfu']:.1%} | {row.get('warmup_s', 0):.1f} |")
     profiled = [row for row in r["rows"] if row.get("profile")]
     if profiled:
-        from dreambooth.bench.profile import format_profile
+        from dreambooth.bench.profile import format_profile  # imports torch: cli builds its parser from this module
         lines += ["", "Profiled steps (bench --profile):"]
         for row in profiled:
             lines += format_profile(row["name"], row["prior"], row["profile"])

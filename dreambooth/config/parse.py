@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from dreambooth.errors import UserError, first_line
+from dreambooth.files import write_text_atomic
 
 if TYPE_CHECKING:
     from dreambooth.config.plan import RunPlan
@@ -279,4 +280,4 @@ def save_config(plan: RunPlan, path: str | Path) -> None:
         if key in notes:
             entry = entry.rstrip("\n") + f"  # this run: {notes[key]}\n"
         text += entry
-    Path(path).write_text(text)
+    write_text_atomic(path, text)

@@ -182,6 +182,8 @@ def why_not_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: 
         return f"memory_profile {memory.profile}: a compiled backward holds every gradient at once"
     if memory.backwards_per_step > 1:
         return "several backward passes per step"
+    if cfg.buckets:
+        return "buckets: batch shapes vary, and CUDA graphs would be recorded for each"
     if not machine.triton:
         return "Triton is not installed"
     if total_steps < PAYBACK_STEPS:
@@ -241,9 +243,10 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
     """Decide every machine-dependent setting of a run over `epoch_items` dataset items per epoch."""
     if cfg.finetune == "lora":
         require_peft()
-    if cfg.compute_fid:  # JumpStart's tuning reads an FID; we have no metric to stand in for it yet
-        log.warning("compute_fid: no FID is computed here (this project has no evaluation metrics yet; a scored "
-                    "evaluation is planned): judge the run by its validation images and report.html in output_dir")
+    if cfg.compute_fid:  # JumpStart's tuning reads an FID; ours are DreamBench's scores instead (docs/evaluate.md)
+        log.warning("compute_fid: no FID is computed here: score the run with validation.metrics (DINO, CLIP-T, "
+                    "loss, drift) or `dreambooth eval`, and judge it by its validation images and report.html in "
+                    "output_dir")
     choices = _Choices(cfg)
     memory, values = _memory(cfg, machine, choices)
     per_epoch = steps_per_epoch(epoch_items, cfg, machine.processes)

@@ -61,6 +61,20 @@ class ValidationConfig:
     num_inference_steps: int = opt(25, "Sampler steps per validation image.")
     guidance_scale: float = opt(7.5, "Classifier-free guidance scale for validation images.")
     keep_checkpoints: bool = opt(False, "Keep a checkpoint at each validation step so any step can be exported.")
+    metrics: list[str] = opt([], "Scores at each validation step: loss, drift (no extra model), dino, clip_i, clip_t "
+                             "(the `eval` models); docs/evaluate.md.", training=False)
+
+
+# Names validation.metrics accepts; loss and drift need no model beyond the one being trained.
+METRICS = ("loss", "drift", "dino", "clip_i", "clip_t")
+
+
+@dataclass
+class EvalConfig:
+    clip_model: str = opt("openai/clip-vit-base-patch32", "CLIP model of CLIP-I and CLIP-T: hub id or local folder.")
+    dino_model: str = opt("facebook/dino-vits16", "DINO ViT of the DINO score: hub id or local folder.")
+    clip_t_margin: float = opt(0.01, "The recommended step: highest DINO among steps whose CLIP-T is at most this "
+                               "far below the first validated step's.")
 
 
 @dataclass
@@ -98,8 +112,8 @@ class Config:
     gradient_accumulation_steps: int = opt(1, "Micro-batches summed per optimisation step (JumpStart).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (JumpStart).")
     seed: int = opt(0, "Seed of everything random; same seed, same machine, same weights (JumpStart).")
-    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to the "
-                            "validation images and report instead (JumpStart).", training=False)
+    compute_fid: bool = opt(False, "Accepted from JumpStart, but no FID is computed here: a warning points to "
+                            "validation.metrics, `dreambooth eval` and the report instead (JumpStart).", training=False)
     # --- training, ours ---
     resolution: int = opt(512, "Training image size in pixels (multiple of 8).")
     random_flip: bool = opt(False, "Randomly flip training images horizontally.")
@@ -110,6 +124,14 @@ class Config:
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
     finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    # --- the whole photo: buckets, captions, masks (docs/data-format.md) ---
+    buckets: bool = opt(False, "Train each image at the aspect-ratio bucket nearest its shape (about resolution^2 pixels, never upscaled) instead of a square crop.")
+    bucket_step: int = opt(64, "Bucket sides are multiples of this (64 for SD: 8 latent pixels).")
+    bucket_max_ratio: float = opt(2.0, "Longest bucket side over the shortest, at most.")
+    captions: bool = opt(False, "Train each image with NAME.txt beside it as its prompt; [instance] in it stands for the instance prompt.")
+    caption_dropout: float = opt(0.0, "Probability of training an instance image with an empty prompt.")
+    masked_loss: bool = opt(False, "Count the instance loss only where NAME.mask.png (or the image's alpha channel) is white.")
+    mask_min: float = opt(0.0, "Loss weight outside the mask, at least (0: background ignored, 1: masks have no effect).")
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
@@ -144,6 +166,8 @@ class Config:
     export_formats: list[str] = opt(["diffusers"], "Formats written at the end: diffusers, single-file, lora, kohya.",
                                     training=False)
     validation: ValidationConfig = opt(ValidationConfig(), "Validation images during training.", training=False)
+    eval: EvalConfig = opt(EvalConfig(), "Metric models and the rule of the recommended step (docs/evaluate.md).",
+                           training=False)
     log_with: Optional[Literal["tensorboard"]] = opt(None, "Experiment tracker used through accelerate.",
                                                      training=False)
     quiet: bool = opt(False, "No progress bars (for logs).", training=False)
@@ -231,6 +255,13 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.class_sampling_steps is None or cfg.class_sampling_steps >= 1,
          f"'class_sampling_steps' must be >= 1 (got {cfg.class_sampling_steps})")
     need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
+    need(cfg.bucket_step >= 8 and cfg.bucket_step % 8 == 0, f"'bucket_step' must be a positive multiple of 8 "
+         f"(got {cfg.bucket_step}); 64 suits SD")
+    need(not cfg.buckets or cfg.bucket_step <= cfg.resolution,
+         f"'bucket_step' ({cfg.bucket_step}) must not exceed resolution ({cfg.resolution}) with buckets: true")
+    need(cfg.bucket_max_ratio >= 1, f"'bucket_max_ratio' must be >= 1 (got {cfg.bucket_max_ratio}); e.g. 2.0")
+    need(0 <= cfg.caption_dropout < 1, f"'caption_dropout' must be in [0, 1) (got {cfg.caption_dropout}); e.g. 0.1")
+    need(0 <= cfg.mask_min <= 1, f"'mask_min' must be in [0, 1] (got {cfg.mask_min})")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:
@@ -247,7 +278,15 @@ def validate(cfg: Config) -> list[str]:
     need(v.num_images >= 1, f"'validation.num_images' must be >= 1 (got {v.num_images})")
     need(v.num_inference_steps >= 1, f"'validation.num_inference_steps' must be >= 1 (got {v.num_inference_steps})")
     need(all(s >= 1 for s in v.steps or []), f"'validation.steps' must be positive step numbers (got {v.steps})")
-    need(v.every_n_steps is None or v.every_n_steps >= 1, f"'validation.every_n_steps' must be >= 1")
+    need(v.every_n_steps is None or v.every_n_steps >= 1, "'validation.every_n_steps' must be >= 1")
+    unknown = [m for m in v.metrics if m not in METRICS]
+    listed = " (a list: validation.metrics=[loss,drift])" if any("," in m for m in unknown) else ""
+    need(not unknown, f"'validation.metrics' has unknown {unknown}; choose from {', '.join(METRICS)}{listed}")
+    need(v.enabled or not v.metrics, "'validation.metrics' scores validation images: set validation.enabled: true, "
+                                     "or drop the metrics")
+    need(cfg.eval.clip_t_margin >= 0, f"'eval.clip_t_margin' must be >= 0 (got {cfg.eval.clip_t_margin})")
+    for key in ("clip_model", "dino_model"):
+        need(bool(getattr(cfg.eval, key).strip()), f"'eval.{key}' must name a hub id or a local folder")
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
     lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]

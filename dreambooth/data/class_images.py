@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,12 +14,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth.config.machine import gpu_memory_gib
+from dreambooth import checksums
+from dreambooth.config import machine
 from dreambooth.config.schema import Config
 from dreambooth.data.dataset import CLASS_MANIFEST as MANIFEST
 from dreambooth.data.dataset import list_images, load_image, mixed_seed
-from dreambooth.errors import UserError
 from dreambooth.data.subjects import Subject, resolve_subjects
+from dreambooth.errors import UserError
+from dreambooth.files import save_png, temp_glob, write_json_atomic
+from dreambooth.locks import FolderLock, launch_rank, lock_folder
+from dreambooth.models.base_model import REMOVED
+from dreambooth.models.load import base_pipeline
+from dreambooth.models.pipeline import set_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ def sampling_steps(cfg: Config) -> int:
 
 def default_batch_size() -> int:
     """Class images per sampling batch when sample_batch_size is unset: by GPU memory, 4 on CPU."""
-    gib = gpu_memory_gib()
+    gib = machine.gpu_memory_gib()
     if gib is None:
         return 4
     return 16 if gib >= 40 else 8 if gib >= 20 else 4 if gib >= 12 else 2
@@ -49,6 +54,14 @@ def model_id(cfg: Config) -> str:
     path = Path(cfg.model).expanduser()
     name = str(path.resolve()) if path.exists() else cfg.model
     return name + (f"@{cfg.revision}" if cfg.revision else "") + (f" ({cfg.variant})" if cfg.variant else "")
+
+
+def _same(key: str, recorded, current) -> bool:
+    """Whether a class image made with `recorded` counts as made with `current`. A taken-down hub id and its
+    community copy hold the same weights, so images sampled before the default moved stay valid."""
+    if key == "model" and isinstance(recorded, str):
+        recorded = REMOVED.get(recorded, (recorded,))[0]
+    return recorded == current
 
 
 def settings_for(cfg: Config, prompt: str) -> dict:
@@ -87,9 +100,7 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)  # never a half-written manifest
+    write_json_atomic(folder / MANIFEST, manifest, indent=1)  # never a half-written manifest
 
 
 def _decode(path: Path):
@@ -121,8 +132,8 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
     recorded = (folder / MANIFEST).is_file()  # written below before any sampling, so sampled files have one
     manifest = _read_manifest(folder)
     images = manifest["images"]
-    for tmp in folder.glob(".class-*.tmp.png"):
-        tmp.unlink()  # a write cut short by an interruption
+    for tmp in [*folder.glob(temp_glob("class-*.png")), *folder.glob(temp_glob(MANIFEST))]:
+        tmp.unlink()  # a write cut short by a hard kill (files.atomic_file's temp names)
     numbered = [(path, int(m.group(1))) for path in folder.iterdir() if (m := NAME.match(path.name))]
     if not recorded:
         # No manifest (copied-in folder, or the user deleted it): every class-NNNNN.png is the user's own image,
@@ -136,8 +147,14 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
         del images[name]
     if gone:
         log.info("%s: %d generated class images were deleted; they will be replaced by new ones", folder, len(gone))
+    # A recorded image whose bytes changed (cut short, a flipped bit) counts as missing: deleted, sampled anew.
+    recorded = {name: rec for name, rec in images.items() if "size" in rec and "crc32" in rec}
+    for name, why in checksums.problems(folder, recorded).items():
+        log.warning("class image %s is damaged (%s): it will be sampled again", folder / name, why)
+        (folder / name).unlink()
+        del images[name]
     for key in KEY_SETTINGS + SOFT_SETTINGS:
-        other = [name for name, rec in images.items() if rec.get(key) != settings[key]]
+        other = [name for name, rec in images.items() if not _same(key, rec.get(key), settings[key])]
         if not other:
             continue
         old = images[other[0]].get(key)
@@ -170,9 +187,6 @@ def plan_folder(folder: Path, settings: dict, wanted: int, regenerate: bool, dec
 
 def load_sampler(cfg: Config):
     """The base model as a StableDiffusionPipeline for sampling: fp16 on CUDA, no safety checker."""
-    from dreambooth.serve.generate import set_scheduler
-    from dreambooth.models.load import base_pipeline
-
     pipe = base_pipeline(cfg)
     if torch.cuda.is_available():
         pipe = pipe.to(device="cuda", dtype=torch.float16)  # load_components gives fp32; sampling needs no more
@@ -185,8 +199,6 @@ def load_sampler(cfg: Config):
 def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None:
     """Sample every plan's missing images in batches, recording each batch in the manifest as it lands; DECODED,
     if given, keeps each new image (PNG is lossless, so training need not read it back)."""
-    from dreambooth.serve.generate import save_png
-
     todo = sum(len(p.indices) for p in plans)
     batch_size = cfg.sample_batch_size or default_batch_size()
     log.info("sampling %d class images (%s, %d steps, batch %d)", todo, cfg.class_sampler, sampling_steps(cfg),
@@ -207,9 +219,8 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
                                   generator=[torch.Generator(pipe.device).manual_seed(x) for x in seeds]).images
                 for k, seed, image in zip(indices, seeds, images):
                     name, record = f"class-{k:05d}.png", {**s, "seed": seed, "index": k}
-                    tmp = save_png(image, plan.folder / f".class-{k:05d}.tmp.png", record)
-                    os.replace(tmp, plan.folder / name)
-                    plan.manifest["images"][name] = record
+                    save_png(image, plan.folder / name, record)  # whole or not at all
+                    plan.manifest["images"][name] = {**record, **checksums.record_file(plan.folder / name)}
                     plan.usable.append(plan.folder / name)
                     if decoded is not None:
                         decoded[plan.folder / name] = image
@@ -225,11 +236,37 @@ def _sample(plans: list[Plan], cfg: Config, decoded: dict | None = None) -> None
             torch.cuda.empty_cache()
 
 
-def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
-                        decoded: dict | None = None) -> list[list[Path]]:
+def lock_class_folders(folders: list[Path], wait: bool) -> list[FolderLock]:
+    """Hold every class folder (in one order, so two runs waiting for each other's folders cannot deadlock);
+    another run in one of them is waited for (`wait`) or refused. The other processes of an accelerate launch
+    come after the main one and share its hold."""
+    locks: list[FolderLock] = []
+    try:
+        for folder in sorted({f.expanduser().resolve() for f in folders}):
+            locks.append(lock_folder(folder, "class folder", "wait for it to finish, or set class_data_dir to "
+                                     "another folder", shared=launch_rank() != 0, wait=wait))
+    except BaseException:
+        for held in locks:
+            held.release()
+        raise
+    return locks
+
+
+def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None, decoded: dict | None = None,
+                        wait: bool = True) -> list[list[Path]]:
     """Top up every subject's class folder to its num_class_images; returns each subject's class image paths.
-    DECODED, if given, receives {path: image} for the images decoded while checking the folders or sampled."""
+    DECODED, if given, receives {path: image} for the images decoded while checking the folders or sampled. Each
+    class folder is locked meanwhile: a run already in one is waited for (`wait`), or refused."""
     subjects = subjects if subjects is not None else resolve_subjects(cfg, need_class_prompt=True)
+    locks = lock_class_folders([s.class_dir for s in subjects], wait)
+    try:
+        return _ensure(cfg, subjects, decoded)
+    finally:
+        for held in locks:
+            held.release()
+
+
+def _ensure(cfg: Config, subjects: list[Subject], decoded: dict | None) -> list[list[Path]]:
     plans: dict[Path, Plan] = {}
     for s in subjects:
         key = s.class_dir.resolve()
@@ -257,7 +294,7 @@ def ensure_class_images(cfg: Config, subjects: list[Subject] | None = None,
 def class_report(cfg: Config) -> None:
     """Print where each subject's class images are (the `dreambooth classes` command)."""
     subjects = resolve_subjects(cfg, need_class_prompt=True)
-    for s, paths in zip(subjects, ensure_class_images(cfg, subjects)):
+    for s, paths in zip(subjects, ensure_class_images(cfg, subjects, wait=False)):
         print(f"class images: {s.class_dir}  ({len(paths)} images of {s.class_prompt!r})")
     if not cfg.with_prior_preservation:
         print("note: with_prior_preservation is false, so training will not use them")

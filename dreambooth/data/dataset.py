@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from dreambooth.errors import UserError
+from dreambooth.locks import LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +20,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INFO_FILE = "dataset_info.json"
 INFO_KEYS = ("instance_prompt", "class_prompt")
 CLASS_MANIFEST = "manifest.json"  # written by dreambooth.data.class_images beside generated class images
+CAPTION_SUFFIX = ".txt"  # NAME.txt: the caption of NAME.jpg (captions: true)
+MASK_MARK = ".mask"  # NAME.mask.png: the mask of NAME.jpg (masked_loss: true); never a training image
 
 
 def read_dataset_info(folder) -> dict:
@@ -79,8 +83,15 @@ def _short_list(names, limit=20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
-    """Image files at the top of FOLDER (not recursive), sorted by name; anything else skipped is warned once."""
+def is_mask_file(path) -> bool:
+    """NAME.mask.<image extension>: a mask (data/annotations.py), never a training image."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and Path(path.stem).suffix.lower() == MASK_MARK
+
+
+def list_images(folder, exclude=("class_data_dir",), captions: bool = False, masks: bool = False) -> list[Path]:
+    """Image files at the top of FOLDER (not recursive), sorted by name; anything else skipped is warned once,
+    except the caption (CAPTIONS) and mask (MASKS) files that data/annotations.py reads and checks itself."""
     folder = _check_folder(folder)
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
@@ -88,11 +99,15 @@ def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
         raise UserError(f"cannot list {folder}: {e}; check its permissions") from None
     images, skipped = [], []
     for entry in entries:
-        if entry.name in (INFO_FILE, CLASS_MANIFEST) or entry.name in exclude:
+        if entry.name in (INFO_FILE, CLASS_MANIFEST, LOCK) or entry.name in exclude:
             continue  # expected companions of the images: not worth a warning
         is_dir = entry.is_dir()
+        if not is_dir and not entry.name.startswith(".") and (
+                captions and entry.suffix.lower() == CAPTION_SUFFIX or masks and is_mask_file(entry)):
+            continue
         # Hidden entries include macOS "._x.jpg" resource forks, which have an image suffix but are not images.
-        if entry.name.startswith(".") or is_dir or entry.suffix.lower() not in IMAGE_EXTENSIONS:
+        if entry.name.startswith(".") or is_dir or entry.suffix.lower() not in IMAGE_EXTENSIONS \
+                or is_mask_file(entry):
             skipped.append(entry.name + ("/" if is_dir else ""))
         else:
             images.append(entry)
@@ -101,7 +116,7 @@ def list_images(folder, exclude=("class_data_dir",)) -> list[Path]:
     return images
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparent areas become white (the usual background for product shots)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # PIL clips these to 0..255 instead of scaling, which would turn a 16-bit photo nearly white.
@@ -122,7 +137,7 @@ def load_image(path) -> Image.Image:
     """Open PATH fully decoded, upright per its EXIF orientation, in RGB; errors propagate to the caller."""
     with Image.open(path) as img:
         img.load()  # decode now so a truncated file fails here, not mid-training
-        out = _to_rgb(ImageOps.exif_transpose(img))
+        out = to_rgb(ImageOps.exif_transpose(img))
     return out if out is not img else img.copy()  # never hand out an image tied to the closed file
 
 
@@ -157,12 +172,14 @@ def load_image_files(files, resolution, folder, decoded: dict | None = None):
 
 
 class ImageTransform:
-    """Resize shorter side to `resolution`, crop (center or random), optionally flip, map to [-1, 1] CHW float."""
+    """Resize to cover the training size (`resolution` square, or the image's bucket), crop (center or random),
+    optionally flip, map to [-1, 1] CHW float; a mask given along follows the same crop and flip."""
 
-    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False):
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False, buckets=None):
         self.resolution = int(resolution)
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.buckets = buckets  # data.buckets.Buckets, or None for square crops
         # id(img) -> (img, resized uint8 HWC array); holding img keeps its id from being reused.
         self._cache: dict[int, tuple[Image.Image, np.ndarray]] = {}
 
@@ -171,33 +188,54 @@ class ImageTransform:
         """True when the output depends only on the image (so latents can be cached once)."""
         return self.center_crop and not self.random_flip
 
+    def target(self, img: Image.Image) -> tuple[int, int]:
+        """(width, height) the image trains at: its bucket, or `resolution` square."""
+        r = self.resolution
+        return self.buckets.assign(*img.size) if self.buckets is not None else (r, r)
+
+    def resized_size(self, img: Image.Image) -> tuple[int, int]:
+        """(width, height) of the image scaled to just cover its target size."""
+        (tw, th), (w, h) = self.target(img), img.size
+        scale = max(tw / w, th / h)  # square target: resolution / shorter side
+        return max(tw, round(w * scale)), max(th, round(h * scale))
+
     def resized(self, img: Image.Image) -> np.ndarray:
-        """The image with its shorter side at `resolution`, as uint8 HWC; cached per image object."""
+        """The image scaled to cover its target size, as uint8 HWC; cached per image object."""
         hit = self._cache.get(id(img))
         if hit is not None and hit[0] is img:
             return hit[1]
-        w, h = img.size
-        scale = self.resolution / min(w, h)
-        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
         # np.array (a writable copy): torch.from_numpy warns on the read-only arrays np.asarray gives for PIL.
-        arr = np.array(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+        arr = np.array(img.convert("RGB").resize(self.resized_size(img), Image.Resampling.BICUBIC), dtype=np.uint8)
         self._cache[id(img)] = (img, arr)
         return arr
 
-    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        arr = self.resized(img)
-        h, w = arr.shape[:2]
-        r = self.resolution
+    def placement(self, img: Image.Image, generator: torch.Generator | None = None) -> tuple[int, int, bool]:
+        """(top, left, flip) of one crop of the resized image, drawn from `generator`."""
+        (w, h), (tw, th) = self.resized_size(img), self.target(img)
         if self.center_crop:
-            top, left = round((h - r) / 2), round((w - r) / 2)
+            top, left = round((h - th) / 2), round((w - tw) / 2)
         else:
-            top = int(torch.randint(0, h - r + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - r + 1, (1,), generator=generator))
-        arr = arr[top:top + r, left:left + r]
-        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            arr = arr[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
-        return (x / 127.5 - 1.0).contiguous()
+            top = int(torch.randint(0, h - th + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - tw + 1, (1,), generator=generator))
+        return top, left, self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
+
+    def _cut(self, arr: np.ndarray, img: Image.Image, place: tuple[int, int, bool]) -> np.ndarray:
+        (tw, th), (top, left, flip) = self.target(img), place
+        arr = arr[top:top + th, left:left + tw]
+        return np.ascontiguousarray(arr[:, ::-1] if flip else arr)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None, mask: Image.Image | None = None):
+        """The image's pixels [3, H, W]; with MASK, (pixels, mask [1, H, W] in [0, 1]) cut alike."""
+        place = self.placement(img, generator)
+        x = torch.from_numpy(self._cut(self.resized(img), img, place)).permute(2, 0, 1).float()
+        x = (x / 127.5 - 1.0).contiguous()
+        return x if mask is None else (x, self.cut_mask(img, mask, place))
+
+    def cut_mask(self, img: Image.Image, mask: Image.Image, place: tuple[int, int, bool]) -> torch.Tensor:
+        """IMG's mask (any size: it is stretched over the image) at PLACE, as [1, H, W] float in [0, 1]."""
+        # BOX: each pixel the share of its area that is masked, so a sharp mask edge stays where it was.
+        arr = np.array(mask.convert("L").resize(self.resized_size(img), Image.Resampling.BOX), dtype=np.uint8)
+        return torch.from_numpy(self._cut(arr, img, place)).float().div(255.0).unsqueeze(0)
 
 
 def mixed_seed(*keys: int) -> int:
@@ -212,11 +250,25 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed_seed(seed, epoch, index))
 
 
+DROPOUT_KEY = 0xD409  # mixed into an item's seed for its caption-dropout draw, apart from its crop draws
+
+
+class Slot(NamedTuple):
+    """A bucketed run's dataset index (data/buckets.py): the instance image, the class image (None without), the
+    key its random draws are seeded from, and its subject (several subjects)."""
+    image: int
+    class_image: int | None
+    key: int
+    subject: int = 0
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images + prompt, optionally class (prior-preservation) images + prompt, transformed per item."""
+    """Instance images + prompt, optionally class (prior-preservation) images + prompt, transformed per item.
+    CAPTIONS (a prompt or None per image), MASKS (an L image per image) and BUCKETS are optional."""
 
     def __init__(self, instance_images, instance_prompt, transform, class_images=None, class_prompt=None,
-                 seed: int = 0, name: str | None = None):
+                 seed: int = 0, name: str | None = None, captions: list | None = None, masks: list | None = None,
+                 caption_dropout: float = 0.0, buckets=None):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image")
         if class_images and not class_prompt:
@@ -228,6 +280,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.name = name  # the subject's name, carried by each item for per-subject losses
+        self.captions, self.masks, self.caption_dropout = captions, masks, caption_dropout
+        self.buckets = buckets  # indexed by Slot (data/buckets.py epoch_slots) when set
         self.epoch = 0
 
     @property
@@ -247,12 +301,28 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length(len(self.instance_images), len(self.class_images))
 
-    def __getitem__(self, index: int) -> dict:
-        generator = item_generator(self.seed, self.epoch, index)
-        img = self.instance_images[index % len(self.instance_images)]
-        item = {"pixel_values": self.transform(img, generator), "prompt": self.instance_prompt}
+    def prompt(self, image: int, key: int) -> str:
+        """The prompt of instance image IMAGE in the item of KEY: its caption or the instance prompt, or "" when
+        caption dropout drops it (drawn from the item's own seed, so a resumed run drops the same items)."""
+        prompt = (self.captions[image] if self.captions else None) or self.instance_prompt
+        if self.caption_dropout:
+            draw = torch.rand(1, generator=item_generator(self.seed, self.epoch, mixed_seed(key, DROPOUT_KEY)))
+            if float(draw) < self.caption_dropout:
+                return ""
+        return prompt
+
+    def __getitem__(self, index: int | Slot) -> dict:
+        image, class_image, key = index[:3] if isinstance(index, Slot) else (index, index, index)
+        generator = item_generator(self.seed, self.epoch, key)
+        image %= len(self.instance_images)
+        img = self.instance_images[image]
+        if self.masks is None:
+            item = {"pixel_values": self.transform(img, generator)}
+        else:
+            item = dict(zip(("pixel_values", "mask"), self.transform(img, generator, self.masks[image])))
+        item["prompt"] = self.prompt(image, key)
         if self.class_images:
-            img = self.class_images[index % len(self.class_images)]
+            img = self.class_images[class_image % len(self.class_images)]
             item["class_pixel_values"] = self.transform(img, generator)
             item["class_prompt"] = self.class_prompt
         if self.name is not None:
@@ -284,4 +354,6 @@ def collate(examples: list[dict]) -> dict:
         batch["class_prompts"] = [e["class_prompt"] for e in examples]
     if "subject" in examples[0]:
         batch["subjects"] = [e["subject"] for e in examples]
+    if "mask" in examples[0]:
+        batch["masks"] = torch.stack([e["mask"] for e in examples])
     return batch

@@ -5,6 +5,8 @@ Deterministic transforms (centre crop, no flip) give one entry per image. Random
 `latent_cache_views` fixed augmented views per image, drawn from the seed; each item picks one of them with its
 own generator. Once cached, items carry their view's cache row instead of pixels (data.CacheRows in a batch), so
 a training step does no image work; a pixel tensor is still matched to its entry by a hash of its values.
+With buckets, views of each size are kept (and encoded) apart; a batch is of one size. Masks need no VAE: an
+item's mask is cut like the view it got.
 """
 
 from __future__ import annotations
@@ -40,20 +42,26 @@ class CachedViews:
 
     def __init__(self, transform: ImageTransform, views: int, seed: int, cache: LatentCache):
         self.transform, self.views, self.seed, self.cache = transform, views, seed, cache
-        # id(img) -> (img, row of each view); img is held so its id stays unique. Its number is its position.
-        self.rows: dict[int, tuple[object, list[int]]] = {}
+        # id(img) -> (img, row of each view, its number); img is held so its id stays unique.
+        self.rows: dict[int, tuple[object, list[int], int]] = {}
 
     def add(self, img, late: bool = False) -> list[int]:
         """Give IMG's views their cache rows: queued for the VAE while caching, encoded at once when LATE."""
         if id(img) not in self.rows:
-            pixels = [self.transform(img, view_generator(self.seed, len(self.rows), v)) for v in range(self.views)]
-            self.rows[id(img)] = (img, (self.cache.lookup if late else self.cache.rows_of)(pixels))
+            number = len(self.rows)
+            pixels = [self.transform(img, view_generator(self.seed, number, v)) for v in range(self.views)]
+            self.rows[id(img)] = (img, (self.cache.lookup if late else self.cache.rows_of)(pixels), number)
         return self.rows[id(img)][1]
 
-    def __call__(self, img, generator: torch.Generator | None = None) -> int:
+    def __call__(self, img, generator: torch.Generator | None = None, mask=None):
+        """The cache row of one of IMG's views; with MASK, (row, the mask cut like that view)."""
         rows = self.add(img, late=True)  # late: only an image added after caching is not in self.rows yet
         # A deterministic transform draws nothing from the generator, so neither does its single view.
-        return rows[int(torch.randint(0, len(rows), (1,), generator=generator))] if len(rows) > 1 else rows[0]
+        view = int(torch.randint(0, len(rows), (1,), generator=generator)) if len(rows) > 1 else 0
+        if mask is None:
+            return rows[view]
+        place = self.transform.placement(img, view_generator(self.seed, self.rows[id(img)][2], view))
+        return rows[view], self.transform.cut_mask(img, mask, place)
 
 
 def image_sources(dataset) -> list[tuple[object, str, list]]:
@@ -69,13 +77,31 @@ class LatentCache:
     def __init__(self, vae, device, dtype, scaling_factor: float):
         self.vae, self.device, self.dtype, self.scaling = vae, torch.device(device), dtype, scaling_factor
         self.rows: dict[bytes, int] = {}  # pixel digest -> row
-        self.mean = self.std = None  # [N, C, h, w] float32 on CPU; a step's rows are moved to the device
-        self._queued: list[torch.Tensor] = []  # views given a row, not yet encoded
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # encoded chunks not yet joined to mean/std
+        self.places: list[tuple[tuple, int]] = []  # row -> (pixel shape, its index in that shape's page)
+        self.counts: dict[tuple, int] = {}  # pixel shape -> its rows so far
+        # pixel shape -> [mean, std], each [N, C, h, w] float32 on CPU; a step's rows are moved to the device
+        self.pages: dict[tuple, list[torch.Tensor]] = {}
+        self._queued: dict[tuple, list[torch.Tensor]] = {}  # views given a row, not yet encoded, by shape
+        self._pending: dict[tuple, list] = {}  # encoded (mean, std) chunks not yet joined to their page
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _page(self, part: int) -> torch.Tensor | None:
+        self._join()
+        if len(self.pages) > 1:
+            raise ValueError("this latent cache holds several image sizes (buckets): read its pages")
+        return next(iter(self.pages.values()))[part] if self.pages else None
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        """[N, C, h, w] latent means of a cache of one image size, row by row."""
+        return self._page(0)
+
+    @property
+    def std(self) -> torch.Tensor | None:
+        return self._page(1)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,16 +114,21 @@ class LatentCache:
         for x in views:
             key = pixel_key(x)
             if key not in self.rows:
-                self.rows[key] = len(self.rows)  # rows follow the queue's order, which encoding keeps
-                self._queued.append(x)
+                shape = tuple(x.shape)
+                # A shape's page follows its queue's order, which encoding keeps.
+                self.counts[shape] = self.counts.get(shape, 0) + 1
+                self.places.append((shape, self.counts[shape] - 1))
+                self.rows[key] = len(self.rows)
+                self._queued.setdefault(shape, []).append(x)
             out.append(self.rows[key])
         return out
 
     def encode_queued(self, full_only: bool = False) -> None:
-        """Encode the queued views, ENCODE_BATCH per VAE call (with FULL_ONLY, only whole batches)."""
-        while len(self._queued) >= (ENCODE_BATCH if full_only else 1):
-            chunk, self._queued = self._queued[:ENCODE_BATCH], self._queued[ENCODE_BATCH:]
-            self._pending.append(self._encode(torch.stack(chunk)))
+        """Encode the queued views, ENCODE_BATCH of one shape per VAE call (with FULL_ONLY, only whole batches)."""
+        for shape, queue in self._queued.items():
+            while len(queue) >= (ENCODE_BATCH if full_only else 1):
+                chunk, queue[:] = queue[:ENCODE_BATCH], queue[ENCODE_BATCH:]
+                self._pending.setdefault(shape, []).append(self._encode(torch.stack(chunk)))
 
     def lookup(self, views: list[torch.Tensor]) -> list[int]:
         """Rows of VIEWS; ones not seen at build time bring the VAE back to be encoded (slow, so warn once)."""
@@ -114,18 +145,22 @@ class LatentCache:
 
     def _join(self) -> None:
         """Join the encoded chunks once, not at every encode (which would copy the whole cache each time)."""
-        if self._pending:
-            means = ([self.mean] if self.mean is not None else []) + [m for m, _ in self._pending]
-            stds = ([self.std] if self.std is not None else []) + [s for _, s in self._pending]
-            self.mean, self.std, self._pending = torch.cat(means), torch.cat(stds), []
+        for shape, chunks in self._pending.items():
+            page = self.pages.get(shape, [])
+            self.pages[shape] = [torch.cat(page[i:i + 1] + [c[i] for c in chunks]) for i in (0, 1)]
+        self._pending = {}
 
     def sample(self, pixels: CacheRows | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of a batch, given by its CacheRows or as a [B, 3, H, W] tensor (matched by its values):
         a fresh sample of each image's cached distribution."""
-        rows = torch.tensor(pixels if isinstance(pixels, CacheRows) else self.lookup(list(pixels)))
+        places = [self.places[r] for r in (pixels if isinstance(pixels, CacheRows) else self.lookup(list(pixels)))]
         self._join()
-        mean = self.mean[rows].to(self.device)
-        std = self.std[rows].to(self.device)
+        if any(shape != places[0][0] for shape, _ in places):
+            raise ValueError("a batch mixes image sizes: bucketed batches hold one bucket")
+        page = self.pages[places[0][0]]
+        rows = torch.tensor([i for _, i in places])
+        mean = page[0][rows].to(self.device)
+        std = page[1][rows].to(self.device)
         # Same draw as diffusers' DiagonalGaussianDistribution.sample, so cached and uncached runs match.
         noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
         return (mean + std * noise.to(self.device)) * self.scaling

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from dreambooth.config.schema import Config, subjects_of
-from dreambooth.data.dataset import INFO_FILE, DreamBoothDataset, resolve_prompts
+from dreambooth.data.buckets import batch_count, epoch_slots, item_keys
+from dreambooth.data.dataset import INFO_FILE, DreamBoothDataset, Slot, resolve_prompts
 from dreambooth.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Subject:
     class_dir: Path
     num_class_images: int
     weight: float
+    captions: tuple = ()  # the folder's captions (captions: true), filled in when TrainingSet reads them
 
 
 def prompts_as_trained(folder, instance_prompt: str | None, class_prompt: str | None) -> tuple:
@@ -105,11 +107,17 @@ def subject_schedule(weights: list[float], start: int, count: int) -> list[int]:
 class MultiSubjectDataset(torch.utils.data.Dataset):
     """Several subjects' datasets; each batch comes from one subject, subjects taking turns by weight.
 
-    Index j means item j // n (wrapping) of subject j % n, so every batch is a list of plain indices."""
+    Index j means item j // n (wrapping) of subject j % n, so every batch is a list of plain indices; with buckets
+    an index is a Slot naming its subject, and each batch also holds one bucket."""
 
     def __init__(self, datasets: list[DreamBoothDataset], weights: list[float], batch_size: int):
         self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
-        self.batches_per_epoch = self.length([len(d) for d in self.datasets], batch_size) // batch_size
+        self.buckets = self.datasets[0].buckets
+        if self.buckets is not None:  # as many batches as the subjects' bucketed passes, one after the other
+            self.batches_per_epoch = sum(batch_count(item_keys(self.buckets, d.instance_images, len(d)), batch_size)
+                                         for d in self.datasets)
+        else:
+            self.batches_per_epoch = self.length([len(d) for d in self.datasets], batch_size) // batch_size
         self.schedule = SubjectSchedule(self.weights)
 
     @staticmethod
@@ -124,7 +132,9 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
         for d in self.datasets:
             d.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | Slot) -> dict:
+        if isinstance(index, Slot):
+            return self.datasets[index.subject][index]
         n = len(self.datasets)
         return self.datasets[index % n][index // n]
 
@@ -133,6 +143,8 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
         n, bs = len(self.datasets), self.batch_size
         # The schedule runs on from the previous epoch: short epochs still reach the whole weighted pattern.
         picks = self.schedule.picks(epoch * self.batches_per_epoch, self.batches_per_epoch)
+        if self.buckets is not None:
+            return self._bucketed(picks, epoch, seed)
         streams = []
         for k, d in enumerate(self.datasets):
             need, order, rep = picks.count(k) * bs, [], 0
@@ -143,3 +155,14 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
                 rep += 1
             streams.append(iter(order))
         return [[next(streams[k]) * n + k for _ in range(bs)] for k in picks]
+
+    def _bucketed(self, picks: list[int], epoch: int, seed: int) -> list[list[Slot]]:
+        """The picked subjects' next bucketed batches: each subject's passes (epoch_slots) one after the other."""
+        streams = []
+        for k, d in enumerate(self.datasets):
+            need, batches, rep = picks.count(k), [], 0
+            while len(batches) < need:
+                batches += epoch_slots(d, epoch, seed, self.batch_size, rep, subject=k)
+                rep += 1
+            streams.append(iter(batches))
+        return [next(streams[k]) for k in picks]

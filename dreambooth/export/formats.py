@@ -1,24 +1,30 @@
 """Exports for the usual UIs: one-file checkpoints in the original SD 2.x key layout (with the v2 inference YAML
-beside them), kohya-layout LoRA files, and the training metadata both carry in their safetensors header.
+beside them), kohya-layout LoRA files (kohya.py), and the training metadata both carry in their safetensors header.
 
-The key maps from diffusers to the original layout are in single_file.py."""
+The key maps from diffusers to the original layout are in models/single_file.py."""
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from dreambooth import __version__
+from dreambooth.config.parse import config_to_dict
 from dreambooth.config.plan import RunPlan
+from dreambooth.config.schema import NON_TRAINING_KEYS, load_config, subjects_of
+from dreambooth.data.subjects import prompts_as_trained
 from dreambooth.errors import UserError
+from dreambooth.export.kohya import KOHYA_FILE, save_kohya
+from dreambooth.files import save_safetensors_atomic, write_text_atomic
 from dreambooth.models.load import base_pipeline
-from dreambooth.models.single_file import CONFIGS_KEY, pipeline_to_original
+from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline, resolve_lora_file, save_lora
+from dreambooth.models.pipeline import load_pipeline
+from dreambooth.models.single_file import CONFIGS_KEY, load_single_file, pipeline_to_original
 
-SINGLE_FILE, KOHYA_FILE = "model.safetensors", "lora-kohya.safetensors"
+SINGLE_FILE = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------- YAML and metadata
@@ -66,9 +72,6 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
                       prompts: list[str] | None = None) -> dict[str, str]:
     """Header entries (all strings) naming the base model, prompts, steps and training settings of a run (`prompts`:
     the run's instance prompts, else read from its subjects' folders)."""
-    from dreambooth.config.parse import config_to_dict
-    from dreambooth.config.schema import NON_TRAINING_KEYS, load_config, subjects_of
-    from dreambooth.data.subjects import prompts_as_trained
     run_dir = Path(run_dir) if run_dir else None
     meta = {"dreambooth.version": __version__, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": datetime.date.today().isoformat()}
@@ -97,20 +100,6 @@ def training_metadata(run_dir: str | Path | None, cfg=None, summary: dict | None
 
 
 # ------------------------------------------------------------------------------------- writing files
-def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str], half: bool) -> Path:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no half-written file behind
-    return path
-
-
 def save_single_file(pipe, out: str | Path, half: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write `pipe` as one original-layout .safetensors checkpoint plus the matching inference YAML beside it."""
     out = Path(out)
@@ -120,23 +109,9 @@ def save_single_file(pipe, out: str | Path, half: bool = False, metadata: dict[s
     configs["text_encoder"] = pipe.text_encoder.config.to_dict()
     meta = {**(metadata or {}), "modelspec.architecture": _architecture(pipe),
             CONFIGS_KEY: json.dumps(configs, default=list)}
-    _atomic_save(pipeline_to_original(pipe), out, meta, half)
-    out.with_suffix(".yaml").write_text(yaml.safe_dump(inference_yaml(pipe), sort_keys=False))
+    save_safetensors_atomic(pipeline_to_original(pipe), out, meta, half)
+    write_text_atomic(out.with_suffix(".yaml"), yaml.safe_dump(inference_yaml(pipe), sort_keys=False))
     return out
-
-
-# ------------------------------------------------------------------------------------- kohya LoRA layout
-def save_kohya(lora_file: str | Path, out: str | Path, half: bool = False) -> Path:
-    """Convert our LoRA file to the kohya layout A1111 and ComfyUI load natively, keeping the header."""
-    from dreambooth.models.lora import peft_to_kohya, read_lora
-    tensors, header, alphas = read_lora(lora_file)
-    meta = {k: v for k, v in header.items() if k not in ("lora_adapter_metadata", "format")}
-    rank = next(v.shape[0] for k, v in tensors.items() if ".lora_A." in k)
-    # kohya's own keys, which A1111 reads to show the LoRA's base model and size.
-    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_v2": "True",
-                 "ss_network_alpha": str(alphas.get("unet", rank)), "ss_base_model_version": "sd_v2",
-                 "modelspec.architecture": "stable-diffusion-v2-512/lora"})
-    return _atomic_save(peft_to_kohya(tensors, alphas), Path(out), meta, half)
 
 
 # ------------------------------------------------------------------------------------- runs and the CLI
@@ -145,7 +120,6 @@ def export_run(out: Path, plan: RunPlan, summary: dict | None, prompts: list[str
                text_encoder):
     """Write a finished run's exports into output_dir; returns the pipeline to save in diffusers layout, or None.
     `trained_pipeline()` builds a full fine-tune's pipeline; `unet`, `text_encoder` (unwrapped) hold a LoRA's layers."""
-    from dreambooth.models.lora import LORA_FILE, merged_pipeline, save_lora
     cfg, formats = plan.effective_config(), plan.export_formats  # the header tells the settings the run used
     meta = training_metadata(out, cfg, summary, prompts)
     if cfg.finetune == "lora":
@@ -165,9 +139,6 @@ def export_run(out: Path, plan: RunPlan, summary: dict | None, prompts: list[str
 def _load_for_export(model: Path, allow_pickle: bool):
     """(pipeline, run config or None): a trained folder, a LoRA run folder merged into the base its config.yaml
     names (that config returned, so the header needs no second read), or a single file."""
-    from dreambooth.config.schema import load_config
-    from dreambooth.serve.generate import load_pipeline
-    from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline
     if model.is_dir() and (model / "model_index.json").is_file():
         return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle), None  # fp32 on the CPU
     config = lora_run_config(model, "export from the run's output folder, or merge with "
@@ -176,7 +147,6 @@ def _load_for_export(model: Path, allow_pickle: bool):
         cfg = load_config(config)
         return merged_pipeline(base_pipeline(cfg), model / LORA_FILE), cfg
     if model.is_file():
-        from dreambooth.models.single_file import load_single_file
         return load_single_file(model, allow_pickle=allow_pickle), None
     raise UserError(f"{model} is not a trained output folder (model_index.json or {LORA_FILE}) or a checkpoint "
                     "file: pass the output_dir of a training run")
@@ -184,7 +154,6 @@ def _load_for_export(model: Path, allow_pickle: bool):
 
 def _is_input(out: Path, source: Path) -> bool:
     """True when writing `out` would overwrite what the export reads (the file, a run's LoRA, a pipeline part)."""
-    from dreambooth.models.lora import LORA_FILE
     if not out.exists():
         return False
     out, source = out.resolve(), source.resolve()
@@ -196,7 +165,6 @@ def _is_input(out: Path, source: Path) -> bool:
 def export_model(model: str | Path, fmt: str, out: str | Path | None = None, half: bool = False,
                  allow_pickle: bool = False) -> Path:
     """`dreambooth export`: write MODEL as one single-file checkpoint (+ YAML) or its LoRA in kohya layout."""
-    from dreambooth.models.lora import resolve_lora_file
     model = Path(model).expanduser()
     if not model.exists():
         raise UserError(f"{model} does not exist: pass a training run's output folder")

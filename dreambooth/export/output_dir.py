@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dreambooth import __version__
 from dreambooth.errors import UserError
+from dreambooth.files import fsync, replace_folder, write_json_atomic
+from dreambooth.locks import LOCK, FolderLock, launch_rank, lock_folder
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
 
@@ -20,7 +22,7 @@ def check_output_dir(path: str) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a folder path for output_dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"output_dir {out} is not empty and was not written by dreambooth: "
                         "choose a new output_dir or empty that folder")
     parent = out
@@ -39,27 +41,41 @@ def check_output_dir(path: str) -> Path:
     return out
 
 
+def lock_output_dir(out: Path) -> FolderLock | None:
+    """Hold output_dir for this run's life (locks.py), so a second run into it is refused. Only the launch's first
+    process takes it: the others under accelerate launch belong to the same run (and stop with it)."""
+    if launch_rank() != 0:
+        return None
+    return lock_folder(out, "output_dir", "wait for that run to end, or choose another output_dir")
+
+
 def mark_output_dir(out: Path) -> None:
     """Create the folder and the marker that lets later runs (and resumes) write into it."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"tool": "dreambooth", "version": __version__}))
+    write_json_atomic(out / MARKER, {"tool": "dreambooth", "version": __version__}, indent=None)
 
 
 def write_pipeline(pipe, out: Path) -> None:
-    """save_pretrained into out/.saving (safetensors), then move each part over the old one.
+    """save_pretrained into out/.saving (safetensors), then move each part over the old one, each part whole
+    (files.replace_folder; the folder holds our other outputs too, so it cannot be swapped in one rename).
 
     model_index.json, which makes the folder loadable, goes first and comes back last: a crash mid-swap leaves
     a folder that refuses to load rather than one that loads a mix of two models."""
     tmp = out / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [tmp, *out.glob(".*.old-*")]:  # left by a save that was killed part-way
+        shutil.rmtree(stale, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder")
+    for f in sorted(tmp.rglob("*"), reverse=True):  # on disk before any part replaces the old one
+        fsync(f)
     (out / "model_index.json").unlink(missing_ok=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+        if item.is_dir():
+            replace_folder(item, target)
+        else:
+            os.replace(item, target)
+    fsync(out)
     tmp.rmdir()
 
 

@@ -29,7 +29,8 @@ def asset_path(name: str) -> Path:
     return path
 
 
-def _load_tokenizer() -> CLIPTokenizer:
+def load_tokenizer() -> CLIPTokenizer:
+    """The small CLIP tokenizer shipped in assets/tokenizer (CLIP's layout, a tiny vocabulary; no download)."""
     return CLIPTokenizer.from_pretrained(asset_path("tokenizer"))
 
 
@@ -48,7 +49,7 @@ def _text_config(**overrides: Any) -> CLIPTextConfig:
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with SD 2.1 base classes and tiny random weights, identical for equal seeds."""
-    tokenizer = _load_tokenizer()
+    tokenizer = load_tokenizer()
     unet_config = _sd21_config("unet") | {
         "block_out_channels": (32, 64),
         # SD's pattern: attention in all but the lowest-resolution block; SD2 lists heads per block.

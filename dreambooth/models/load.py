@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import Any
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import hub_offline
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import DEFAULT_MODEL, check_sd21_base, explain
+from dreambooth.models.builtin import asset_path, build_sd21_components, build_tiny_pipeline, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,41 @@ def model_kind(model: str, allow_pickle: bool = False) -> str:
     return "hub"
 
 
+def _cached_snapshot(model: str, revision: str | None) -> Path | None:
+    """The Hugging Face cache's folder of a hub model, if it is cached (no network)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:  # not cached, not a repo id: nothing to look at
+        return None
+
+
+def damaged_weights(model: str, revision: str | None, error: BaseException, subfolder: str | None = None):
+    """A UserError naming the first damaged .safetensors file of a model that failed to load (in its folder or hub
+    cache, `subfolder` or every component's, or named by the error), else None."""
+    paths = [Path(p) for p in re.findall(r"[^\s'\"]+\.safetensors", str(error))]
+    folder = Path(model).expanduser()
+    folder = folder if folder.is_dir() else _cached_snapshot(model, revision)
+    if folder is not None:
+        paths += sorted(folder.glob(f"{subfolder}/*.safetensors" if subfolder else "*/*.safetensors"))
+    for path in dict.fromkeys(paths):
+        problem = checksums.safetensors_problem(path) if path.is_file() else None
+        if problem:
+            cached = "" if Path(model).expanduser().is_dir() else " (from the Hugging Face cache: delete it there)"
+            return UserError(checksums.damaged_message("model file", path, problem) + cached)
+    return None
+
+
 def _hub_call(cfg: Config, what: str, fn):
     """Run one load from a folder or hub id, turning its failure into one line that says what to do."""
     try:
         return fn()
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers lets safetensors' own error type through for a damaged file
+        damaged = damaged_weights(cfg.model, cfg.revision, e, what)
+        if damaged:
+            raise damaged from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         removed = explain(cfg.model, e)  # a taken-down SD 2.x id: say so, and what to use instead
         if removed:
             raise removed from None
@@ -121,10 +154,10 @@ def load_pipeline_source(cfg: Config):
     if kind == "builtin" and cfg.model != BUILTIN_TINY:
         return build_builtin_sd21(cfg.model)
     if kind == "builtin":
-        from dreambooth.models.builtin import build_tiny_pipeline
         return build_tiny_pipeline(seed=0)
     if kind == "single-file":
-        from dreambooth.models.single_file import load_single_file  # SD 2.x .safetensors checkpoints (export issue)
+        # Imported here, not above: single_file uses this module's pickle and offline checks (a cycle).
+        from dreambooth.models.single_file import load_single_file
         return load_single_file(cfg.model, allow_pickle=cfg.allow_pickle)
     return None
 
@@ -139,7 +172,6 @@ def builtin_sd21_scale(model: str) -> float:
 
 
 def _build_sd21_parts(model: str) -> dict:
-    from dreambooth.models.builtin import build_sd21_components
     # Built on the GPU when there is one (initialising 1.3 B parameters on a CPU takes long), kept on the CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.random.fork_rng(devices=[0] if device == "cuda" else []):
@@ -156,7 +188,6 @@ def build_builtin_sd21(model: str, remember: bool = False):
 
     from diffusers import PNDMScheduler
 
-    from dreambooth.models.builtin import _load_tokenizer, asset_path
     parts = _BUILTIN_MEMO.get(model)
     if parts is None:
         parts = _build_sd21_parts(model)
@@ -164,7 +195,7 @@ def build_builtin_sd21(model: str, remember: bool = False):
             _BUILTIN_MEMO[model] = parts
     parts = {k: copy.deepcopy(m) for k, m in parts.items()} if model in _BUILTIN_MEMO else parts
     scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(asset_path("sd21-base") / "scheduler"))
-    return sd_pipeline(parts["vae"], parts["text_encoder"].eval(), _load_tokenizer(), parts["unet"], scheduler)
+    return sd_pipeline(parts["vae"], parts["text_encoder"].eval(), load_tokenizer(), parts["unet"], scheduler)
 
 
 def forget_builtin() -> None:

@@ -4,15 +4,16 @@ pipeline for inference, and merge one into a full pipeline."""
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import require_peft
 from dreambooth.errors import UserError, first_line
-
+from dreambooth.files import save_safetensors_atomic
+from dreambooth.models.load import trainable_dtype_fix
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
 ADAPTER = "default"  # peft's adapter name while training
@@ -43,7 +44,6 @@ def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
 def add_lora_layers(components, cfg, device, dtype: torch.dtype, text_encoder: bool) -> None:
     """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 LoRA layers (in the text
     encoder too when `text_encoder`)."""
-    from dreambooth.models.load import trainable_dtype_fix
     modules = [(components.unet, lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules), "UNet",
                 "lora.target_modules")]
     if text_encoder:
@@ -74,7 +74,6 @@ def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str
     """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.export.formats import _atomic_save  # export imports this module (lazily), so lazily here too
     unet_state, te_state = lora_state_dicts(unet, text_encoder)
     unet_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules).to_dict()
     te_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS).to_dict()
@@ -85,7 +84,7 @@ def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str
             unet_lora_adapter_metadata=_json_safe(unet_meta), text_encoder_lora_adapter_metadata=_json_safe(te_meta))
         # Re-write with our training metadata added beside diffusers' own header entries.
         tensors, header, _ = read_lora(Path(tmp) / LORA_FILE)
-        _atomic_save(tensors, path, {**(metadata or {}), **header}, half=False)
+        save_safetensors_atomic(tensors, path, {**(metadata or {}), **header})
     return path
 
 
@@ -103,6 +102,7 @@ def resolve_lora_file(path: str | Path) -> Path:
         raise UserError(f"LoRA file {path} does not exist: pass a .safetensors LoRA file or a LoRA run's output folder")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"LoRA file {path} is not .safetensors: only safetensors LoRA files are loaded (no pickle)")
+    checksums.refuse_damaged(path, "LoRA file")
     return path
 
 
@@ -128,27 +128,11 @@ def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
     return pipe
 
 
-# ------------------------------------------------------------------------------------- kohya LoRA layout
-def peft_to_kohya(state: dict, alphas: dict[str, float]) -> dict:
-    """diffusers LoRA file keys (`unet.<path>.lora_A.weight`) -> kohya (`lora_unet_<path_with_>.lora_down.weight`
-    plus `.alpha`); `alphas` maps "unet"/"text_encoder" to that part's alpha."""
-    out = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.weight", key)
-        if not m:
-            raise ValueError(f"'{key}' is not a diffusers LoRA weight name")
-        part, path, ab = m.groups()
-        if part == "text_encoder":  # kohya names CLIP layers from the text_model root
-            path = "text_model." + path.removeprefix("text_model.")
-        name = ("lora_unet_" if part == "unet" else "lora_te_") + path.replace(".", "_")
-        out[f"{name}.lora_{'down' if ab == 'A' else 'up'}.weight"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alphas[part]))
-    return out
-
-
+# ------------------------------------------------------------------------------------- reading LoRA files
 def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]:
     """Tensors, header and per-part alpha of one of our diffusers-layout LoRA files."""
     from safetensors import safe_open
+    checksums.refuse_damaged(Path(path), "LoRA file")
     with safe_open(str(path), "pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     packed = json.loads(header.get("lora_adapter_metadata", "{}"))

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from dreambooth import checksums
 from dreambooth.config.machine import hub_offline
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import DEFAULT_MODEL, former_ids
+from dreambooth.models.builtin import asset_path, load_tokenizer
 from dreambooth.models.load import PICKLE_SUFFIXES, refuse_pickle
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."
@@ -156,7 +158,6 @@ def _check_sd2(path: Path, shapes: dict[str, tuple]) -> None:
 
 def _write_config_folder(folder: Path, configs: dict | None, v_prediction: bool) -> None:
     """A diffusers pipeline folder without weights: model_index.json and each part's config."""
-    from dreambooth.models.builtin import asset_path
     shutil.copytree(asset_path("sd21-base"), folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.md"))
     names = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
              "scheduler": "scheduler/scheduler_config.json"}
@@ -187,8 +188,7 @@ def _tokenizer(path: Path, vocab_rows: int):
     """The tokenizer that fits the checkpoint's vocabulary: the shipped tiny one, or SD 2.1's from the HF cache."""
     from transformers import CLIPTokenizer
 
-    from dreambooth.models.builtin import _load_tokenizer
-    tiny = _load_tokenizer()
+    tiny = load_tokenizer()
     if vocab_rows == len(tiny):
         return tiny
     # One file holds no tokenizer; SD 2.x all share OpenCLIP's, which the hub model carries. A cache filled before
@@ -215,6 +215,7 @@ def load_single_file(path: str | Path, allow_pickle: bool = False, dtype: torch.
         refuse_pickle(path, allow_pickle)
         header, shapes = {}, None  # no cheap look inside a pickle; from_single_file reads it (weights only)
     elif path.suffix.lower() == ".safetensors":
+        checksums.refuse_damaged(path, "model file")  # cut short, unparsable, or (our exports) a changed byte
         header, shapes = _header_and_keys(path)
         _check_sd2(path, shapes)
     else:

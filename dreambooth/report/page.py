@@ -15,9 +15,12 @@ from urllib.parse import quote
 
 import yaml
 
+from dreambooth.data.annotations import PLACEHOLDER
 from dreambooth.data.dataset import list_images, load_image
-from dreambooth.training.runlog import hms
 from dreambooth.data.subjects import class_folder, prompts_as_trained
+from dreambooth.files import write_text_atomic
+from dreambooth.report.scores import score_charts, scores_table
+from dreambooth.training.runlog import hms
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +116,19 @@ def _prompts(subject: dict) -> tuple:
     return prompts_as_trained(subject.get("dir"), subject.get("instance_prompt"), subject.get("class_prompt"))
 
 
-def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
+def _caption(path: Path, instance_prompt) -> str:
+    """The NAME.txt caption beside an instance image (captions: true) as trained, for its thumbnail; "" if none."""
+    try:
+        text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8-sig").split())
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text.replace(PLACEHOLDER, str(instance_prompt))
+
+
+def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]], captions: bool = False, masks: bool = False) -> str:
     """Small PNG copies of the training (and class) images in report_files/, so the page survives a move.
-    SUBJECTS: each config subject with its prompts as trained (_prompts)."""
+    SUBJECTS: each config subject with its prompts as trained (_prompts); CAPTIONS: show each image's caption;
+    MASKS: mask files are expected beside the images."""
     assets = out / ASSETS
     assets.mkdir(exist_ok=True)
     blocks = []
@@ -128,7 +141,7 @@ def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
             if not where.is_dir():
                 continue
             try:
-                paths = list_images(where)
+                paths = list_images(where, captions=captions, masks=masks)
             except Exception as e:  # an unreadable folder must not cost the whole report
                 log.warning("report: cannot list %s: %s", where, e)
                 continue
@@ -141,8 +154,10 @@ def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]]) -> str:
                 image.thumbnail((THUMB, THUMB))
                 name = f"{ASSETS}/s{i}-{'class' if label.startswith('class') else 'data'}-{j:02d}.png"
                 image.save(out / name)
+                text = _caption(path, instance) if captions and where == folder else ""
+                text = f"<br><i>{html.escape(text)}</i>" if text else ""
                 cells.append(f'<figure><img src="{_src(name)}" alt="{html.escape(path.name)}">'
-                             f'<figcaption>{html.escape(path.name)}</figcaption></figure>')
+                             f'<figcaption>{html.escape(path.name)}{text}</figcaption></figure>')
             if cells:
                 more = f" (first {n} of {len(paths)})" if len(paths) > n else ""
                 blocks.append(f"<h3>{html.escape(label)}: {html.escape(str(where))}{more}</h3>"
@@ -171,7 +186,7 @@ def _summary_table(summary: dict, validation: dict) -> str:
                 add(f"{prefix}{k}.", v)
             elif not isinstance(v, list):
                 rows.append(f"<tr><th>{html.escape(prefix + k)}</th><td>{html.escape(_fmt(k, v))}</td></tr>")
-    add("", summary)
+    add("", {k: v for k, v in summary.items() if k != "validation_scores"})  # shown with the sweep instead
     spent = sum(d.get("seconds", 0) for d in validation.get("done", {}).values())
     if spent:
         rows.append(f"<tr><th>validation time (part of wall time)</th><td>{_fmt('x_s', spent)}</td></tr>")
@@ -188,7 +203,8 @@ def _validation(validation: dict) -> str:
                     for s, d in sorted(validation["done"].items(), key=lambda kv: int(kv[0])))
     return (f'<p>Rows are prompts, columns are steps. Pick the step where the subject is right and the prompt '
             f'still changes the scene (later steps often copy the training photos).</p>'
-            f'<img class="grid" src="{_src(validation["sweep"])}" alt="validation sweep">'
+            f'<div class=beside><img class="grid" src="{_src(validation["sweep"])}" alt="validation sweep">'
+            f'{score_charts(validation)}</div>{scores_table(validation)}'
             f"<p>Prompts:</p><ol>{prompts}</ol><p class=small>{html.escape(settings)}</p>"
             f"<details><summary>Grid of every seed per step</summary><ul>{grids}</ul></details>")
 
@@ -200,7 +216,9 @@ pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em;max-height:30e
 .thumbs{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:.75em;text-align:center;width:128px}
 figure img{max-width:128px;max-height:128px;min-width:64px;image-rendering:pixelated}
 img.grid{max-width:100%;min-width:320px;image-rendering:pixelated;border:1px solid #ddd}
-.small{font-size:.85em;color:#555}#missing{color:#b00;font-weight:bold}"""
+.small{font-size:.85em;color:#555}#missing{color:#b00;font-weight:bold}
+.beside{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.beside img.grid{flex:0 1 auto}
+.metrics{display:flex;flex-wrap:wrap;gap:10px;flex:1 1 300px}tr.best td{background:#fff3c4;font-weight:bold}"""
 
 # Marks the page when an image did not load, visibly for the user and as data-broken-images for tests.
 CHECK = """<script>window.addEventListener("load",function(){var bad=Array.prototype.filter.call(document.images,
@@ -223,6 +241,8 @@ def write_report(out_dir: str | Path) -> Path:
     head = (f"model {config.get('model', '?')} &middot; {summary.get('steps', '?')} steps &middot; "
             f"learning rate {config.get('learning_rate', '?')} &middot; final loss "
             f"{_fmt('loss', summary.get('final_loss', '?'))}")
+    if (validation.get("recommended") or {}).get("step") is not None:
+        head += f" &middot; recommended step <b>{validation['recommended']['step']}</b>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DreamBooth run: {html.escape(out.name)}</title>
 <style>{STYLE}</style></head>
@@ -238,17 +258,13 @@ def write_report(out_dir: str | Path) -> Path:
 <h2>Timings and memory</h2>
 {_summary_table(summary, validation)}
 <h2>Training data</h2>
-{_thumbnails(out, subjects)}
+{_thumbnails(out, subjects, bool(config.get("captions")), bool(config.get("masked_loss")))}
 <h2>Resolved config</h2>
 <pre>{html.escape(config_text)}</pre>
 {CHECK}
 </body></html>
 """
-    path = out / REPORT
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / REPORT, page)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,16 @@
-"""Inference: load a trained pipeline folder and write PNGs with their prompt, seed and settings embedded."""
+"""Inference: JumpStart's request parameters, and PNGs written with their prompt, seed and settings embedded.
+Loading the pipeline and choosing its scheduler: models/pipeline.py."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dreambooth.errors import UserError, first_line
-
-# Short names users know from the UIs, mapped to diffusers scheduler classes.
-SCHEDULERS = {
-    "dpm++": ("DPMSolverMultistepScheduler", {}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from dreambooth.errors import UserError
+from dreambooth.files import save_png, slug
 
 
 @dataclass
@@ -67,54 +57,6 @@ def read_payload(path: str | Path) -> dict:
     if isinstance(data.get("prompt"), str):
         data["prompt"] = [data["prompt"]]
     return data
-
-
-def set_scheduler(pipe, name: str) -> None:
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
-    import diffusers
-    cls_name, extra = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-
-
-def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = False, revision: str | None = None,
-                  variant: str | None = None):
-    """A StableDiffusionPipeline from a trained output folder (or any diffusers folder / hub id; a hub id may name
-    its revision and weight variant, e.g. fp16)."""
-    from diffusers import StableDiffusionPipeline
-
-    from dreambooth.config.schema import Config
-    from dreambooth.models.base_model import check_sd21_base, explain
-    from dreambooth.models.load import load_pipeline_source, model_kind
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    kind = model_kind(model, allow_pickle)
-    if kind in ("builtin", "single-file"):
-        pipe = load_pipeline_source(Config(model=model, allow_pickle=allow_pickle)).to(dtype=dtype)
-    else:
-        if kind == "hub":
-            check_sd21_base(model, revision)  # a hub id naming SD 2.1 base: its configs, before its weights
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
-                                                           use_safetensors=None if allow_pickle else True,
-                                                           revision=revision, variant=variant)
-        except (OSError, ValueError) as e:
-            raise explain(model, e) or UserError(f"cannot load pipeline '{model}': {first_line(e)}") from None
-    return pipe.to(device)
-
-
-def save_png(image, path: Path, settings: dict) -> Path:
-    """Save a PNG with the settings that made it as JSON in its `parameters` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(settings))
-    image.save(path, format="PNG", pnginfo=info)
-    return path
-
-
-def slug(text: str, length: int = 48) -> str:
-    """A prompt as a short file-name part: lower-case letters and digits joined by dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "image"
 
 
 def generate(pipe, request: Request, out_dir: str | Path, quiet: bool = False) -> list[Path]:

@@ -9,7 +9,13 @@ from pathlib import Path
 from dreambooth.errors import UserError
 
 
-def add_sweep_args(p: argparse.ArgumentParser) -> None:
+def add_sweep_parser(sub, func) -> argparse.ArgumentParser:
+    """The `sweep` subcommand's parser, running `func`."""
+    p = sub.add_parser("sweep", help="train a grid of settings x subjects as Ray Tune trials (dreambooth[sweep])",
+                       description="dreambooth sweep CONFIG [key=value ...] --grid KEY=[v1,v2] ... [--subjects DIR ...]: "
+                                   "one normal run per trial in output_dir/<trial>, sweep.csv/json/html beside them; "
+                                   "rerun the same command to resume (finished trials are skipped)")
+    p.set_defaults(func=func)
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
                    help="a setting to vary (repeat for more: trials are the product), e.g. learning_rate=[1e-6,2e-6]")
@@ -31,6 +37,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-steps", type=int, help="checkpoint interval of trials whose config sets none "
                    "(default 100): a retry resumes from the latest")
     p.add_argument("--report-steps", type=int, default=10, help="steps between progress reports to Ray (default 10)")
+    return p
 
 
 def sweep_from_args(args, config: str | None, overrides: list[str], quiet_library_bars) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from dreambooth.errors import UserError
+from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
 
 STOP_FILE = "STOP"  # in the sweep folder: the driver writes it on Ctrl-C (or you do, by hand) to stop every trial
@@ -31,12 +32,6 @@ def read_json(path: Path, default=None):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def loss_metrics(losses: list[float]) -> dict:

@@ -9,14 +9,15 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dreambooth import checksums
 from dreambooth.errors import UserError
+from dreambooth.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,31 @@ def root_of(out: str | Path) -> Path:
     return Path(out) / CHECKPOINTS
 
 
-def is_complete(path: Path) -> bool:
+def marker(path: Path) -> dict | None:
+    """The completion marker of a checkpoint folder, None if it has none (or an unreadable one)."""
     try:
-        return json.loads((path / COMPLETE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads((path / COMPLETE).read_text())
+        return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(path: Path) -> bool:
+    return marker(path) is not None
+
+
+def damage(path: Path, full: bool = True) -> str | None:
+    """Why a complete checkpoint is damaged ('FILE is N bytes, M when written', 'FILE fails its checksum'), None if
+    intact or written before checkpoints recorded their files. `full=False` compares sizes only (no reading)."""
+    files = (marker(path) or {}).get("files")
+    if not files:
+        return None
+    return checksums.check_files(path, files) if full else checksums.check_sizes(path, files)
+
+
+def is_verifiable(path: Path) -> bool:
+    """Whether the checkpoint records its files' sizes and checksums (those written before this do not)."""
+    return bool((marker(path) or {}).get("files"))
 
 
 def list_checkpoints(out: str | Path) -> tuple[list[tuple[int, Path]], list[Path]]:
@@ -102,47 +123,48 @@ def list_checkpoints(out: str | Path) -> tuple[list[tuple[int, Path]], list[Path
 
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones are skipped with a warning."""
-    complete, incomplete = list_checkpoints(out)
-    for path in incomplete:
-        log.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
+    complete = complete_checkpoints(out)
     return complete[-1][1] if complete else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def newest_intact(out: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match their recorded sizes and checksums; each newer one that
+    does not is skipped with a warning naming its first bad file (so resume never loads a damaged one)."""
+    for _, path in reversed(complete_checkpoints(out)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return None
+
+
+def complete_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints, oldest first, with a warning for each incomplete one."""
+    complete, incomplete = list_checkpoints(out)
+    for path in incomplete:
+        log.warning("ignoring incomplete checkpoint %s (its write was interrupted)", path)
+    return complete
 
 
 def write_atomic(final: Path, write_files, marker: dict) -> Path:
-    """Write a folder via `write_files(tmp)` into a temp folder beside `final`, add the completion marker,
-    fsync, then rename into place; on any failure (or Ctrl-C) the temp folder goes and `final` is untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    """Write a checkpoint folder via `write_files(tmp)` with the completion marker added last, atomically
+    (files.atomic_folder: a failure or Ctrl-C leaves `final` untouched and no temp folder). The marker records
+    every file's size and checksums, hashed from the page cache right after writing (checksums.py)."""
+    def write(tmp: Path) -> None:
         write_files(tmp)
-        (tmp / COMPLETE).write_text(json.dumps(marker, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        old = None
-        if final.exists():  # the same step written again: swap, since rename cannot replace a full folder
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        files = checksums.record_files(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({**marker, "checksum": checksums.ALGORITHM, "files": files},
+                                               indent=2))
+    return atomic_folder(final, write)
 
 
 def prune(out: str | Path, keep_last: int | None) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never ones marked keep) and stale temp folders."""
+    """Delete all but the newest `keep_last` complete checkpoints (never ones marked keep) and stale temp folders,
+    and never the newest intact one: when none of those kept is intact, the newest older intact one stays too.
+
+    Intact here means every recorded file has its recorded size: pruning runs after every checkpoint, so it
+    cannot re-read gigabytes; the checkpoint just written was hashed from the bytes written, and resume reads
+    every checksum before loading."""
     complete, incomplete = list_checkpoints(out)
     removed = []
     for path in incomplete:
@@ -150,7 +172,14 @@ def prune(out: str | Path, keep_last: int | None) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
     if keep_last is None:
         return removed
-    for _, path in complete[:-keep_last] if len(complete) > keep_last else []:
+    doomed = complete[:-keep_last] if len(complete) > keep_last else []
+    if doomed and all(damage(path, full=False) for _, path in complete[-keep_last:]):
+        spare = next((c for c in reversed(doomed) if damage(c[1], full=False) is None), None)
+        if spare is not None:
+            log.warning("keeping checkpoint %s beyond keep_last: %d: the newer ones are damaged", spare[1],
+                        keep_last)
+            doomed.remove(spare)
+    for _, path in doomed:
         if not json.loads((path / COMPLETE).read_text()).get("keep"):
             # Hide it first (one rename), so a delete cut short never leaves a half checkpoint that looks whole.
             doomed = path.with_name(f".{path.name}.del-{os.getpid()}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dreambooth.config.plan import RunPlan
+from dreambooth.data.buckets import epoch_slots
 from dreambooth.data.dataset import collate
 from dreambooth.data.latent_cache import build_latent_cache, image_sources
 from dreambooth.data.subjects import MultiSubjectDataset
@@ -48,6 +49,8 @@ class Inputs:
             self.dataset.set_epoch(state.epoch)
             if isinstance(self.dataset, MultiSubjectDataset):  # one subject per batch, subjects taking turns
                 groups = self._shard(self.dataset.epoch_batches(state.epoch, cfg.seed))
+            elif self.dataset.buckets is not None:  # batches of one bucket each
+                groups = self._shard(epoch_slots(self.dataset, state.epoch, cfg.seed, cfg.batch_size))
             else:
                 g = torch.Generator().manual_seed(cfg.seed * 100_003 + state.epoch)
                 order = self._shard(torch.randperm(len(self.dataset), generator=g).tolist())

@@ -25,14 +25,23 @@ def training_settings(plan: RunPlan) -> dict[str, Any]:
     return json.loads(json.dumps(flatten_config(plan.effective_config(), NON_TRAINING_KEYS)))
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every training-relevant key at its schema default, normalised as training_settings normalises them."""
+    return json.loads(json.dumps(flatten_config(Config(), NON_TRAINING_KEYS)))
+
+
 def settings_differences(saved: dict, current: dict) -> list[str]:
-    """'key: checkpoint value -> current value' for every training-relevant key that differs."""
-    missing = object()
+    """'key: checkpoint value -> current value' for every training-relevant key that differs. A key the checkpoint
+    lacks was added to the schema after it was written: at its default it changes nothing, so it is not a difference."""
+    missing, defaults = object(), schema_defaults()
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, missing), current.get(key, missing)
+        if a is missing and key in defaults and b == defaults[key]:
+            continue
         if a != b:
-            out.append(f"{key}: {'(unset)' if a is missing else a!r} -> {'(unset)' if b is missing else b!r}")
+            shown = ["(unset)" if v is missing else repr(v) for v in (a, b)]
+            out.append(f"{key}: {shown[0]} -> {shown[1]}")
     return out
 
 
@@ -47,17 +56,30 @@ def read_state(path: Path) -> dict:
 def _resume_path(cfg: Config, out: Path) -> Path:
     """The checkpoint folder that cfg.resume names: `latest`, a step folder, or another run's output folder."""
     if cfg.resume.strip().lower() == "latest":
-        path = store.latest_checkpoint(out)
+        path = store.newest_intact(out)  # damaged newer ones are skipped, each with a warning
         if path is None:
-            raise UserError(f"resume: latest found no complete checkpoint in {store.root_of(out)}: "
+            damaged = " (every complete one is damaged: see the warnings above)" if store.list_checkpoints(out)[0] \
+                else ""
+            raise UserError(f"resume: latest found no intact checkpoint in {store.root_of(out)}{damaged}: "
                             "start without resume, or set resume to a checkpoint folder")
-        return path
+        return _unverified_note(path)
     path = Path(cfg.resume).expanduser()
     if path.is_dir() and not store.STEP_DIR.match(path.name) and (path / store.CHECKPOINTS).is_dir():
-        path = store.latest_checkpoint(path) or path  # an output folder: take its newest checkpoint
+        path = store.newest_intact(path) or path  # an output folder: take its newest intact checkpoint
     if not path.is_dir() or not store.is_complete(path):
         raise UserError(f"resume: {path} is not a complete checkpoint folder (no {store.COMPLETE}): "
                         f"give a folder like {store.root_of(out)}/step-000100, or resume=latest")
+    problem = store.damage(path)
+    if problem:
+        raise UserError(f"resume: checkpoint {path} is damaged ({problem}): resume from an earlier checkpoint, "
+                        "or resume=latest to take the newest intact one")
+    return _unverified_note(path)
+
+
+def _unverified_note(path: Path) -> Path:
+    if not store.is_verifiable(path):
+        log.info("checkpoint %s records no checksums (written by an earlier version): its files could not be "
+                 "verified", path)
     return path
 
 

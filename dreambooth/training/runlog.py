@@ -6,15 +6,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import platform
+import resource
 import time
 from pathlib import Path
 
+import accelerate
+import diffusers
 import numpy as np
+import torch
+import transformers
 
 from dreambooth.config.plan import RunPlan
+from dreambooth import __version__
 from dreambooth.config.parse import flatten_config
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError
+from dreambooth.files import write_json_atomic
 from dreambooth.training.state import TrainState
 
 log = logging.getLogger("dreambooth")
@@ -109,9 +117,15 @@ class RunLog:
                       entry.get("loss", float("nan")), mean, extras, entry.get("lr", float("nan")),
                       entry.get("grad_norm", float("nan")), per_step, hms(per_step * (total - step)))
 
-    def validated(self, step: int, images: dict[str, list], seconds: float) -> None:
-        """After a validation: keep its time out of s/step and ETA; images to the tracker, a tag per prompt."""
+    def validated(self, step: int, images: dict[str, list], seconds: float, scores: dict | None = None) -> None:
+        """After a validation: keep its time out of s/step and ETA; its scores to the log and tracker, images to
+        the tracker, a tag per prompt."""
         self._last_time += seconds
+        if scores:
+            progress.info("validation scores at step %d: %s", step,
+                          "  ".join(f"{k} {v:+.4f}" if k == "drift" else f"{k} {v:.4f}" for k, v in scores.items()))
+            if self.tracking:
+                self.accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=step)
         if not self.tracking or not images:
             return
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -129,9 +143,7 @@ class RunLog:
             first = history[0]["step"] if history else float("inf")
             earlier = [h for h in json.loads(path.read_text()) if h["step"] < first]
             history = earlier + history
-        tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a killed process must not leave half
-        tmp.write_text(json.dumps(history))
-        tmp.replace(path)
+        write_json_atomic(path, history, indent=None)
         return path
 
     def close(self, error: BaseException | None = None) -> None:
@@ -174,12 +186,9 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
-    """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions."""
-    import platform
-
-    import torch
-
+def run_summary(plan: RunPlan, state: TrainState, wall_time: float, scoring: dict | None = None) -> dict:
+    """train_summary.json of a finished run: steps, losses, time, throughput, peak memory, device, versions;
+    with validation.metrics, the scores of each validated step and the recommended step (`scoring`)."""
     cfg, cuda = plan.config, torch.cuda.is_available()
     samples = state.step * cfg.batch_size * cfg.gradient_accumulation_steps
     return {
@@ -197,22 +206,17 @@ def run_summary(plan: RunPlan, state: TrainState, wall_time: float) -> dict:
         # What config.yaml keeps as auto, as this run decided it (export headers read it back).
         "resolved": plan.resolved(),
         "subjects": state.subjects.summary(),
+        **({"validation_scores": scoring} if scoring else {}),
+        **({"recommended_step": scoring["recommended"]["step"]} if scoring and "recommended" in scoring else {}),
         "versions": library_versions(),
     }
 
 
 def library_versions() -> dict:
     """The versions of this package and the libraries it trains with (train_summary.json and bench JSON)."""
-    import accelerate
-    import diffusers
-    import torch
-    import transformers
-
-    from dreambooth import __version__
     return {"dreambooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
 def peak_rss() -> int:
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

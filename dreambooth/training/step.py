@@ -10,7 +10,7 @@ import torch
 
 from dreambooth.config.plan import RunPlan
 from dreambooth.training.inputs import Inputs
-from dreambooth.training.loss import add_noise, dreambooth_loss, mse, training_target
+from dreambooth.training.loss import add_noise, dreambooth_loss, mask_weight, masked_mse, mse, training_target
 from dreambooth.training.state import TrainState
 
 
@@ -59,10 +59,26 @@ class TrainStep:
         if batch.get("has_class"):
             parts.append(self.noised(batch["class_pixel_values"], generator))
             prompts += batch["class_prompts"]
+        weight = self.instance_weight(batch, parts[0][0])
+        if len(parts) > 1 and parts[0][0].shape[1:] != parts[1][0].shape[1:]:  # class images in another bucket
+            return self.split_loss(parts, batch, weight)
         latents, noise, t = (torch.cat(x) for x in zip(*parts))
         pred, target = self.predict(latents, noise, t, prompts)
-        total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight)
+        total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight,
+                                                 weight)
         return {"loss": total, "instance_loss": instance, **({"prior_loss": prior} if prior is not None else {})}
+
+    def split_loss(self, parts: list, batch: dict, weight) -> dict[str, torch.Tensor]:
+        """Instance and class images of different sizes (buckets): one forward each, the joined forward's loss."""
+        instance = masked_mse(*self.predict(*parts[0], batch["prompts"]), weight)
+        prior = mse(*self.predict(*parts[1], batch["class_prompts"]))
+        return {"loss": instance + self.cfg.prior_loss_weight * prior, "instance_loss": instance, "prior_loss": prior}
+
+    def instance_weight(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
+        """masked_loss: the batch's masks as per-latent-pixel weights of the instance loss; else None."""
+        if "masks" not in batch:
+            return None
+        return mask_weight(batch["masks"].to(latents.device), latents.shape[-2:], self.cfg.mask_min)
 
     def sequential_backward(self, batch: dict, scale: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """prior_mode sequential: instance and class passes backpropagate one after the other into the same
@@ -71,7 +87,8 @@ class TrainStep:
         instance_part = self.noised(batch["pixel_values"], generator)
         class_part = self.noised(batch["class_pixel_values"], generator)
         with self.no_sync():  # gradients sync once, after the second pass
-            instance = mse(*self.predict(*instance_part, batch["prompts"]))
+            instance = masked_mse(*self.predict(*instance_part, batch["prompts"]),
+                                  self.instance_weight(batch, instance_part[0]))
             go_on = self.loss_finite({"loss": instance})
             if go_on:
                 self.accelerator.backward(instance * scale)

@@ -3,13 +3,16 @@ saves the result. run_training() is the whole job: setup -> train -> save -> rep
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dreambooth.config.machine import Machine
@@ -19,19 +22,23 @@ from dreambooth.config.schema import Config
 from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
-from dreambooth.export.output_dir import check_output_dir, mark_output_dir, write_pipeline
+from dreambooth.export.formats import export_run
+from dreambooth.export.output_dir import check_output_dir, lock_output_dir, mark_output_dir, write_pipeline
+from dreambooth.files import write_json_atomic
 from dreambooth.models.load import load_components, load_frozen, sd_pipeline
 from dreambooth.models.lora import add_lora_layers
+from dreambooth.report.page import write_report
 from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
 from dreambooth.training.compiling import compile_unet
 from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
 from dreambooth.training.resume import resolve_resume
 from dreambooth.training.runlog import RunLog, run_summary, tracker_kwargs
+from dreambooth.training.scoring import ValidationScorer, check_scoring
 from dreambooth.training.signals import Interrupted, StopSignals
 from dreambooth.training.state import SubjectStats, TrainState
 from dreambooth.training.step import TrainStep
-from dreambooth.training.validation import Validator
+from dreambooth.training.validation import Validator, config_prompts, preserved_training_state
 
 log = logging.getLogger(__name__)
 # Called after each optimisation step (its checkpoint and validation done) with the state and the step's logs;
@@ -47,20 +54,31 @@ class Trainer:
         self.cfg = cfg
         self.on_step, self.stop_reason = on_step, None
         self.out = check_output_dir(cfg.output_dir)
-        # Everything that can refuse the run does so here, before anything is written or sampled.
-        self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
-        self.training_set = TrainingSet(cfg, self.subjects)
-        self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
-        self.resume_from = resolve_resume(self.plan, self.out)
+        self.lock = lock_output_dir(self.out)  # held until close() or the process ends (however it ends)
+        try:
+            # Everything that can refuse the run does so here, before anything is written or sampled.
+            self.subjects = resolve_subjects(cfg)  # once per run; validation and export get them from here
+            self.training_set = TrainingSet(cfg, self.subjects)
+            self.plan = resolve(cfg, machine or Machine.detect(), self.training_set.epoch_items())
+            self.resume_from = resolve_resume(self.plan, self.out)
+            if cfg.validation.enabled and cfg.validation.metrics:
+                check_scoring(cfg, self.subjects, config_prompts(cfg, self.subjects))
+        except BaseException:
+            self.close()
+            raise
         self.state = TrainState()
         self.wall_time = 0.0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import set_seed
+        """Build the run's parts; a failure here ends the run, so output_dir is let go at once."""
+        try:
+            return self._build()
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self) -> "Trainer":
         cfg, plan = self.cfg, self.plan
         self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
@@ -84,7 +102,6 @@ class Trainer:
         params = [p for m in trainable for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, plan)
         paramwise = optimizer if plan.memory.paramwise else None  # bf16 weights and/or steps inside backward
-        from diffusers.optimization import get_scheduler
         schedule = cfg.lr_scheduler
         if schedule == "constant" and cfg.lr_warmup_steps:  # diffusers' plain constant would drop the warm-up
             schedule = "constant_with_warmup"
@@ -102,13 +119,27 @@ class Trainer:
         self.state.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + acc.process_index)
         self.state.subjects = SubjectStats([s.name for s in self.subjects], cfg.gradient_accumulation_steps,
                                            cfg.with_prior_preservation)
+        scorer = self._scorer()  # before a checkpoint is restored: the base model's scores
         if self.resume_from is not None:  # last, so everything it restores (RNG streams above all) stays put
             self.checkpoints.restore(self.state, self.resume_from)
         self.validator = Validator(cfg, self.subjects, plan.total_steps, self.out, acc, c, self.unet,
                                    self.inputs.encode_prompts, [self.state.generator],
-                                   resumed=self.resume_from is not None) if cfg.validation.enabled else None
+                                   resumed=self.resume_from is not None, scorer=scorer) \
+            if cfg.validation.enabled else None
         self.runlog.start(self.state.step)
         return self
+
+    def _scorer(self) -> ValidationScorer | None:
+        """validation.metrics' scorer (main process), prepared while the model is still the base model."""
+        cfg, c = self.cfg, self.components
+        if not (cfg.validation.enabled and cfg.validation.metrics and self.accelerator.is_main_process):
+            return None
+        scorer = ValidationScorer(cfg, self.subjects, self.training_set.instance_images, self.accelerator, c,
+                                  self.unet, self.inputs.encode_prompts, self.weight_dtype)
+        unwrap = self.accelerator.unwrap_model
+        with preserved_training_state([unwrap(self.unet), unwrap(c.text_encoder), c.vae], [self.state.generator]):
+            scorer.prepare()
+        return scorer
 
     def _place_models(self, c, device, master: torch.dtype) -> None:
         """Devices, dtypes and trainability of the components, as the plan asks."""
@@ -166,7 +197,7 @@ class Trainer:
             self.validator.finish()  # the final sweep grid
         self.runlog.write_history()
         self.wall_time = time.time() - start
-        return run_summary(self.plan, state, self.wall_time)
+        return run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         requested = stop.requested is not None or self.stop_reason is not None
@@ -191,7 +222,7 @@ class Trainer:
                 self.checkpoints.save(state, keep=True)
             start = time.time()
             images = self.validator.run(state.step)
-            self.runlog.validated(state.step, images, time.time() - start)
+            self.runlog.validated(state.step, images, time.time() - start, self.validator.scores(state.step))
         if self.on_step is not None:  # last: the step's checkpoint and validation images exist by now
             reason = self.on_step(state, logs)
             if reason:
@@ -221,30 +252,37 @@ class Trainer:
         complete), a LoRA run's LoRA file, single-file and kohya exports (export/formats.py)."""
         if not self.accelerator.is_main_process:
             return self.out
-        from dreambooth.export.formats import export_run  # imports the single-file key maps: only when saving
         unwrap = self.accelerator.unwrap_model
         pipe = export_run(self.out, self.plan, summary, [s.instance_prompt for s in self.subjects], self.pipeline,
                           unwrap(self.unet), unwrap(self.components.text_encoder))
         if pipe is not None:
             write_pipeline(pipe, self.out)
         if summary is not None:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.out / "train_summary.json", summary)
         return self.out
+
+    def close(self) -> None:
+        """Let the next run into output_dir (a lock file in an otherwise empty folder goes, with the folder)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def run_training(cfg: Config, on_step: OnStep | None = None) -> dict:
     """setup -> train -> save -> report.html; returns the summary. on_step: see OnStep."""
-    trainer = Trainer(cfg, on_step=on_step).setup()
-    error = None
+    trainer = Trainer(cfg, on_step=on_step)
     try:
-        summary = trainer.train()
-        trainer.save(summary)
-        if trainer.accelerator.is_main_process:
-            from dreambooth.report.page import write_report  # report reads the run folder; loaded at the end
-            write_report(trainer.out)
-    except BaseException as e:
-        error = e
-        raise
+        trainer.setup()
+        error = None
+        try:
+            summary = trainer.train()
+            trainer.save(summary)
+            if trainer.accelerator.is_main_process:
+                write_report(trainer.out)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            trainer.runlog.close(error)  # the log file says how the run ended
     finally:
-        trainer.runlog.close(error)  # the log file says how the run ended
+        trainer.close()
     return summary

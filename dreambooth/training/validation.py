@@ -17,16 +17,18 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from dreambooth.config.schema import Config, ValidationConfig
-from dreambooth.serve.generate import save_png, slug
+from dreambooth.data.subjects import Subject, resolve_subjects
+from dreambooth.eval.best import recommend
+from dreambooth.files import atomic_file, save_png, slug, write_json_atomic
+from dreambooth.models.load import on_device, sd_pipeline
 from dreambooth.training.rng import restore_rng, rng_snapshot
 from dreambooth.training.compiling import eager
-from dreambooth.models.load import on_device
-from dreambooth.data.subjects import Subject, resolve_subjects
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("dreambooth.progress")  # runlog.py: file only while bars show, console when quiet
 
 DEFAULT_STEPS = (50, 100, 200, 400, 800)  # JumpStart's guide compares separate runs of these lengths
+CAPTION_PROMPTS = 2  # with captions: true, the first captions of each subject join the default prompts
 INDEX = "index.json"
 _PHOTO_OF = re.compile(r"^(a|an)\s+(photo|picture|image)\s+of\s+", re.IGNORECASE)
 
@@ -44,11 +46,12 @@ def default_prompts(pairs: list[tuple[str, str | None]]) -> list[str]:
 
 def config_prompts(cfg: Config, subjects: list[Subject] | None = None) -> list[str]:
     """`validation.prompts`, or the defaults derived from every subject's resolved prompts (the run's own
-    `subjects` when given, else resolved from the config)."""
+    `subjects` when given, else resolved from the config) and a few of its captions."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
     subjects = resolve_subjects(cfg, need_class_prompt=False) if subjects is None else subjects
-    return default_prompts([(s.instance_prompt, s.class_prompt) for s in subjects])
+    prompts = default_prompts([(s.instance_prompt, s.class_prompt) for s in subjects])
+    return list(dict.fromkeys(prompts + [c for s in subjects for c in s.captions[:CAPTION_PROMPTS]]))
 
 
 def validation_steps(v: ValidationConfig, total_steps: int) -> list[int]:
@@ -150,11 +153,14 @@ def preserved_training_state(modules: list[torch.nn.Module], generators: list[to
 # ----------------------------------------------------------------------------------------------- validator
 
 class Validator:
-    """Generates the validation images of a live Trainer at its scheduled steps; keeps validation/index.json."""
+    """Generates the validation images of a live Trainer at its scheduled steps, scores them when a scorer
+    (scoring.py) is given; keeps validation/index.json."""
 
     def __init__(self, cfg: Config, subjects: list[Subject], total_steps: int, out: Path, accelerator,
-                 components, unet, encode_prompts, generators: list[torch.Generator], resumed: bool = False):
+                 components, unet, encode_prompts, generators: list[torch.Generator], resumed: bool = False,
+                 scorer=None):
         self.cfg, self.v, self.out, self.accelerator = cfg, cfg.validation, out, accelerator
+        self.scorer = scorer  # on the main process only (None elsewhere)
         self.components, self.unet, self.encode_prompts = components, unet, encode_prompts
         self.generators = generators  # training's own streams, left exactly as they were (see preserved_training_state)
         self.prompts = config_prompts(cfg, subjects)
@@ -181,7 +187,6 @@ class Validator:
         (good at ~25 steps) so the trainer's scheduler objects are untouched."""
         from diffusers import DPMSolverMultistepScheduler
 
-        from dreambooth.models.load import sd_pipeline
         c = self.components
         pipe = sd_pipeline(vae, text_encoder, c.tokenizer, unet,
                            DPMSolverMultistepScheduler.from_config(c.scheduler.config))
@@ -194,6 +199,7 @@ class Validator:
         v, accelerator = self.v, self.accelerator
         unet, text_encoder, vae = self._modules()
         images: dict[str, list[Image.Image]] = {}
+        scores = None
         start = time.time()
         with preserved_training_state([unet, text_encoder, vae], self.generators):
             if accelerator.is_main_process:
@@ -216,12 +222,15 @@ class Validator:
                             generator=[torch.Generator("cpu").manual_seed(s) for s in self.seeds]).images
                 bar.close()
                 del pipe
+                if self.scorer is not None:  # outside autocast: scored as the real photos were, in fp32
+                    scores = self.scorer.score(images)
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._write(step, images, time.time() - start)
+            self._write(step, images, time.time() - start, scores)
         return images
 
-    def _write(self, step: int, images: dict[str, list[Image.Image]], seconds: float) -> None:
+    def _write(self, step: int, images: dict[str, list[Image.Image]], seconds: float,
+               scores: dict | None = None) -> None:
         folder = self.dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         rel = []
@@ -232,10 +241,11 @@ class Validator:
                                 {"prompt": prompt, "seed": seed, "step": step, **self._settings()})
                 rel[-1].append(path.relative_to(self.out).as_posix())
         grid = folder / "grid.png"
-        make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
-                  row_labels=self.prompts).save(grid)
+        with atomic_file(grid) as tmp:
+            make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
+                      row_labels=self.prompts).save(tmp)
         self.done[str(step)] = {"images": rel, "grid": grid.relative_to(self.out).as_posix(),
-                                "seconds": round(seconds, 3)}
+                                "seconds": round(seconds, 3), **({"scores": scores} if scores is not None else {})}
         self.write_sweep()
         progress.info("validation at step %d: %d prompts x %d images in %.1f s -> %s", step, len(self.prompts),
                       len(self.seeds), seconds, grid.relative_to(self.out).as_posix())
@@ -261,12 +271,30 @@ class Validator:
             rows.append(row)
         sweep = self.dir / "sweep.png"
         if any(im is not None for row in rows for im in row):  # none: the images were deleted meanwhile
-            make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(sweep)
+            with atomic_file(sweep) as tmp:  # redrawn after every validation: never half a picture
+                make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(tmp)
         index = {"prompts": self.prompts, "seeds": self.seeds, "planned_steps": self.steps, **self._settings(),
-                 "sweep": sweep.relative_to(self.out).as_posix(), "done": self.done}
-        (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+                 "sweep": sweep.relative_to(self.out).as_posix(), **(self.scoring() or {}), "done": self.done}
+        write_json_atomic(self.dir / INDEX, index)
         self._swept = sorted(self.done)
         return sweep
+
+    def scores(self, step: int) -> dict | None:
+        return self.done.get(str(step), {}).get("scores")
+
+    def scoring(self) -> dict | None:
+        """The scores of every validated step, the base model's and real photos' references, and the
+        recommended step (with DINO and CLIP-T); None when validation.metrics is off."""
+        if not self.v.metrics:
+            return None
+        scores = {s: d["scores"] for s, d in sorted(self.done.items(), key=lambda kv: int(kv[0])) if "scores" in d}
+        out = {"metrics": list(self.v.metrics), "scores": scores}
+        if self.scorer is not None:
+            out.update(base=self.scorer.base, reference=self.scorer.reference)
+        best = recommend(scores, self.cfg.eval.clip_t_margin)
+        if best is not None:
+            out["recommended"] = best
+        return out
 
     def finish(self) -> Path | None:
         """At the end of training: the final sweep over every step validated (already written when the last
