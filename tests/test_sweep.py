@@ -11,7 +11,7 @@ from dreambooth.cli import main
 from dreambooth.errors import UserError
 from dreambooth.models.builtin import TINY_RESOLUTION
 from dreambooth.sweep import grid, summary
-from dreambooth.sweep.trial import RECORD, STOP_FILE, loss_metrics, run_trial
+from dreambooth.sweep.trial import RECORD, STOP_FILE, check_metric, loss_metrics, metric_mode, run_trial
 from dreambooth.training.signals import Interrupted
 from dreambooth.training.trainer import run_training
 
@@ -169,3 +169,23 @@ def test_a_trial_its_scheduler_stops_checkpoints_and_reports_no_more(tmp_path, s
     # Any trial is a normal run: this one goes on alone, from its checkpoint, with `dreambooth train`.
     assert main(["train", str(Path(trial.dir) / "config.yaml"), "resume=latest"]) == 0
     assert json.loads((Path(trial.dir) / "train_summary.json").read_text())["steps"] == 4
+
+
+def test_validation_scores_are_metrics_a_sweep_can_rank_by(tmp_path, subject_dir):
+    validation = {"enabled": True, "steps": [2, 4], "num_inference_steps": 2, "metrics": ["loss"]}
+    trial = grid.expand(tiny_base(tmp_path / "sweep", subject_dir, max_steps=4, validation=validation), {})[0]
+    reports = []
+    result = run_trial(trial, reports.append, None, report_steps=3)
+    # Reported at every report_steps and at each scored validation step, with that step's score.
+    assert [(r["step"], "validation_loss" in r) for r in reports] == [(2, True), (3, False), (4, True), (4, True)]
+    index = json.loads((Path(trial.dir) / "validation" / "index.json").read_text())
+    assert result["validation_loss"] == index["done"]["4"]["scores"]["loss"] == reports[2]["validation_loss"]
+    check_metric("validation_loss", [trial])
+    with pytest.raises(UserError, match="do not score dino .*validation.metrics=\\[dino\\]"):
+        check_metric("validation_dino", [trial])
+    with pytest.raises(UserError, match="choose one of final_loss"):
+        check_metric("fid", [trial])
+    assert (metric_mode("validation_dino"), metric_mode("validation_drift"), metric_mode("final_loss")) == \
+        ("max", "min", "min")
+    row = summary.trial_row(trial)
+    assert row["validation_loss"] == result["validation_loss"] and "validation_dino" not in row

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from dreambooth.errors import UserError
-
 
 def add_sweep_parser(sub, func) -> argparse.ArgumentParser:
     """The `sweep` subcommand's parser, running `func`."""
@@ -28,8 +26,10 @@ def add_sweep_parser(sub, func) -> argparse.ArgumentParser:
                    "cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default 1)")
     p.add_argument("--metric", default="final_loss", help="what ranks trials and drives early stopping: final_loss "
-                   "(default), mean_loss or recent_loss")
-    p.add_argument("--mode", default="min", choices=["min", "max"], help="min (default): lower is better")
+                   "(default), mean_loss, recent_loss, or a validation.metrics score as validation_dino, "
+                   "validation_clip_t, validation_loss, ...")
+    p.add_argument("--mode", choices=["min", "max"], help="min: lower is better (the default for losses and drift); "
+                   "max (the default for dino, clip_i, clip_t)")
     p.add_argument("--scheduler", choices=["asha", "median"], help="early stopping of trials behind on --metric")
     p.add_argument("--grace-steps", type=int, help="steps every trial trains before early stopping may end it")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
@@ -44,14 +44,13 @@ def sweep_from_args(args, config: str | None, overrides: list[str], quiet_librar
     """`dreambooth sweep`: check every trial's config, run the sweep, print each trial's outcome and the best."""
     from dreambooth.config.parse import COMMAND_LINE
     from dreambooth.sweep import grid
-    from dreambooth.sweep.trial import METRICS
+    from dreambooth.sweep.trial import check_metric
 
-    if args.metric not in METRICS:
-        raise UserError(f"--metric {args.metric}: choose one of {', '.join(METRICS)}")
     base, set_by = grid.read_base(config, overrides)
     subjects = grid.find_subjects(args.subjects) if args.subjects else None
     trials = grid.expand(base, grid.parse_grid(args.grid), subjects, set_by=set_by, source=config or COMMAND_LINE,
                          checkpoint_steps=args.checkpoint_steps)
+    check_metric(args.metric, trials)
     sweep_dir = Path(trials[0].dir).parent
     command = grid.command_line(args.argv)
     print(f"sweep: {len(trials)} trial(s) into {sweep_dir}")
@@ -62,9 +61,9 @@ def sweep_from_args(args, config: str | None, overrides: list[str], quiet_librar
                        scheduler=args.scheduler, grace_steps=args.grace_steps, max_failures=args.max_failures,
                        max_concurrent=args.max_concurrent, report_steps=args.report_steps, command=command)
     for row in result.rows:
-        loss = row.get(args.metric)
+        value = row.get(args.metric)
         print(f"{'*' if row['best'] else ' '} {row['trial']}: {row['status']}"
-              + (f", {args.metric} {loss:.4f}" if isinstance(loss, float) else "")
+              + (f", {args.metric} {value:.4f}" if isinstance(value, float) else "")
               + (f" ({row['error']})" if row.get("error") else ""))
     print(f"summary: {sweep_dir / 'sweep.html'} (and sweep.csv, sweep.json)")
     if result.best:

@@ -18,8 +18,8 @@ from dreambooth.files import write_json_atomic as write_json
 from dreambooth.export.output_dir import MARKER as RUN_MARKER
 from dreambooth.sweep.grid import Trial, class_image_jobs, training_differences
 from dreambooth.sweep.summary import earlier_rows, trial_row, write_summary
-from dreambooth.sweep.trial import (DONE, METRICS, RECORD, STOP_FILE, prepare_class_images, read_json, run_trial,
-                                    trial_record)
+from dreambooth.sweep.trial import (DONE, RECORD, STOP_FILE, check_metric, metric_mode, prepare_class_images,
+                                    read_json, run_trial, trial_record)
 
 try:
     import ray
@@ -156,18 +156,15 @@ def scheduler_for(name: str | None, metric: str, mode: str, trials: list[Trial],
     return MedianStoppingRule(time_attr="step", metric=metric, mode=mode, grace_period=grace)
 
 
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UserError(f"--metric {metric}: choose one of {', '.join(METRICS)} (lower is better)")
-
-
-def run_sweep(trials: list[Trial], sweep_dir: Path, *, metric: str = "final_loss", mode: str = "min",
+def run_sweep(trials: list[Trial], sweep_dir: Path, *, metric: str = "final_loss", mode: str | None = None,
               address: str | None = None, num_cpus: int | None = None, gpus_per_trial: float | None = None,
               cpus_per_trial: float = 1, scheduler: str | None = None, grace_steps: int | None = None,
               max_failures: int = 2, max_concurrent: int | None = None, report_steps: int = 10,
               command: str | None = None, trial_fn: Callable | None = None, verbose: int = 1) -> SweepResult:
-    """Run the trials not yet finished on Ray Tune, then write the summary of all of them."""
-    check_metric(metric)
+    """Run the trials not yet finished on Ray Tune, then write the summary of all of them. mode: min or max,
+    by default the metric's own (max for DINO, CLIP-I, CLIP-T)."""
+    check_metric(metric, trials)
+    mode = mode or metric_mode(metric)
     sweep_dir = Path(sweep_dir).resolve()
     earlier = earlier_rows(sweep_dir)
     todo = prepare_folder(sweep_dir, trials, command)

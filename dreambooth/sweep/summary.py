@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
-from dreambooth.sweep.trial import METRICS, folder_metrics, read_json, trial_record
+from dreambooth.sweep.trial import LOSSES, METRICS, folder_metrics, read_json, trial_record
 
 CSV, JSON, HTML = "sweep.csv", "sweep.json", "sweep.html"
 COLUMNS = ("status", "steps", *METRICS, "wall_time_s", "train_time_s", "attempts", "error")
@@ -29,8 +29,9 @@ def trial_row(trial: Trial, reported: dict | None = None, earlier: dict | None =
     # A finished run's files are the truth; an unfinished one's files may predate what it reported last.
     metrics = {**before, **folder} if status == "finished" else {**folder, **before}
     row["steps"] = metrics.get("step")
-    for key in METRICS:
-        row[key] = metrics.get(key)
+    for key in METRICS:  # the losses always; scores where validation.metrics computed them
+        if key in LOSSES or metrics.get(key) is not None:
+            row[key] = metrics.get(key)
     row.update(wall_time_s=record.get("wall_time_s"), train_time_s=metrics.get("train_time_s"),
                attempts=record.get("attempts"), error=record.get("error"))
     return row
@@ -82,9 +83,10 @@ def _grids(trial: Trial) -> dict[int, str]:
     return {int(step): d["grid"] for step, d in done.items() if isinstance(d, dict) and d.get("grid")}
 
 
-def _table(rows: list[dict], metric: str) -> str:
+def _table(rows: list[dict], metric: str, mode: str) -> str:
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("best", "error")]
-    head = "".join(f"<th>{html.escape(k)}{' &#9660;' if k == metric else ''}</th>" for k in keys) + "<th></th>"
+    arrow = " &#9660;" if mode == "min" else " &#9650;"  # the ranking column: lower or higher is better
+    head = "".join(f"<th>{html.escape(k)}{arrow if k == metric else ''}</th>" for k in keys) + "<th></th>"
     body = ""
     for r in rows:
         name = html.escape(r["trial"])
@@ -128,10 +130,11 @@ def page(sweep_dir: Path, trials: list[Trial], rows: list[dict], metric: str, mo
 <h1>DreamBooth sweep: {html.escape(sweep_dir.name)}</h1>
 <p>{len(rows)} trials: {counts}. {pick}.</p>{again}
 <h2>Trials</h2>
-{_table(rows, metric)}
+{_table(rows, metric, mode)}
 <p class=small>Losses are the training loss (lower is better, a rough guide only: compare the images). final_loss: the
-last step's; mean_loss: over all steps; recent_loss: mean of the last steps. Each trial's folder is a normal run:
-resume, export or generate from it alone.</p>
+last step's; mean_loss: over all steps; recent_loss: mean of the last steps. validation_*: the scores of the last
+scored validation step (docs/evaluate.md). Each trial's folder is a normal run: resume, export or generate from it
+alone.</p>
 <h2>Validation grids at the same steps</h2>
 {_validation(trials, best)}
 </body></html>

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dreambooth.config.schema import METRICS as SCORES
 from dreambooth.errors import UserError
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
@@ -23,7 +24,11 @@ SUMMARY = "train_summary.json"  # a finished run's summary (training/trainer.py)
 HISTORY = "loss_history.json"
 RECENT = 10  # recent_loss: the mean of the last this many steps' losses
 # Metrics a trial reports (every report_steps and at the end), each "as if the run ended here"; lower is better.
-METRICS = ("final_loss", "mean_loss", "recent_loss")
+LOSSES = ("final_loss", "mean_loss", "recent_loss")
+# With validation.metrics, each scored validation step's scores too, as validation_<score> (the latest step's).
+PREFIX = "validation_"
+METRICS = LOSSES + tuple(PREFIX + m for m in SCORES)
+HIGHER_IS_BETTER = tuple(PREFIX + m for m in ("dino", "clip_i", "clip_t"))
 DONE = ("finished", "early_stopped")  # statuses a rerun of the sweep skips
 
 
@@ -43,10 +48,36 @@ def loss_metrics(losses: list[float]) -> dict:
             "recent_loss": sum(recent) / len(recent) if recent else None}
 
 
+def metric_mode(metric: str) -> str:
+    """`max` for the scores where higher is better (DINO, CLIP-I, CLIP-T), else `min`."""
+    return "max" if metric in HIGHER_IS_BETTER else "min"
+
+
+def check_metric(metric: str, trials: list[Trial]) -> None:
+    """Refuse a metric no trial will report: an unknown name, or a score the trials' validation does not compute."""
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+    score = metric.removeprefix(PREFIX)
+    configs = [t.config() for t in trials] if metric.startswith(PREFIX) else []
+    if any(not (c.validation.enabled and score in c.validation.metrics) for c in configs):
+        raise UserError(f"--metric {metric}: the trials do not score {score} at their validation steps: add it to "
+                        f"the config's validation.metrics (e.g. validation.metrics=[{score}]), docs/evaluate.md")
+
+
+def score_metrics(scores: dict | None) -> dict:
+    """A validation step's scores as metrics: validation_<score>."""
+    return {PREFIX + k: v for k, v in (scores or {}).items() if isinstance(v, (int, float))}
+
+
 def folder_metrics(out: Path) -> dict:
-    """A trial folder's metrics as its files record them: the loss history, else the train summary."""
+    """A trial folder's metrics as its files record them: the loss history (else the train summary) and the
+    latest scored validation step."""
     history = read_json(out / HISTORY, [])
     metrics = loss_metrics([h["loss"] for h in history if "loss" in h]) if history else {}
+    done = read_json(out / "validation" / "index.json", {}).get("done", {})
+    scored = sorted((int(step), d["scores"]) for step, d in done.items() if isinstance(d, dict) and d.get("scores"))
+    if scored:
+        metrics.update(score_metrics(scored[-1][1]))
     summary = read_json(out / SUMMARY, {})
     for key in ("final_loss", "mean_loss"):  # the summary's own values win: they are what the run reported
         if summary.get(key) is not None:
@@ -90,13 +121,15 @@ def run_trial(trial: Trial, report: Callable[[dict], None], stop_file: Path | No
     data = copy.deepcopy(trial.data)
     if latest_checkpoint(out) is not None:  # a retry after a lost worker, or a rerun of a stopped sweep
         data["resume"] = "latest"
-    seen = {"losses": [], "early": False}
+    seen = {"losses": [], "early": False, "scores": {}}
 
     def on_step(state, logs):
         seen["losses"] = state.losses
-        if state.step % report_steps == 0:
+        scores = score_metrics(logs.get("validation"))  # only on a scored validation step: reported there
+        seen["scores"].update(scores)
+        if state.step % report_steps == 0 or scores:
             try:
-                report(loss_metrics(state.losses))
+                report({**loss_metrics(state.losses), **scores})
             except SystemExit:  # how Tune's report ends a trial its scheduler stops: checkpoint, then stop
                 seen["early"] = True
                 return "stopped early by the sweep's scheduler"
@@ -109,7 +142,8 @@ def run_trial(trial: Trial, report: Callable[[dict], None], stop_file: Path | No
         result = {**folder_metrics(out), "status": "finished"}
         result.setdefault("step", summary["steps"])
     except Interrupted as e:
-        result = {**loss_metrics(seen["losses"]), "status": "early_stopped" if seen["early"] else "stopped",
+        result = {**loss_metrics(seen["losses"]), **seen["scores"],
+                  "status": "early_stopped" if seen["early"] else "stopped",
                   "checkpoint": str(e.path) if e.path else None}
     except UserError as e:  # the same mistake again on a retry: no retry, the error goes in the summary
         result = {"status": "failed", "error": str(e)}

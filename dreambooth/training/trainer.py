@@ -41,8 +41,9 @@ from dreambooth.training.step import TrainStep
 from dreambooth.training.validation import Validator, config_prompts, preserved_training_state
 
 log = logging.getLogger(__name__)
-# Called after each optimisation step (its checkpoint and validation done) with the state and the step's logs;
-# a truthy return stops the run as Ctrl-C does (checkpoint, Interrupted), a str naming the reason.
+# Called after each optimisation step (its checkpoint and validation done) with the state and the step's logs
+# (on a scored validation step, with "validation": its scores); a truthy return stops the run as Ctrl-C does
+# (checkpoint, Interrupted), a str naming the reason.
 OnStep = Callable[[TrainState, dict], "str | bool | None"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -217,14 +218,16 @@ class Trainer:
         self.runlog.step(state.step, logs)
         if checkpointed:  # a process killed later still leaves the loss history up to the checkpoint it resumes
             self.runlog.write_history()
+        scores = None
         if validating:
             if keep and self.checkpoints.last_step != state.step:
                 self.checkpoints.save(state, keep=True)
             start = time.time()
             images = self.validator.run(state.step)
-            self.runlog.validated(state.step, images, time.time() - start, self.validator.scores(state.step))
+            scores = self.validator.scores(state.step)
+            self.runlog.validated(state.step, images, time.time() - start, scores)
         if self.on_step is not None:  # last: the step's checkpoint and validation images exist by now
-            reason = self.on_step(state, logs)
+            reason = self.on_step(state, {**logs, "validation": scores} if scores else logs)
             if reason:
                 self.stop_reason = reason if isinstance(reason, str) else "stop requested"
 
