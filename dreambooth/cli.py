@@ -11,6 +11,7 @@ from pathlib import Path
 from dreambooth.bench.table import ROWS
 from dreambooth.config.schema import load_config
 from dreambooth.errors import UserError
+from dreambooth.sweep.command import add_sweep_parser
 
 # Only light modules (yaml, no torch) are imported up here: `dreambooth --help` and a config mistake answer in
 # about 0.1 s. Each command imports the modules that pull in torch and diffusers (seconds) inside its function.
@@ -131,6 +132,11 @@ def cmd_bench(args) -> int:
     _quiet_library_bars()
     from dreambooth.bench.run import bench_from_args
     return bench_from_args(args)
+
+
+def cmd_sweep(args) -> int:
+    from dreambooth.sweep.command import sweep_from_args
+    return sweep_from_args(args, *_split_config_args(args.items), _quiet_library_bars)
 
 
 def cmd_serve(args) -> int:
@@ -281,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    add_sweep_parser(sub, cmd_sweep)
+
     p = sub.add_parser("demo", help="offline tiny demo: build a tiny model, train it on CPU, generate")
     p.add_argument("--out", default="demo-output", help="folder for the demo's data, model and images")
     p.add_argument("--quiet", action="store_true")
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         # (set before CUDA starts; your own allocator settings win).
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a sweep prints it as the command that resumes it
     try:
         return args.func(args)
     except UserError as e:

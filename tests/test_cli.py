@@ -57,6 +57,9 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
           f"output_dir={tmp_path / 'o'}"], "does not exist"),
         (["generate", str(tmp_path / "no-model"), "--prompt", "x"], "does not exist"),
         (["generate", "builtin:tiny", "--prompt", "x", "--width", "30"], "multiple of 8"),
+        (["sweep", "data.dir=x", "--grid", "learnig_rate=[1,2]"], "(--grid learnig_rate=[1,2]): unknown key"),
+        (["sweep", "data.dir=x", "--metric", "fid"], "choose one of final_loss"),
+        (["sweep", "model=builtin:tiny", "--subjects", str(tmp_path / "none")], "no such folder"),
     ]
     for args, expected in cases:
         code, err = run_error(args, capsys)
@@ -78,6 +81,14 @@ def test_config_mistakes_are_answered_before_the_heavy_imports():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "2 []", result.stdout + result.stderr
     assert "did you mean 'learning_rate'" in result.stderr
+
+
+def test_sweep_mistakes_are_answered_before_torch_or_ray():
+    """`dreambooth sweep` checks every trial's config first; torch and Ray (seconds to import) are not loaded."""
+    code = ("import sys; from dreambooth.cli import main; rc = main(['sweep', 'data.dir=x', '--grid', "
+            "'learnig_rate=[1,2]']); print(rc, [m for m in ('torch', 'ray') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
 
 
 def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, capsys):

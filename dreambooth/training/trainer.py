@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -40,14 +41,19 @@ from dreambooth.training.step import TrainStep
 from dreambooth.training.validation import Validator, config_prompts, preserved_training_state
 
 log = logging.getLogger(__name__)
+# Called after each optimisation step (its checkpoint and validation done) with the state and the step's logs
+# (on a scored validation step, with "validation": its scores); a truthy return stops the run as Ctrl-C does
+# (checkpoint, Interrupted), a str naming the reason.
+OnStep = Callable[[TrainState, dict], "str | bool | None"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Trainer:
     """DreamBooth fine-tuning of one SD pipeline: Trainer(cfg) plans, setup() builds, train() runs, save() writes."""
 
-    def __init__(self, cfg: Config, machine: Machine | None = None):
+    def __init__(self, cfg: Config, machine: Machine | None = None, on_step: OnStep | None = None):
         self.cfg = cfg
+        self.on_step, self.stop_reason = on_step, None
         self.out = check_output_dir(cfg.output_dir)
         self.lock = lock_output_dir(self.out)  # held until close() or the process ends (however it ends)
         try:
@@ -186,7 +192,7 @@ class Trainer:
                 if self._stop_requested(stop):
                     saved = self.checkpoints.last_step == state.step
                     path = self.checkpoints.last if saved else self.checkpoints.save(state)
-                    raise Interrupted(state.step, path, stop.requested or "SIGINT")
+                    raise Interrupted(state.step, path, stop.requested or self.stop_reason or "SIGINT")
         self.checkpoints.assert_finite(state, "final model")  # never hand NaN weights to save()
         if self.validator is not None:
             self.validator.finish()  # the final sweep grid
@@ -195,7 +201,8 @@ class Trainer:
         return run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
-        return any_process(self.accelerator, stop.requested is not None)  # every process stops after the same step
+        requested = stop.requested is not None or self.stop_reason is not None
+        return any_process(self.accelerator, requested)  # every process stops after the same step
 
     def after_step(self, logs: dict[str, float]) -> None:
         """After each optimisation step: the loss history, checkpoints, the log, validation at its steps."""
@@ -205,15 +212,24 @@ class Trainer:
         # A validated step with keep_checkpoints keeps its checkpoint, so any validated step can be exported.
         keep = validating and cfg.validation.keep_checkpoints
         # A checkpoint only after a good step, so the newest one is never inside a NaN streak.
-        if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and not state.bad_steps:
+        checkpointed = cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and not state.bad_steps
+        if checkpointed:
             self.checkpoints.save(state, keep=keep)
         self.runlog.step(state.step, logs)
+        if checkpointed:  # a process killed later still leaves the loss history up to the checkpoint it resumes
+            self.runlog.write_history()
+        scores = None
         if validating:
             if keep and self.checkpoints.last_step != state.step:
                 self.checkpoints.save(state, keep=True)
             start = time.time()
             images = self.validator.run(state.step)
-            self.runlog.validated(state.step, images, time.time() - start, self.validator.scores(state.step))
+            scores = self.validator.scores(state.step)
+            self.runlog.validated(state.step, images, time.time() - start, scores)
+        if self.on_step is not None:  # last: the step's checkpoint and validation images exist by now
+            reason = self.on_step(state, {**logs, "validation": scores} if scores else logs)
+            if reason:
+                self.stop_reason = reason if isinstance(reason, str) else "stop requested"
 
     def _stop_non_finite(self) -> None:
         last = self.checkpoints.last
@@ -254,9 +270,9 @@ class Trainer:
             self.lock.release()
 
 
-def run_training(cfg: Config) -> dict:
-    """setup -> train -> save -> report.html; returns the summary."""
-    trainer = Trainer(cfg)
+def run_training(cfg: Config, on_step: OnStep | None = None) -> dict:
+    """setup -> train -> save -> report.html; returns the summary. on_step: see OnStep."""
+    trainer = Trainer(cfg, on_step=on_step)
     try:
         trainer.setup()
         error = None
