@@ -116,14 +116,19 @@ def atomic_folder(final: str | Path, write_files: Callable[[Path], object]) -> P
 
 # ------------------------------------------------------------------------------------------ images and names
 
-def save_png(image, path: str | Path, settings: dict) -> Path:
-    """Save a PNG, in one piece, with the settings that made it as JSON in its `parameters` text chunk."""
+def png_settings(settings: dict):
+    """PNG text chunks that carry the settings that made an image, as JSON under `parameters`."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))
+    return info
+
+
+def save_png(image, path: str | Path, settings: dict) -> Path:
+    """Save a PNG, in one piece, with the settings that made it in its `parameters` text chunk."""
     with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=png_settings(settings))
     return Path(path)
 
 

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from dreambooth.files import save_png
+from dreambooth.files import png_settings
 
 
 def png_base64(image, settings: dict | None) -> str:
@@ -17,7 +17,7 @@ def png_base64(image, settings: dict | None) -> str:
     if settings is None:
         image.save(buf, format="PNG")
     else:
-        save_png(image, buf, settings)  # the same `parameters` chunk `dreambooth generate` writes
+        image.save(buf, format="PNG", pnginfo=png_settings(settings))  # as `dreambooth generate` writes it
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
