@@ -301,3 +301,12 @@ def test_half_precision_trainable_weights_are_upcast(make_cfg, monkeypatch):
     monkeypatch.setattr(Trainer, "setup", setup)
     assert run_training(make_cfg(max_steps=1))["steps"] == 1
     assert dtypes == [{torch.float32}]
+
+
+def test_checkpoint_from_before_a_new_key_resumes_as_its_default():
+    old = resume.default_settings()
+    for key in ("noise_offset", "loss_weighting"):  # keys a checkpoint written before them lacks
+        del old[key]
+    assert resume.settings_differences(old, resume.default_settings()) == []
+    assert resume.settings_differences(old, {**resume.default_settings(), "noise_offset": 0.1}) == \
+        ["noise_offset: 0.0 -> 0.1"]

@@ -110,6 +110,11 @@ class Config:
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
     finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    # --- result quality (docs/training-options.md); all off by default, so JumpStart's math is unchanged ---
+    loss_weighting: Literal["none", "min_snr", "debiased"] = opt("none", "Weight each sample's loss by its timestep: min_snr (Min-SNR-gamma) or debiased (1/sqrt(SNR)); none = plain MSE.")
+    snr_gamma: float = opt(5.0, "gamma of loss_weighting: min_snr; .inf turns the clipping off.")
+    noise_offset: float = opt(0.0, "Add this much per-channel constant noise, so very dark and bright images can be learnt (e.g. 0.05).")
+    input_perturbation: float = opt(0.0, "Perturb the UNet's input noise by this much (e.g. 0.1) against exposure bias.")
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
@@ -231,6 +236,10 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.class_sampling_steps is None or cfg.class_sampling_steps >= 1,
          f"'class_sampling_steps' must be >= 1 (got {cfg.class_sampling_steps})")
     need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
+    need(cfg.snr_gamma > 0, f"'snr_gamma' must be > 0 (got {cfg.snr_gamma}); 5.0 is the paper's")
+    need(0 <= cfg.noise_offset <= 1, f"'noise_offset' must be in [0, 1] (got {cfg.noise_offset}); 0.05 is usual")
+    need(0 <= cfg.input_perturbation <= 1,
+         f"'input_perturbation' must be in [0, 1] (got {cfg.input_perturbation}); 0.1 is usual")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:

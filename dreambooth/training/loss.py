@@ -1,4 +1,5 @@
-"""Pure loss functions: forward diffusion, the epsilon / v-prediction target, instance + prior loss."""
+"""Pure loss functions: forward diffusion, the epsilon / v-prediction target, per-timestep loss weights, instance +
+prior loss."""
 
 from __future__ import annotations
 
@@ -34,14 +35,58 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int,
-                    prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Loss of a joined batch (instances first, then class examples): instance MSE + weight x prior MSE.
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each sample's timestep: SNR(t) = a_t / (1 - a_t)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+DEBIAS_MAX_SNR = 1000.0  # SNR near t = 0 is huge; capped as kohya-ss sd-scripts does
+
+
+def loss_weights(kind: str, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str,
+                 gamma: float = 5.0) -> torch.Tensor | None:
+    """Per-sample weights of the squared error by timestep; None for "none" (plain MSE).
+
+    min_snr (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"): the x_0-space weight
+    min(SNR, gamma), which is min(SNR, gamma) / SNR on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss
+    (the v loss is (SNR + 1) times the x_0 loss, the epsilon loss SNR times). debiased (Yu et al. 2023, "Debias the
+    Training of Diffusion Models", as kohya-ss sd-scripts offers it): 1 / sqrt(SNR) on the epsilon loss, SNR capped
+    at 1000; on the v loss the same objective, sqrt(SNR) / (SNR + 1) (sd-scripts uses 1 / (SNR + 1) there).
+    """
+    if kind == "none":
+        return None
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"loss weighting needs epsilon or v_prediction, not {prediction_type!r}")
+    s = snr(alphas_cumprod, timesteps)
+    v = prediction_type == "v_prediction"
+    if kind == "min_snr":
+        clipped = torch.minimum(s, torch.full_like(s, gamma))
+        return clipped / (s + 1) if v else clipped / s
+    if kind == "debiased":
+        s = s.clamp(max=DEBIAS_MAX_SNR)
+        return s.sqrt() / (s + 1) if v else 1 / s.sqrt()
+    raise ValueError(f"unknown loss weighting {kind!r}: use none, min_snr or debiased")
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error with each sample's mean scaled by its weight (plain mse when `weights` is None)."""
+    if weights is None:
+        return mse(pred, target)
+    per_sample = (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights.to(per_sample.device, torch.float32)).mean()
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_loss_weight: float,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss of a joined batch (instances first, then class examples): instance MSE + weight x prior MSE, each
+    sample weighted by `weights` when given (instances and class examples alike).
 
     Returns (total, instance, prior); prior is None when the batch holds no class examples.
     """
-    instance = mse(pred[:n_instance], target[:n_instance])
+    part = (lambda s: None) if weights is None else (lambda s: weights[s])
+    instance = weighted_mse(pred[:n_instance], target[:n_instance], part(slice(None, n_instance)))
     if pred.shape[0] == n_instance:
         return instance, instance, None
-    prior = mse(pred[n_instance:], target[n_instance:])
+    prior = weighted_mse(pred[n_instance:], target[n_instance:], part(slice(n_instance, None)))
     return instance + prior_loss_weight * prior, instance, prior

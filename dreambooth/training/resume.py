@@ -25,12 +25,19 @@ def training_settings(plan: RunPlan) -> dict[str, Any]:
     return json.loads(json.dumps(flatten_config(plan.effective_config(), NON_TRAINING_KEYS)))
 
 
+def default_settings() -> dict[str, Any]:
+    """The training settings of a default config, dotted and JSON-normalised like training_settings."""
+    return json.loads(json.dumps(flatten_config(Config(), NON_TRAINING_KEYS)))
+
+
 def settings_differences(saved: dict, current: dict) -> list[str]:
-    """'key: checkpoint value -> current value' for every training-relevant key that differs."""
+    """'key: checkpoint value -> current value' for every training-relevant key that differs. A key the checkpoint
+    lacks (written before the key existed) counts as its default, which is what that run trained with."""
     missing = object()
+    defaults = default_settings()
     out = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, missing), current.get(key, missing)
+        a, b = saved.get(key, defaults.get(key, missing)), current.get(key, missing)
         if a != b:
             out.append(f"{key}: {'(unset)' if a is missing else a!r} -> {'(unset)' if b is missing else b!r}")
     return out

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager, nullcontext
+from typing import NamedTuple
 
 import torch
 
 from dreambooth.config.plan import RunPlan
 from dreambooth.training.inputs import Inputs
-from dreambooth.training.loss import add_noise, dreambooth_loss, mse, training_target
+from dreambooth.training.loss import add_noise, dreambooth_loss, loss_weights, training_target, weighted_mse
 from dreambooth.training.state import TrainState
+
+
+class Noised(NamedTuple):
+    """A batch's latents, the noise the target is made of, its timesteps, and the noise its UNet input is made with
+    (the same tensor unless input_perturbation is on)."""
+    latents: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    input_noise: torch.Tensor
 
 
 class TrainStep:
@@ -32,25 +42,38 @@ class TrainStep:
         """The optimizer steps inside backward (memory profiles 8gb/6gb)."""
         return self.paramwise is not None and self.paramwise.fused
 
-    def noised(self, pixels, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents of `pixels` with their noise and timesteps, drawn in this order from `generator`.
+    def noised(self, pixels, generator: torch.Generator) -> Noised:
+        """Latents of `pixels` with their noise and timesteps, drawn in this order from `generator`, then the noise
+        offset and input perturbation draws, each only when its option is on (so default runs draw what they
+        always drew).
 
         Instances are drawn before class images, so a prior run's instance part sees a no-prior run's draws."""
         latents = self.inputs.encode_images(pixels, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator,
                           device=latents.device)
-        return latents, noise, t
+        if self.cfg.noise_offset:  # one constant per sample and channel: lets the mean brightness be learnt
+            shape = (*latents.shape[:2], *[1] * (latents.ndim - 2))
+            noise = noise + self.cfg.noise_offset * torch.randn(shape, generator=generator, device=latents.device)
+        input_noise = noise
+        if self.cfg.input_perturbation:  # the UNet sees slightly other noise than its target is made of
+            input_noise = noise + self.cfg.input_perturbation * torch.randn(
+                latents.shape, generator=generator, device=latents.device)
+        return Noised(latents, noise, t, input_noise)
 
-    def predict(self, latents, noise, t, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, part: Noised, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's prediction for the noised latents, and its training target."""
         embeds = self.inputs.encode_prompts(prompts)
-        noisy = add_noise(latents, noise, t, self.alphas_cumprod)
+        noisy = add_noise(part.latents, part.input_noise, part.t, self.alphas_cumprod)
         with self.accelerator.autocast():
             # A trained text encoder's fp32 output keeps its precision into the UNet; cached ones use the compute dtype.
             embeds = embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
-            pred = self.unet(noisy, t, embeds).sample
-        return pred, training_target(latents, noise, t, self.alphas_cumprod, self.prediction_type)
+            pred = self.unet(noisy, part.t, embeds).sample
+        return pred, training_target(part.latents, part.noise, part.t, self.alphas_cumprod, self.prediction_type)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights of timesteps `t` (loss_weighting), or None for the plain MSE."""
+        return loss_weights(self.cfg.loss_weighting, self.alphas_cumprod, t, self.prediction_type, self.cfg.snr_gamma)
 
     def forward_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Score the UNet on the batch's noised latents, class images joined to the instances in one forward."""
@@ -59,9 +82,10 @@ class TrainStep:
         if batch.get("has_class"):
             parts.append(self.noised(batch["class_pixel_values"], generator))
             prompts += batch["class_prompts"]
-        latents, noise, t = (torch.cat(x) for x in zip(*parts))
-        pred, target = self.predict(latents, noise, t, prompts)
-        total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight)
+        part = Noised(*(torch.cat(x) for x in zip(*parts)))
+        pred, target = self.predict(part, prompts)
+        total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight,
+                                                 self.weights(part.t))
         return {"loss": total, "instance_loss": instance, **({"prior_loss": prior} if prior is not None else {})}
 
     def sequential_backward(self, batch: dict, scale: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -71,13 +95,13 @@ class TrainStep:
         instance_part = self.noised(batch["pixel_values"], generator)
         class_part = self.noised(batch["class_pixel_values"], generator)
         with self.no_sync():  # gradients sync once, after the second pass
-            instance = mse(*self.predict(*instance_part, batch["prompts"]))
+            instance = weighted_mse(*self.predict(instance_part, batch["prompts"]), self.weights(instance_part.t))
             go_on = self.loss_finite({"loss": instance})
             if go_on:
                 self.accelerator.backward(instance * scale)
         weight = self.cfg.prior_loss_weight
         if go_on:
-            prior = mse(*self.predict(*class_part, batch["class_prompts"]))
+            prior = weighted_mse(*self.predict(class_part, batch["class_prompts"]), self.weights(class_part.t))
         else:  # a fused step that failed its check ends here: the class pass would be wasted
             prior = torch.full_like(instance, math.nan)
         losses = {"loss": instance.detach() + weight * prior.detach(), "instance_loss": instance.detach(),
