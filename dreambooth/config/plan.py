@@ -52,6 +52,7 @@ class RunPlan:
     trains_text_encoder: bool  # fully (train_text_encoder) or through LoRA layers
     steps_per_epoch: int
     total_steps: int
+    ema_on_cpu: bool = False  # the EMA's shadow weights in host memory (ema: true)
     choices: Mapping[str, Choice] = field(default_factory=lambda: MappingProxyType({}))
     # Keys whose decided value is part of the training settings a checkpoint compares (the profile's, LoRA's rate).
     filled_in: frozenset = frozenset()
@@ -214,6 +215,20 @@ def _compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: Machine
     return compile_, mode
 
 
+def _ema_on_cpu(cfg: Config, memory: MemoryPlan, machine: Machine, choices: _Choices) -> bool:
+    """Where the EMA's fp32 copy lives: auto keeps it in host memory on CUDA with the bf16 profiles, whose point is
+    that no fp32 copy of the weights sits on the GPU."""
+    if not cfg.ema:
+        return False
+    if cfg.ema_on_cpu != "auto":
+        return bool(cfg.ema_on_cpu)
+    if not machine.cuda:
+        return choices.decide("ema_on_cpu", False, "no CUDA GPU: the copy is in host memory anyway")
+    low = memory.master_weights == "bf16" or memory.fused_backward
+    return choices.decide("ema_on_cpu", low, f"memory_profile {memory.profile}"
+                          + (" keeps no fp32 weights on the GPU" if low else " has room for the fp32 copy"))
+
+
 def export_formats(cfg: Config) -> list[str]:
     """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged
     full pipeline (diffusers) only when the user listed diffusers: the default must not add a 5 GB copy."""
@@ -257,12 +272,14 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         choices.decide("optimizer", optimizer)
     if cfg.cache_latents == "auto":  # the VAE is never trained, so its latents can always be cached
         choices.decide("cache_latents", True, "VAE frozen")
+    ema_on_cpu = _ema_on_cpu(cfg, memory, machine, choices)
     lr = learning_rate(cfg)
     return RunPlan(
         config=cfg, machine=machine, memory=memory, precision=precision, optimizer=optimizer,
         gradient_checkpointing=values["gradient_checkpointing"], prior_mode=values["prior_mode"], compile=compile_,
         compile_mode=mode, cache_latents=cfg.cache_latents is not False, learning_rate=lr,
         export_formats=tuple(export_formats(cfg)), trains_text_encoder=trains_text_encoder(cfg),
+        ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
         filled_in=frozenset(choices.filled_in | ({"learning_rate"} if cfg.finetune == "lora" else set())))
 

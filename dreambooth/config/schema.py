@@ -61,6 +61,7 @@ class ValidationConfig:
     num_inference_steps: int = opt(25, "Sampler steps per validation image.")
     guidance_scale: float = opt(7.5, "Classifier-free guidance scale for validation images.")
     keep_checkpoints: bool = opt(False, "Keep a checkpoint at each validation step so any step can be exported.")
+    ema: Literal["both", "ema", "raw"] = opt("both", "With ema on: validate the averaged weights, the raw ones, or both (rows labelled [ema] and [raw]).")
 
 
 @dataclass
@@ -115,6 +116,10 @@ class Config:
     snr_gamma: float = opt(5.0, "gamma of loss_weighting: min_snr; .inf turns the clipping off.")
     noise_offset: float = opt(0.0, "Add this much per-channel constant noise, so very dark and bright images can be learnt (e.g. 0.05).")
     input_perturbation: float = opt(0.0, "Perturb the UNet's input noise by this much (e.g. 0.1) against exposure bias.")
+    ema: bool = opt(False, "Keep an exponential moving average (EMA) of the trained weights; export it instead of the last step's.")
+    ema_decay: float = opt(0.999, "EMA decay per step: the average spans roughly the last 1 / (1 - decay) steps.")
+    ema_warmup: bool = opt(True, "Ramp the EMA decay up as min(ema_decay, (1 + n) / (10 + n)), as diffusers' EMAModel does.")
+    ema_on_cpu: Literal["auto", True, False] = opt("auto", "Keep the EMA's fp32 copy in host memory; auto = on CUDA with the bf16 profiles (8gb, 6gb).", training=False)
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
@@ -238,6 +243,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.lora.rank >= 1, f"'lora.rank' must be >= 1 (got {cfg.lora.rank})")
     need(cfg.snr_gamma > 0, f"'snr_gamma' must be > 0 (got {cfg.snr_gamma}); 5.0 is the paper's")
     need(0 <= cfg.noise_offset <= 1, f"'noise_offset' must be in [0, 1] (got {cfg.noise_offset}); 0.05 is usual")
+    need(0 <= cfg.ema_decay < 1, f"'ema_decay' must be in [0, 1) (got {cfg.ema_decay}); 0.999 is usual")
     need(0 <= cfg.input_perturbation <= 1,
          f"'input_perturbation' must be in [0, 1] (got {cfg.input_perturbation}); 0.1 is usual")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")

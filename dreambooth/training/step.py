@@ -28,13 +28,14 @@ class TrainStep:
     """The step function of a run, over the prepared (trained) modules and optimizer it is handed."""
 
     def __init__(self, plan: RunPlan, accelerator, inputs: Inputs, trained: list[torch.nn.Module], optimizer,
-                 lr_scheduler, paramwise, params: list[torch.nn.Parameter], noise_scheduler, weight_dtype):
+                 lr_scheduler, paramwise, params: list[torch.nn.Parameter], noise_scheduler, weight_dtype, ema=None):
         self.plan, self.cfg, self.accelerator, self.inputs = plan, plan.config, accelerator, inputs
         self.unet, self.trained = trained[0], trained  # prepared (DDP-wrapped when launched) modules
         self.optimizer, self.lr_scheduler, self.paramwise, self.params = optimizer, lr_scheduler, paramwise, params
         self.prediction_type = noise_scheduler.config.prediction_type
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.weight_dtype = weight_dtype
+        self.ema = ema  # training/ema.py: updated after every step that moved the weights
         self.graphs = plan.compile and plan.compile_mode == "reduce-overhead"
 
     @property
@@ -146,8 +147,10 @@ class TrainStep:
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
             self.optimizer.step()
         skipped = not finite or self.accelerator.optimizer_step_was_skipped
-        if not skipped:  # a skipped step leaves weights, moments and the schedule where they were
+        if not skipped:  # a skipped step leaves weights, moments, schedule and average where they were
             self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         logs["skipped"] = float(skipped)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
