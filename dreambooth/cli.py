@@ -48,9 +48,10 @@ def cmd_train(args) -> int:
     if "diffusers" in export_formats(cfg):
         print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
               f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
-    if cfg.finetune == "lora":
-        from dreambooth.models.lora import LORA_FILE
-        print(f"LoRA: {Path(cfg.output_dir) / LORA_FILE}  (`dreambooth generate "
+    from dreambooth.config.schema import is_adapter
+    if is_adapter(cfg):
+        from dreambooth.models.lora import adapter_file_name
+        print(f"{cfg.finetune}: {Path(cfg.output_dir) / adapter_file_name(cfg.finetune)}  (`dreambooth generate "
               f"{cfg.output_dir} --prompt ...` applies it to {cfg.model})")
     return 0
 

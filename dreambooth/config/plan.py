@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from dreambooth.config.machine import Machine, require_peft
 from dreambooth.config.profiles import ALIASES, PROFILE_KEYS, PROFILES, MemoryPlan, auto_profile
-from dreambooth.config.schema import Config
+from dreambooth.config.schema import Config, is_adapter
 from dreambooth.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,10 @@ def _memory(cfg: Config, machine: Machine, choices: _Choices) -> tuple[MemoryPla
         if value is not None and (key not in cfg.provided or getattr(cfg, key) == "auto"):
             values[key] = choices.decide(key, value, f"memory_profile {name} on {where}", filled_in=True)
     master, rounding, fused = prof.master_weights, prof.rounding, prof.fused_backward
-    if cfg.finetune == "lora" and (fused or master == "bf16"):
+    if is_adapter(cfg) and (fused or master == "bf16"):
         # Adapters are a few MB: bf16 weights or per-tensor steps would save nothing and cost speed.
         master, rounding, fused = "fp32", None, False
-        notes.append("finetune: lora keeps fp32 adapter weights and a plain optimizer step")
+        notes.append(f"finetune: {cfg.finetune} keeps fp32 adapter weights and a plain optimizer step")
     if master == "bf16" and values["mixed_precision"] != "bf16":
         raise UserError(f"memory_profile: {name} keeps weights in bf16, so it needs mixed_precision: bf16 "
                         f"(got {values['mixed_precision']}): remove mixed_precision or pick memory_profile: default")
@@ -233,7 +233,7 @@ def export_formats(cfg: Config) -> list[str]:
     """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged
     full pipeline (diffusers) only when the user listed diffusers: the default must not add a 5 GB copy."""
     formats = list(dict.fromkeys(cfg.export_formats))
-    if cfg.finetune != "lora":
+    if not is_adapter(cfg):
         return formats
     if "export_formats" not in cfg.provided:
         formats = []
@@ -241,20 +241,20 @@ def export_formats(cfg: Config) -> list[str]:
 
 
 def learning_rate(cfg: Config) -> float:
-    """The user's learning_rate, or 1e-4 for LoRA runs that left it unset (JumpStart's 2e-6 is for full weights)."""
-    if cfg.finetune == "lora" and "learning_rate" not in cfg.provided:
+    """The user's learning_rate, or 1e-4 for adapter runs that left it unset (JumpStart's 2e-6 is for full weights)."""
+    if is_adapter(cfg) and "learning_rate" not in cfg.provided:
         return DEFAULT_LORA_LR
     return cfg.learning_rate
 
 
 def trains_text_encoder(cfg: Config) -> bool:
     """The text encoder trains: fully (train_text_encoder), or through LoRA layers (lora.text_encoder)."""
-    return cfg.train_text_encoder or (cfg.finetune == "lora" and cfg.lora.text_encoder)
+    return cfg.train_text_encoder or (is_adapter(cfg) and cfg.lora.text_encoder)
 
 
 def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
     """Decide every machine-dependent setting of a run over `epoch_items` dataset items per epoch."""
-    if cfg.finetune == "lora":
+    if is_adapter(cfg):
         require_peft()
     if cfg.compute_fid:  # JumpStart's tuning reads an FID; we have no metric to stand in for it yet
         log.warning("compute_fid: no FID is computed here (this project has no evaluation metrics yet; a scored "
@@ -281,5 +281,5 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         export_formats=tuple(export_formats(cfg)), trains_text_encoder=trains_text_encoder(cfg),
         ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
-        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if cfg.finetune == "lora" else set())))
+        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())))
 

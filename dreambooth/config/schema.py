@@ -20,6 +20,7 @@ from dreambooth.errors import UserError
 
 log = logging.getLogger(__name__)
 
+ADAPTERS = ("lora", "dora", "loha", "lokr")  # finetune values that train peft adapters instead of full weights
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -109,8 +110,8 @@ class Config:
     gradient_checkpointing: Literal["auto", True, False] = opt(True, "Recompute activations in backward to save memory; auto = the memory profile's choice.")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = opt("auto", "Optimizer; auto = adamw8bit on CUDA, adamw on CPU.")
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
-    finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
-    lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    finetune: Literal["full", "lora", "dora", "loha", "lokr"] = opt("full", "Train all UNet weights, or adapters only: lora, dora (weight-decomposed LoRA), loha (Hadamard), lokr (Kronecker); docs/training-options.md.")
+    lora: LoraConfig = opt(LoraConfig(), "Adapter settings (finetune: lora, dora, loha or lokr).")
     # --- result quality (docs/training-options.md); all off by default, so JumpStart's math is unchanged ---
     loss_weighting: Literal["none", "min_snr", "debiased"] = opt("none", "Weight each sample's loss by its timestep: min_snr (Min-SNR-gamma) or debiased (1/sqrt(SNR)); none = plain MSE.")
     snr_gamma: float = opt(5.0, "gamma of loss_weighting: min_snr; .inf turns the clipping off.")
@@ -266,12 +267,20 @@ def validate(cfg: Config) -> list[str]:
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
     lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]
-    need(cfg.finetune == "lora" or not lora_only,
+    need(is_adapter(cfg) or not lora_only,
          f"'export_formats' {lora_only} need a LoRA: set finetune: lora, or drop them for a full fine-tune")
+    need("kohya" not in cfg.export_formats or cfg.finetune in ("full", "lora"),
+         f"'export_formats' kohya is written for finetune: lora only (no tested kohya/LyCORIS layout for "
+         f"{cfg.finetune}): drop kohya, or train finetune: lora")
     need(cfg.lora.alpha > 0, f"'lora.alpha' must be > 0 (got {cfg.lora.alpha})")
-    need(bool(cfg.export_formats) or cfg.finetune == "lora",
+    need(bool(cfg.export_formats) or is_adapter(cfg),
          "'export_formats' is empty, so training would write no model: list at least diffusers")
     return p
+
+
+def is_adapter(cfg: Config) -> bool:
+    """The run trains peft adapters (lora, dora, loha, lokr), not the full weights."""
+    return cfg.finetune in ADAPTERS
 
 
 def subjects_of(cfg: Config) -> list[SubjectConfig]:

@@ -145,18 +145,19 @@ def export_run(out: Path, plan: RunPlan, summary: dict | None, prompts: list[str
                text_encoder):
     """Write a finished run's exports into output_dir; returns the pipeline to save in diffusers layout, or None.
     `trained_pipeline()` builds a full fine-tune's pipeline; `unet`, `text_encoder` (unwrapped) hold a LoRA's layers."""
-    from dreambooth.models.lora import LORA_FILE, merged_pipeline, save_lora
+    from dreambooth.config.schema import is_adapter
+    from dreambooth.models.lora import adapter_file_name, merged_pipeline, save_lora
     cfg, formats = plan.effective_config(), plan.export_formats  # the header tells the settings the run used
     meta = training_metadata(out, cfg, summary, prompts)
-    if cfg.finetune == "lora":
-        save_lora(out / LORA_FILE, unet, text_encoder, cfg,
-                  {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
-        if "kohya" in formats:
-            save_kohya(out / LORA_FILE, out / KOHYA_FILE)
+    adapter = out / adapter_file_name(cfg.finetune)
+    if is_adapter(cfg):
+        save_lora(adapter, unet, text_encoder, cfg, {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
+        if "kohya" in formats:  # LoRA only (config validation)
+            save_kohya(adapter, out / KOHYA_FILE)
     if "diffusers" not in formats and "single-file" not in formats:
         return None
-    # The LoRA run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
-    pipe = merged_pipeline(base_pipeline(cfg), out / LORA_FILE) if cfg.finetune == "lora" else trained_pipeline()
+    # An adapter run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
+    pipe = merged_pipeline(base_pipeline(cfg), adapter) if is_adapter(cfg) else trained_pipeline()
     if "single-file" in formats:
         save_single_file(pipe, out / SINGLE_FILE, metadata=meta)
     return pipe if "diffusers" in formats else None
@@ -167,14 +168,14 @@ def _load_for_export(model: Path, allow_pickle: bool):
     names (that config returned, so the header needs no second read), or a single file."""
     from dreambooth.config.schema import load_config
     from dreambooth.serve.generate import load_pipeline
-    from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline
+    from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline, resolve_lora_file
     if model.is_dir() and (model / "model_index.json").is_file():
         return load_pipeline(str(model), device="cpu", allow_pickle=allow_pickle), None  # fp32 on the CPU
     config = lora_run_config(model, "export from the run's output folder, or merge with "
                                     "`dreambooth generate BASE --lora FILE`")
     if config is not None:
         cfg = load_config(config)
-        return merged_pipeline(base_pipeline(cfg), model / LORA_FILE), cfg
+        return merged_pipeline(base_pipeline(cfg), resolve_lora_file(model)), cfg
     if model.is_file():
         from dreambooth.models.single_file import load_single_file
         return load_single_file(model, allow_pickle=allow_pickle), None
@@ -184,18 +185,20 @@ def _load_for_export(model: Path, allow_pickle: bool):
 
 def _is_input(out: Path, source: Path) -> bool:
     """True when writing `out` would overwrite what the export reads (the file, a run's LoRA, a pipeline part)."""
+    from dreambooth.models.adapters import ADAPTER_FILE
     from dreambooth.models.lora import LORA_FILE
     if not out.exists():
         return False
     out, source = out.resolve(), source.resolve()
     if source.is_file():
         return out == source
-    return out == source / LORA_FILE or (source in out.parents and out.parent != source)
+    return out in (source / LORA_FILE, source / ADAPTER_FILE) or (source in out.parents and out.parent != source)
 
 
 def export_model(model: str | Path, fmt: str, out: str | Path | None = None, half: bool = False,
                  allow_pickle: bool = False) -> Path:
     """`dreambooth export`: write MODEL as one single-file checkpoint (+ YAML) or its LoRA in kohya layout."""
+    from dreambooth.models.adapters import adapter_file_kind
     from dreambooth.models.lora import resolve_lora_file
     model = Path(model).expanduser()
     if not model.exists():
@@ -203,6 +206,9 @@ def export_model(model: str | Path, fmt: str, out: str | Path | None = None, hal
     run_dir = model if model.is_dir() else None
     if fmt == "kohya":
         source = resolve_lora_file(model)
+        kind = adapter_file_kind(source)
+        if kind is not None:
+            raise UserError(f"{source} is a {kind} adapter: the kohya layout is written for LoRA only (finetune: lora)")
         out = Path(out) if out else source.parent / KOHYA_FILE
     elif fmt == "single-file":
         source, out = model, Path(out) if out else (model if model.is_dir() else model.parent) / SINGLE_FILE

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from dreambooth.config.machine import Machine
 from dreambooth.config.parse import save_config
 from dreambooth.config.plan import resolve
-from dreambooth.config.schema import Config
+from dreambooth.config.schema import Config, is_adapter
 from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
@@ -124,7 +124,7 @@ class Trainer:
         # break the fp16 grad scaler), or bf16 in the low profiles without an fp32 copy ever on the GPU.
         # nn.Module.to, because diffusers' own .to warns on every dtype cast.
         torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, master)
-        if cfg.finetune == "lora":  # frozen base in compute precision; only the LoRA layers train (lora.py)
+        if is_adapter(cfg):  # frozen base in compute precision; only the adapter layers train (lora.py)
             add_lora_layers(c, cfg, device, self.weight_dtype, text_encoder=plan.trains_text_encoder)
         if plan.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -231,7 +231,7 @@ class Trainer:
             return self.out
         from dreambooth.export.formats import export_run  # imports the single-file key maps: only when saving
         unwrap = self.accelerator.unwrap_model
-        if self.cfg.finetune == "lora":  # adapter weights are fp32 where they are: the file is written from them
+        if is_adapter(self.cfg):  # adapter weights are fp32 where they are: the file is written from them
             self.export_weights_()
         pipe = export_run(self.out, self.plan, summary, [s.instance_prompt for s in self.subjects], self.pipeline,
                           unwrap(self.unet), unwrap(self.components.text_encoder))
