@@ -137,3 +137,15 @@ def test_low_memory_profiles_keep_the_average_in_host_memory(make_cfg):
     assert not plan(7.8, finetune="lora").ema_on_cpu  # adapters are a few MB, in fp32 either way
     assert "ema_on_cpu" in plan(7.8).resolved()
     assert not resolve(make_cfg(), Machine(cuda=True, gpu_gib=7.8), epoch_items=4).ema_on_cpu  # ema off
+
+
+def test_adapter_file_holds_the_average(make_cfg):
+    from dreambooth.models.lora import LORA_FILE
+    cfg = make_cfg(finetune="lora", max_steps=2, ema=True, ema_decay=0.5, ema_warmup=False)
+    trainer = Trainer(cfg).setup()
+    trainer.save(trainer.train())
+    saved = load_file(Path(cfg.output_dir) / LORA_FILE)
+    average = dict(zip(trainer.ema.names, trainer.ema.shadow))
+    assert len(saved) == len(average)
+    for name, value in average.items():  # unet.<path>.lora_A.default.weight -> unet.<path>.lora_A.weight
+        assert torch.equal(saved[name.replace(".default.", ".")], value)
