@@ -45,14 +45,17 @@ def cmd_train(args) -> int:
         print(f"{e.signal_name}: stopped after step {e.step}; {kept}", file=sys.stderr)
         print(f"resume with: dreambooth train {' '.join(again)}", file=sys.stderr)
         return 130
-    print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}")
+    averaged = " (exported weights: the EMA average)" if summary.get("weights") == "ema" else ""
+    print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f} s, final loss "
+          f"{summary['final_loss']:.4f}{averaged}")
     from dreambooth.config.plan import export_formats
     if "diffusers" in export_formats(cfg):
         print(f"model: {cfg.output_dir}  (load with StableDiffusionPipeline.from_pretrained, or "
               f"`dreambooth generate {cfg.output_dir} --prompt ...`)")
-    if cfg.finetune == "lora":
-        from dreambooth.models.lora import LORA_FILE
-        print(f"LoRA: {Path(cfg.output_dir) / LORA_FILE}  (`dreambooth generate "
+    from dreambooth.config.schema import is_adapter
+    if is_adapter(cfg):
+        from dreambooth.models.lora import adapter_file_name
+        print(f"{cfg.finetune}: {Path(cfg.output_dir) / adapter_file_name(cfg.finetune)}  (`dreambooth generate "
               f"{cfg.output_dir} --prompt ...` applies it to {cfg.model})")
     return 0
 

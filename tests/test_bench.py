@@ -115,6 +115,8 @@ def test_rows_take_config_overrides(tmp_path):
     o = BenchOptions(model="builtin:tiny", resolution=32, steps=1, warmup=1).resolved()
     cfg = row_config("default+compile+compile_mode=reduce-overhead", True, o, tmp_path, tmp_path, tmp_path / "o")
     assert cfg.compile is True and cfg.compile_mode == "reduce-overhead" and cfg.memory_profile == "default"
+    ema = row_config("default+ema+ema_on_cpu", True, o, tmp_path, tmp_path, tmp_path / "o")
+    assert ema.ema is True and ema.ema_on_cpu is True and ema.memory_profile == "default"
     baseline = row_config("baseline", True, o, tmp_path, tmp_path, tmp_path / "o")
     assert baseline.cache_latents is False and baseline.compile is False  # never compiled, on any machine
     with pytest.raises(UserError, match="compile_mod"):
@@ -123,7 +125,8 @@ def test_rows_take_config_overrides(tmp_path):
 
 def test_gpu_matrix_adds_the_compiled_default_and_its_ratio(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert BenchOptions().resolved().rows == ["baseline", "default", COMPILED, "8gb", "6gb", "24gb", "lora"]
+    assert BenchOptions().resolved().rows == ["baseline", "default", COMPILED, "8gb", "6gb", "24gb", "lora",
+                                              "default+ema", "default+ema+ema_on_cpu", "8gb+ema"]
     assert BenchOptions(rows=["default"]).resolved().rows == ["default"]  # rows named are run as named
     rows = [{"name": n, "prior": True, "status": "ok", "s_per_step": t}
             for n, t in (("baseline", 0.3), ("default", 0.25), (COMPILED, 0.1))]

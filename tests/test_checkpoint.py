@@ -314,5 +314,14 @@ def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(make_cfg):
     marker = folder / checkpoint_store.COMPLETE  # and before checksums: its marker records no files
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
     assert run_training(make_cfg(checkpoint_steps=2, max_steps=2, resume="latest"))["steps"] == 2
-    with pytest.raises(UserError, match=r"random_flip: \(unset\) -> True"):
+    with pytest.raises(UserError, match="random_flip: False -> True"):
         Trainer(make_cfg(checkpoint_steps=2, max_steps=2, resume="latest", random_flip=True))
+
+
+def test_checkpoint_from_before_a_new_key_resumes_as_its_default():
+    old = resume.default_settings()
+    for key in ("noise_offset", "loss_weighting"):  # keys a checkpoint written before them lacks
+        del old[key]
+    assert resume.settings_differences(old, resume.default_settings()) == []
+    assert resume.settings_differences(old, {**resume.default_settings(), "noise_offset": 0.1}) == \
+        ["noise_offset: 0.0 -> 0.1"]

@@ -215,7 +215,7 @@ def test_lora_run_folder_without_its_base_model_is_one_error_per_command(tmp_pat
     from dreambooth.models.lora import split_lora_run
     run = tmp_path / "run"
     run.mkdir()
-    (run / LORA_FILE).write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, str(run / LORA_FILE))  # a readable file: only its base model is missing
     with pytest.raises(UserError, match="no config.yaml naming its base model: dreambooth generate BASE_MODEL"):
         split_lora_run(str(run), None)
     with pytest.raises(UserError, match="no config.yaml naming its base model: export from the run's output"):

@@ -281,8 +281,11 @@ def test_prior_weight_zero_equals_no_prior(make_cfg, tmp_path):
     assert_grads_close(zero_grads, plain_grads)
 
 
-def test_concat_and_sequential_give_the_same_gradient(make_cfg):
-    trainer = Trainer(prior_cfg(make_cfg, batch_size=2, num_class_images=2, prior_loss_weight=0.7)).setup()
+@pytest.mark.parametrize("extra", [{}, {"loss_weighting": "min_snr", "noise_offset": 0.1, "input_perturbation": 0.1}],
+                         ids=["plain", "weighted-offset"])
+def test_concat_and_sequential_give_the_same_gradient(make_cfg, extra):
+    # Weighted too: instance and class losses are weighted alike in both modes.
+    trainer = Trainer(prior_cfg(make_cfg, batch_size=2, num_class_images=2, prior_loss_weight=0.7, **extra)).setup()
     batch, state = next(trainer.batches()), trainer.state.generator.get_state()
     concat_losses, concat = batch_grads(trainer, batch, concat_step(trainer))
     trainer.state.generator.set_state(state)  # the same latents, noise and timesteps

@@ -130,11 +130,14 @@ def _measure(name: str, prior: bool, o: BenchOptions, cfg, row: dict) -> None:
         row["images_per_step"] = cfg.batch_size * cfg.gradient_accumulation_steps * (2 if prior else 1)
         row["images_per_s"] = row["images_per_step"] / row["s_per_step"]
         row["final_loss"] = logs["loss"]
+        if trainer.ema is not None:  # the size of the average's fp32 copy, beside the measured peaks
+            row["ema_copy_bytes"] = sum(t.numel() * t.element_size() for t in trainer.ema.shadow)
         row["settings"] = {"memory": plan.memory.describe(), "mixed_precision": plan.precision,
                            "optimizer": plan.optimizer, "gradient_checkpointing": plan.gradient_checkpointing,
                            "prior_mode": plan.prior_mode, "latents_cached": trainer.inputs.latent_cache is not None,
                            "prompts_cached": bool(trainer.inputs.text_cache), "finetune": cfg.finetune,
-                           "compile": plan.compile and plan.compile_mode}
+                           "compile": plan.compile and plan.compile_mode,
+                           "ema": cfg.ema and ("host memory" if plan.ema_on_cpu else "device")}
         if name in o.profile:  # after the measured steps, so the profiler's overhead never enters them
             row["profile"] = profile_steps(step)
     finally:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import statistics
 
 # 16gb and 12gb are the default profile's settings, so the matrix runs them once, as default.
-ROWS = ("baseline", "default", "8gb", "6gb", "24gb", "lora")  # the targets' rows first, should time run out
+# The EMA rows measure what the average costs: its fp32 copy on the device, in host memory, and with 8gb (auto: host).
+EMA_ROWS = ("default+ema", "default+ema+ema_on_cpu", "8gb+ema")
+ROWS = ("baseline", "default", "8gb", "6gb", "24gb", "lora", *EMA_ROWS)  # the targets' rows first, should time run out
 COMPILED = "default+compile"  # the default profile with CUDA graphs, as compile: auto runs long jobs on CUDA
 
 

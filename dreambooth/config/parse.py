@@ -271,8 +271,8 @@ def save_config(plan: RunPlan, path: str | Path) -> None:
         notes[key] = f"{_scalar(choice.value)} ({choice.why})" if choice.why else _scalar(choice.value)
     if "learning_rate" in plan.filled_in:  # LoRA's own default rate, written as if given: it reruns the same
         data["learning_rate"] = plan.learning_rate
-    if cfg.finetune == "lora" and "export_formats" not in cfg.provided:
-        # Unset, a LoRA run exports its LoRA alone; the written default [diffusers] would add a merged pipeline.
+    if "lora" in plan.export_formats and "export_formats" not in cfg.provided:  # an adapter run (plan.py)
+        # Unset, an adapter run exports its adapter alone; the written default [diffusers] would add a merged pipeline.
         data["export_formats"] = list(plan.export_formats)
     text = ""
     for key, value in data.items():  # one key at a time, so a comment lands on that key's line

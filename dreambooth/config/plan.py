@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from dreambooth.config.machine import Machine, require_peft
 from dreambooth.config.profiles import ALIASES, PROFILE_KEYS, PROFILES, MemoryPlan, auto_profile
-from dreambooth.config.schema import Config
+from dreambooth.config.schema import Config, is_adapter
 from dreambooth.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class RunPlan:
     trains_text_encoder: bool  # fully (train_text_encoder) or through LoRA layers
     steps_per_epoch: int
     total_steps: int
+    ema_on_cpu: bool = False  # the EMA's shadow weights in host memory (ema: true)
     choices: Mapping[str, Choice] = field(default_factory=lambda: MappingProxyType({}))
     # Keys whose decided value is part of the training settings a checkpoint compares (the profile's, LoRA's rate).
     filled_in: frozenset = frozenset()
@@ -123,10 +124,10 @@ def _memory(cfg: Config, machine: Machine, choices: _Choices) -> tuple[MemoryPla
         if value is not None and (key not in cfg.provided or getattr(cfg, key) == "auto"):
             values[key] = choices.decide(key, value, f"memory_profile {name} on {where}", filled_in=True)
     master, rounding, fused = prof.master_weights, prof.rounding, prof.fused_backward
-    if cfg.finetune == "lora" and (fused or master == "bf16"):
+    if is_adapter(cfg) and (fused or master == "bf16"):
         # Adapters are a few MB: bf16 weights or per-tensor steps would save nothing and cost speed.
         master, rounding, fused = "fp32", None, False
-        notes.append("finetune: lora keeps fp32 adapter weights and a plain optimizer step")
+        notes.append(f"finetune: {cfg.finetune} keeps fp32 adapter weights and a plain optimizer step")
     if master == "bf16" and values["mixed_precision"] != "bf16":
         raise UserError(f"memory_profile: {name} keeps weights in bf16, so it needs mixed_precision: bf16 "
                         f"(got {values['mixed_precision']}): remove mixed_precision or pick memory_profile: default")
@@ -216,11 +217,25 @@ def _compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: Machine
     return compile_, mode
 
 
+def _ema_on_cpu(cfg: Config, memory: MemoryPlan, machine: Machine, choices: _Choices) -> bool:
+    """Where the EMA's fp32 copy lives: auto keeps it in host memory on CUDA with the bf16 profiles, whose point is
+    that no fp32 copy of the weights sits on the GPU."""
+    if not cfg.ema:
+        return False
+    if cfg.ema_on_cpu != "auto":
+        return bool(cfg.ema_on_cpu)
+    if not machine.cuda:
+        return choices.decide("ema_on_cpu", False, "no CUDA GPU: the copy is in host memory anyway")
+    low = memory.master_weights == "bf16" or memory.fused_backward
+    return choices.decide("ema_on_cpu", low, f"memory_profile {memory.profile}"
+                          + (" keeps no fp32 weights on the GPU" if low else " has room for the fp32 copy"))
+
+
 def export_formats(cfg: Config) -> list[str]:
     """export_formats as written at the end of training. A LoRA run always writes its LoRA file, and its merged
     full pipeline (diffusers) only when the user listed diffusers: the default must not add a 5 GB copy."""
     formats = list(dict.fromkeys(cfg.export_formats))
-    if cfg.finetune != "lora":
+    if not is_adapter(cfg):
         return formats
     if "export_formats" not in cfg.provided:
         formats = []
@@ -228,20 +243,20 @@ def export_formats(cfg: Config) -> list[str]:
 
 
 def learning_rate(cfg: Config) -> float:
-    """The user's learning_rate, or 1e-4 for LoRA runs that left it unset (JumpStart's 2e-6 is for full weights)."""
-    if cfg.finetune == "lora" and "learning_rate" not in cfg.provided:
+    """The user's learning_rate, or 1e-4 for adapter runs that left it unset (JumpStart's 2e-6 is for full weights)."""
+    if is_adapter(cfg) and "learning_rate" not in cfg.provided:
         return DEFAULT_LORA_LR
     return cfg.learning_rate
 
 
 def trains_text_encoder(cfg: Config) -> bool:
     """The text encoder trains: fully (train_text_encoder), or through LoRA layers (lora.text_encoder)."""
-    return cfg.train_text_encoder or (cfg.finetune == "lora" and cfg.lora.text_encoder)
+    return cfg.train_text_encoder or (is_adapter(cfg) and cfg.lora.text_encoder)
 
 
 def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
     """Decide every machine-dependent setting of a run over `epoch_items` dataset items per epoch."""
-    if cfg.finetune == "lora":
+    if is_adapter(cfg):
         require_peft()
     if cfg.compute_fid:  # JumpStart's tuning reads an FID; ours are DreamBench's scores instead (docs/evaluate.md)
         log.warning("compute_fid: no FID is computed here: score the run with validation.metrics (DINO, CLIP-T, "
@@ -260,12 +275,14 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         choices.decide("optimizer", optimizer)
     if cfg.cache_latents == "auto":  # the VAE is never trained, so its latents can always be cached
         choices.decide("cache_latents", True, "VAE frozen")
+    ema_on_cpu = _ema_on_cpu(cfg, memory, machine, choices)
     lr = learning_rate(cfg)
     return RunPlan(
         config=cfg, machine=machine, memory=memory, precision=precision, optimizer=optimizer,
         gradient_checkpointing=values["gradient_checkpointing"], prior_mode=values["prior_mode"], compile=compile_,
         compile_mode=mode, cache_latents=cfg.cache_latents is not False, learning_rate=lr,
         export_formats=tuple(export_formats(cfg)), trains_text_encoder=trains_text_encoder(cfg),
+        ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
-        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if cfg.finetune == "lora" else set())))
+        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())))
 

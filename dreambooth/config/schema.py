@@ -20,6 +20,7 @@ from dreambooth.errors import UserError
 
 log = logging.getLogger(__name__)
 
+ADAPTERS = ("lora", "dora", "loha", "lokr")  # finetune values that train peft adapters instead of full weights
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -63,6 +64,7 @@ class ValidationConfig:
     keep_checkpoints: bool = opt(False, "Keep a checkpoint at each validation step so any step can be exported.")
     metrics: list[str] = opt([], "Scores at each validation step: loss, drift (no extra model), dino, clip_i, clip_t "
                              "(the `eval` models); docs/evaluate.md.", training=False)
+    ema: Literal["both", "ema", "raw"] = opt("both", "With ema on: validate the averaged weights, the raw ones, or both (rows labelled [ema] and [raw]).")
 
 
 # Names validation.metrics accepts; loss and drift need no model beyond the one being trained.
@@ -122,8 +124,8 @@ class Config:
     gradient_checkpointing: Literal["auto", True, False] = opt(True, "Recompute activations in backward to save memory; auto = the memory profile's choice.")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = opt("auto", "Optimizer; auto = adamw8bit on CUDA, adamw on CPU.")
     train_text_encoder: bool = opt(False, "Also fine-tune the text encoder.")
-    finetune: Literal["full", "lora"] = opt("full", "Train all UNet weights, or LoRA adapters only.")
-    lora: LoraConfig = opt(LoraConfig(), "LoRA settings (finetune: lora).")
+    finetune: Literal["full", "lora", "dora", "loha", "lokr"] = opt("full", "Train all UNet weights, or adapters only: lora, dora (weight-decomposed LoRA), loha (Hadamard), lokr (Kronecker); docs/training-options.md.")
+    lora: LoraConfig = opt(LoraConfig(), "Adapter settings (finetune: lora, dora, loha or lokr).")
     # --- the whole photo: buckets, captions, masks (docs/data-format.md) ---
     buckets: bool = opt(False, "Train each image at the aspect-ratio bucket nearest its shape (about resolution^2 pixels, never upscaled) instead of a square crop.")
     bucket_step: int = opt(64, "Bucket sides are multiples of this (64 for SD: 8 latent pixels).")
@@ -132,6 +134,15 @@ class Config:
     caption_dropout: float = opt(0.0, "Probability of training an instance image with an empty prompt.")
     masked_loss: bool = opt(False, "Count the instance loss only where NAME.mask.png (or the image's alpha channel) is white.")
     mask_min: float = opt(0.0, "Loss weight outside the mask, at least (0: background ignored, 1: masks have no effect).")
+    # --- result quality (docs/training-options.md); all off by default, so JumpStart's math is unchanged ---
+    loss_weighting: Literal["none", "min_snr", "debiased"] = opt("none", "Weight each sample's loss by its timestep: min_snr (Min-SNR-gamma) or debiased (1/sqrt(SNR)); none = plain MSE.")
+    snr_gamma: float = opt(5.0, "gamma of loss_weighting: min_snr; .inf turns the clipping off.")
+    noise_offset: float = opt(0.0, "Add this much per-channel constant noise, so very dark and bright images can be learnt (e.g. 0.05).")
+    input_perturbation: float = opt(0.0, "Perturb the UNet's input noise by this much (e.g. 0.1) against exposure bias.")
+    ema: bool = opt(False, "Keep an exponential moving average (EMA) of the trained weights; export it instead of the last step's.")
+    ema_decay: float = opt(0.999, "EMA decay per step: the average spans roughly the last 1 / (1 - decay) steps.")
+    ema_warmup: bool = opt(True, "Ramp the EMA decay up as min(ema_decay, (1 + n) / (10 + n)), as diffusers' EMAModel does.")
+    ema_on_cpu: Literal["auto", True, False] = opt("auto", "Keep the EMA's fp32 copy in host memory; auto = on CUDA with the bf16 profiles (8gb, 6gb).", training=False)
     # --- prior preservation and several subjects ---
     prior_mode: Literal["auto", "concat", "sequential"] = opt("concat", "Prior loss in one joined forward, or two passes (less memory); auto = the profile's.")
     subject_sampling: Literal["round_robin", "weighted"] = opt("round_robin", "How batches pick among subjects.")
@@ -262,6 +273,11 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.bucket_max_ratio >= 1, f"'bucket_max_ratio' must be >= 1 (got {cfg.bucket_max_ratio}); e.g. 2.0")
     need(0 <= cfg.caption_dropout < 1, f"'caption_dropout' must be in [0, 1) (got {cfg.caption_dropout}); e.g. 0.1")
     need(0 <= cfg.mask_min <= 1, f"'mask_min' must be in [0, 1] (got {cfg.mask_min})")
+    need(cfg.snr_gamma > 0, f"'snr_gamma' must be > 0 (got {cfg.snr_gamma}); 5.0 is the paper's")
+    need(0 <= cfg.noise_offset <= 1, f"'noise_offset' must be in [0, 1] (got {cfg.noise_offset}); 0.05 is usual")
+    need(0 <= cfg.ema_decay < 1, f"'ema_decay' must be in [0, 1) (got {cfg.ema_decay}); 0.999 is usual")
+    need(0 <= cfg.input_perturbation <= 1,
+         f"'input_perturbation' must be in [0, 1] (got {cfg.input_perturbation}); 0.1 is usual")
     need(bool(cfg.output_dir.strip()), "'output_dir' must not be empty")
     need(bool(cfg.model.strip()), "'model' must name a hub id or a local folder")
     if cfg.subjects and cfg.data.dir:
@@ -290,12 +306,20 @@ def validate(cfg: Config) -> list[str]:
     bad = [f for f in cfg.export_formats if f not in ("diffusers", "single-file", "lora", "kohya")]
     need(not bad, f"'export_formats' has unknown {bad}; choose from diffusers, single-file, lora, kohya")
     lora_only = [f for f in cfg.export_formats if f in ("lora", "kohya")]
-    need(cfg.finetune == "lora" or not lora_only,
+    need(is_adapter(cfg) or not lora_only,
          f"'export_formats' {lora_only} need a LoRA: set finetune: lora, or drop them for a full fine-tune")
+    need("kohya" not in cfg.export_formats or cfg.finetune in ("full", "lora"),
+         f"'export_formats' kohya is written for finetune: lora only (no tested kohya/LyCORIS layout for "
+         f"{cfg.finetune}): drop kohya, or train finetune: lora")
     need(cfg.lora.alpha > 0, f"'lora.alpha' must be > 0 (got {cfg.lora.alpha})")
-    need(bool(cfg.export_formats) or cfg.finetune == "lora",
+    need(bool(cfg.export_formats) or is_adapter(cfg),
          "'export_formats' is empty, so training would write no model: list at least diffusers")
     return p
+
+
+def is_adapter(cfg: Config) -> bool:
+    """The run trains peft adapters (lora, dora, loha, lokr), not the full weights."""
+    return cfg.finetune in ADAPTERS
 
 
 def subjects_of(cfg: Config) -> list[SubjectConfig]:

@@ -14,13 +14,15 @@ import yaml
 from dreambooth import __version__
 from dreambooth.config.parse import config_to_dict
 from dreambooth.config.plan import RunPlan
-from dreambooth.config.schema import NON_TRAINING_KEYS, load_config, subjects_of
+from dreambooth.config.schema import NON_TRAINING_KEYS, is_adapter, load_config, subjects_of
 from dreambooth.data.subjects import prompts_as_trained
 from dreambooth.errors import UserError
 from dreambooth.export.kohya import KOHYA_FILE, save_kohya
 from dreambooth.files import save_safetensors_atomic, write_text_atomic
 from dreambooth.models.load import base_pipeline
-from dreambooth.models.lora import LORA_FILE, lora_run_config, merged_pipeline, resolve_lora_file, save_lora
+from dreambooth.models.adapters import ADAPTER_FILE, adapter_file_kind
+from dreambooth.models.lora import (LORA_FILE, adapter_file_name, lora_run_config, merged_pipeline, resolve_lora_file,
+                                   save_lora)
 from dreambooth.models.pipeline import load_pipeline
 from dreambooth.models.single_file import CONFIGS_KEY, load_single_file, pipeline_to_original
 
@@ -122,15 +124,15 @@ def export_run(out: Path, plan: RunPlan, summary: dict | None, prompts: list[str
     `trained_pipeline()` builds a full fine-tune's pipeline; `unet`, `text_encoder` (unwrapped) hold a LoRA's layers."""
     cfg, formats = plan.effective_config(), plan.export_formats  # the header tells the settings the run used
     meta = training_metadata(out, cfg, summary, prompts)
-    if cfg.finetune == "lora":
-        save_lora(out / LORA_FILE, unet, text_encoder, cfg,
-                  {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
-        if "kohya" in formats:
-            save_kohya(out / LORA_FILE, out / KOHYA_FILE)
+    adapter = out / adapter_file_name(cfg.finetune)
+    if is_adapter(cfg):
+        save_lora(adapter, unet, text_encoder, cfg, {**meta, "modelspec.architecture": "stable-diffusion-v2-512/lora"})
+        if "kohya" in formats:  # LoRA only (config validation)
+            save_kohya(adapter, out / KOHYA_FILE)
     if "diffusers" not in formats and "single-file" not in formats:
         return None
-    # The LoRA run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
-    pipe = merged_pipeline(base_pipeline(cfg), out / LORA_FILE) if cfg.finetune == "lora" else trained_pipeline()
+    # An adapter run's full model: a fresh fp32 base (the trained copy sat in half precision) with the file merged.
+    pipe = merged_pipeline(base_pipeline(cfg), adapter) if is_adapter(cfg) else trained_pipeline()
     if "single-file" in formats:
         save_single_file(pipe, out / SINGLE_FILE, metadata=meta)
     return pipe if "diffusers" in formats else None
@@ -145,7 +147,7 @@ def _load_for_export(model: Path, allow_pickle: bool):
                                     "`dreambooth generate BASE --lora FILE`")
     if config is not None:
         cfg = load_config(config)
-        return merged_pipeline(base_pipeline(cfg), model / LORA_FILE), cfg
+        return merged_pipeline(base_pipeline(cfg), resolve_lora_file(model)), cfg
     if model.is_file():
         return load_single_file(model, allow_pickle=allow_pickle), None
     raise UserError(f"{model} is not a trained output folder (model_index.json or {LORA_FILE}) or a checkpoint "
@@ -159,7 +161,7 @@ def _is_input(out: Path, source: Path) -> bool:
     out, source = out.resolve(), source.resolve()
     if source.is_file():
         return out == source
-    return out == source / LORA_FILE or (source in out.parents and out.parent != source)
+    return out in (source / LORA_FILE, source / ADAPTER_FILE) or (source in out.parents and out.parent != source)
 
 
 def export_model(model: str | Path, fmt: str, out: str | Path | None = None, half: bool = False,
@@ -171,6 +173,9 @@ def export_model(model: str | Path, fmt: str, out: str | Path | None = None, hal
     run_dir = model if model.is_dir() else None
     if fmt == "kohya":
         source = resolve_lora_file(model)
+        kind = adapter_file_kind(source)
+        if kind is not None:
+            raise UserError(f"{source} is a {kind} adapter: the kohya layout is written for LoRA only (finetune: lora)")
         out = Path(out) if out else source.parent / KOHYA_FILE
     elif fmt == "single-file":
         source, out = model, Path(out) if out else (model if model.is_dir() else model.parent) / SINGLE_FILE

@@ -1,5 +1,6 @@
-"""LoRA fine-tuning via peft: add adapter layers for training, save them as diffusers' LoRA file, apply one to a
-pipeline for inference, and merge one into a full pipeline."""
+"""LoRA (and DoRA, LoHa, LoKr) fine-tuning via peft: add adapter layers for training, save them (LoRA as diffusers'
+LoRA file, the others as our peft adapter file: adapters.py), apply one to a pipeline for inference, and merge one
+into a full pipeline."""
 
 from __future__ import annotations
 
@@ -14,16 +15,23 @@ from dreambooth.config.machine import require_peft
 from dreambooth.errors import UserError, first_line
 from dreambooth.files import save_safetensors_atomic
 from dreambooth.models.load import trainable_dtype_fix
+from dreambooth.models.adapters import (ADAPTER_FILE, is_adapter_file, is_adapter_param, json_safe, load_adapter,
+                                        merge_adapters_, peft_config, save_adapter)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
 ADAPTER = "default"  # peft's adapter name while training
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention projections
 
 
-def lora_config(rank: int, alpha: float, targets: list[str]):
-    """A peft LoraConfig; gaussian init of A with B = 0, so the wrapped model starts equal to the base."""
-    from peft import LoraConfig
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+def lora_config(rank: int, alpha: float, targets: list[str], kind: str = "lora"):
+    """The peft config of adapter type `kind` (LoRA: gaussian A, B = 0), so the wrapped model starts equal to the
+    base."""
+    return peft_config(kind, rank, alpha, targets)
+
+
+def adapter_file_name(finetune: str) -> str:
+    """The file an adapter run writes: diffusers' LoRA file for LoRA, our peft adapter file for the others."""
+    return LORA_FILE if finetune == "lora" else ADAPTER_FILE
 
 
 def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
@@ -42,13 +50,15 @@ def _inject(model: torch.nn.Module, config, what: str, key: str) -> None:
 
 
 def add_lora_layers(components, cfg, device, dtype: torch.dtype, text_encoder: bool) -> None:
-    """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 LoRA layers (in the text
-    encoder too when `text_encoder`)."""
-    modules = [(components.unet, lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules), "UNet",
+    """Freeze the base UNet (and text encoder) in compute precision and add trainable fp32 adapter layers of type
+    cfg.finetune (in the text encoder too when `text_encoder`)."""
+    kind = cfg.finetune
+    modules = [(components.unet, lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, kind), "UNet",
                 "lora.target_modules")]
     if text_encoder:
-        modules.append((components.text_encoder, lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS),
-                        "text encoder", "lora.text_encoder"))
+        modules.append((components.text_encoder,
+                        lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS, kind), "text encoder",
+                        "lora.text_encoder"))
     for model, config, what, key in modules:
         model.requires_grad_(False).to(device, dtype)
         _inject(model, config, what, key)
@@ -59,11 +69,11 @@ def add_lora_layers(components, cfg, device, dtype: torch.dtype, text_encoder: b
 
 
 def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None):
-    """The LoRA tensors (peft names, on CPU, fp32) of the UNet and, if it has any, the text encoder."""
+    """The adapter tensors (peft names, on CPU, fp32) of the UNet and, if it has any, the text encoder."""
     from peft.utils import get_peft_model_state_dict
 
     def grab(model):
-        if model is None or not any("lora_" in n for n, _ in model.named_parameters()):
+        if model is None or not any(is_adapter_param(n) for n, _ in model.named_parameters()):
             return None
         state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
@@ -71,33 +81,34 @@ def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 
 
 def save_lora(path: str | Path, unet, text_encoder, cfg, metadata: dict[str, str] | None = None) -> Path:
-    """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically."""
+    """Write the LoRA file diffusers' load_lora_weights reads (rank and alpha in its header), atomically; DoRA, LoHa
+    and LoKr adapters go to our peft adapter file instead (adapters.py)."""
     from diffusers import StableDiffusionPipeline
 
     unet_state, te_state = lora_state_dicts(unet, text_encoder)
-    unet_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules).to_dict()
-    te_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS).to_dict()
+    unet_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.finetune).to_dict()
+    te_meta = lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_ENCODER_TARGETS, cfg.finetune).to_dict()
     path = Path(path)
+    if cfg.finetune != "lora":
+        return save_adapter(path, {"unet": unet_state, "text_encoder": te_state},
+                            {"unet": unet_meta, "text_encoder": te_meta}, metadata)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=LORA_FILE,
-            unet_lora_adapter_metadata=_json_safe(unet_meta), text_encoder_lora_adapter_metadata=_json_safe(te_meta))
+            unet_lora_adapter_metadata=json_safe(unet_meta), text_encoder_lora_adapter_metadata=json_safe(te_meta))
         # Re-write with our training metadata added beside diffusers' own header entries.
         tensors, header, _ = read_lora(Path(tmp) / LORA_FILE)
         save_safetensors_atomic(tensors, path, {**(metadata or {}), **header})
     return path
 
 
-def _json_safe(d: dict) -> dict:
-    """peft's config dict with sets turned into sorted lists, as JSON needs."""
-    return json.loads(json.dumps(d, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-
-
 def resolve_lora_file(path: str | Path) -> Path:
-    """A LoRA .safetensors file, or a run folder holding pytorch_lora_weights.safetensors."""
+    """A LoRA .safetensors file, or a run folder holding pytorch_lora_weights.safetensors (or, from a DoRA, LoHa or
+    LoKr run, adapter_model.safetensors)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / LORA_FILE
+        path = path / LORA_FILE if (path / LORA_FILE).is_file() or not (path / ADAPTER_FILE).is_file() \
+            else path / ADAPTER_FILE
     if not path.is_file():
         raise UserError(f"LoRA file {path} does not exist: pass a .safetensors LoRA file or a LoRA run's output folder")
     if path.suffix.lower() != ".safetensors":
@@ -107,9 +118,12 @@ def resolve_lora_file(path: str | Path) -> Path:
 
 
 def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
-    """Load a LoRA (our diffusers file or kohya/A1111 layout) into `pipe` at strength `scale`."""
+    """Load a LoRA (our diffusers file or kohya/A1111 layout, or our DoRA/LoHa/LoKr adapter file) into `pipe` at
+    strength `scale`."""
     path = resolve_lora_file(path)
     require_peft()
+    if is_adapter_file(path):
+        return load_adapter(pipe, path, scale, adapter_name)
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as e:  # diffusers' many ways to fail
@@ -121,8 +135,12 @@ def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "
 
 
 def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
-    """`pipe` with the LoRA folded into its weights and the adapter layers removed (plain diffusers modules)."""
+    """`pipe` with the LoRA (or adapter) folded into its weights and the adapter layers removed (plain modules)."""
     apply_lora(pipe, lora_path, scale, adapter_name="merge")
+    if is_adapter_file(resolve_lora_file(lora_path)):
+        merge_adapters_(pipe.unet)
+        merge_adapters_(pipe.text_encoder)
+        return pipe
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)  # strength already set by set_adapters
     pipe.unload_lora_weights()
     return pipe
@@ -148,7 +166,8 @@ def lora_run_config(folder: str | Path, fix: str) -> Path | None:
     """The config.yaml of FOLDER if it is a LoRA run's output (a LoRA file, no model_index.json), else None; a
     LoRA run without one is a UserError that ends with FIX."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir() or (folder / "model_index.json").is_file() or not (folder / LORA_FILE).is_file():
+    if not folder.is_dir() or (folder / "model_index.json").is_file() or \
+            not ((folder / LORA_FILE).is_file() or (folder / ADAPTER_FILE).is_file()):
         return None
     if not (folder / "config.yaml").is_file():
         raise _no_base_model(folder, fix)
@@ -171,4 +190,4 @@ def split_lora_run(model: str, lora: str | None) -> tuple[str, str | None, dict]
     run = yaml.safe_load(config.read_text()) or {}
     if not run.get("model"):
         raise _no_base_model(folder, fix)
-    return str(run["model"]), str(folder / LORA_FILE), {k: run[k] for k in ("revision", "variant") if run.get(k)}
+    return str(run["model"]), str(resolve_lora_file(folder)), {k: run[k] for k in ("revision", "variant") if run.get(k)}

@@ -1,5 +1,5 @@
 """Resumable checkpoints in output_dir/checkpoints/step-NNNNNN: the trainable weights, optimizer (8-bit too), LR
-schedule, grad scaler and the TrainState (each process's RNG streams and subject stats in its own file). No pickle.
+schedule, grad scaler, the EMA of the weights (when on) and the TrainState (each process's RNG streams and subject stats in its own file). No pickle.
 Layout on disk: checkpoint_store.py; which checkpoint to resume from: resume.py."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"  # trainable parameters by name, e.g. "unet.conv_in.weight"
 TENSORS = "state.safetensors"  # optimizer, scheduler and grad scaler tensors, referenced from state.json
+EMA_FILE = "ema.safetensors"  # the EMA's fp32 average of the trainable parameters, named as in WEIGHTS
 WRITTEN, SKIPPED, FAILED = 0, 1, 2  # how the main process's write of a checkpoint ended, told to the others
 
 
@@ -55,12 +56,12 @@ def named_trainable(modules: dict[str, torch.nn.Module], optimizer, unwrap) -> l
 
 class Checkpointer:
     """Writes and restores the run's checkpoints from what it is handed: the named trainable weights, optimizer,
-    LR schedule, the accelerator (processes, grad scaler) and, at each call, the TrainState."""
+    LR schedule, the accelerator (processes, grad scaler), the EMA (or None) and, at each call, the TrainState."""
 
     def __init__(self, plan: RunPlan, out: Path, accelerator, named: list[tuple[str, torch.nn.Parameter]],
-                 optimizer, lr_scheduler):
+                 optimizer, lr_scheduler, ema=None):
         self.plan, self.cfg, self.out, self.accelerator = plan, plan.config, out, accelerator
-        self.named, self.optimizer, self.lr_scheduler = named, optimizer, lr_scheduler
+        self.named, self.optimizer, self.lr_scheduler, self.ema = named, optimizer, lr_scheduler, ema
         self.last: Path | None = None  # the newest complete checkpoint of this run
         self.last_step: int | None = None
 
@@ -110,8 +111,9 @@ class Checkpointer:
         weights = {name: p.detach() for name, p in self.named}
         tensors: dict[str, torch.Tensor] = {}
         shared = self._shared_state(state, tensors, count)
+        average = self.ema.tensors() if self.ema is not None else {}
         root = final.parent
-        need = store.nbytes(weights) + store.nbytes(tensors) + 16 * 2**20  # + JSON and filesystem slack
+        need = store.nbytes(weights) + store.nbytes(tensors) + store.nbytes(average) + 16 * 2**20  # + JSON, slack
         free = store.free_bytes(root)
         if free < need:
             self._no_space(root, f"needs about {need / 2**30:.2f} GB, {free / 2**30:.2f} GB free")
@@ -120,6 +122,8 @@ class Checkpointer:
         def write(tmp: Path):
             save_file(weights, tmp / WEIGHTS, metadata={"step": str(state.step)})
             save_file(tensors, tmp / TENSORS)
+            if average:
+                save_file(average, tmp / EMA_FILE)
             (tmp / STATE).write_text(json.dumps(shared))
             ranks.gather(final, tmp, count)
 
@@ -145,6 +149,7 @@ class Checkpointer:
             "optimizer": store.pack(self.optimizer.state_dict(), "optimizer", tensors, seen),
             "lr_scheduler": store.pack(self.lr_scheduler.state_dict(), "lr_scheduler", tensors, seen),
             "scaler": store.pack(scaler.state_dict() if scaler is not None else None, "scaler", tensors, seen),
+            "ema": self.ema.state() if self.ema is not None else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
@@ -173,7 +178,18 @@ class Checkpointer:
         self.lr_scheduler.load_state_dict(store.unpack(saved["lr_scheduler"], tensors))
         if self.accelerator.scaler is not None and saved.get("scaler"):
             self.accelerator.scaler.load_state_dict(store.unpack(saved["scaler"], tensors))
+        self._restore_ema(path, saved)
         ranks.restore(state, path, index, saved, tensors)
         state.load_shared(saved)
         self.last, self.last_step = path, state.step
         log.info("resumed from %s at step %d", path, state.step)
+
+    def _restore_ema(self, path: Path, saved: dict) -> None:
+        """The EMA from the checkpoint; one written without (resume_force) starts the average at its weights."""
+        if self.ema is None:
+            return
+        if saved.get("ema") and (path / EMA_FILE).is_file():
+            self.ema.load(load_file(path / EMA_FILE), saved["ema"])
+        else:
+            log.warning("checkpoint %s holds no EMA: the average starts at its weights", path)
+            self.ema.reset()

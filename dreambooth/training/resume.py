@@ -25,20 +25,19 @@ def training_settings(plan: RunPlan) -> dict[str, Any]:
     return json.loads(json.dumps(flatten_config(plan.effective_config(), NON_TRAINING_KEYS)))
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every training-relevant key at its schema default, normalised as training_settings normalises them."""
+def default_settings() -> dict[str, Any]:
+    """The training settings of a default config, dotted and JSON-normalised like training_settings."""
     return json.loads(json.dumps(flatten_config(Config(), NON_TRAINING_KEYS)))
 
 
 def settings_differences(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint value -> current value' for every training-relevant key that differs. A key the checkpoint
-    lacks was added to the schema after it was written: at its default it changes nothing, so it is not a difference."""
-    missing, defaults = object(), schema_defaults()
+    lacks (written before the key existed) counts as its default, which is what that run trained with."""
+    missing = object()
+    defaults = default_settings()
     out = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, missing), current.get(key, missing)
-        if a is missing and key in defaults and b == defaults[key]:
-            continue
+        a, b = saved.get(key, defaults.get(key, missing)), current.get(key, missing)
         if a != b:
             shown = ["(unset)" if v is missing else repr(v) for v in (a, b)]
             out.append(f"{key}: {shown[0]} -> {shown[1]}")

@@ -203,6 +203,7 @@ def run_summary(plan: RunPlan, state: TrainState, wall_time: float, scoring: dic
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "mixed_precision": plan.precision,
         "optimizer": plan.optimizer,
+        "weights": "ema" if cfg.ema else "raw",  # what the exported model holds: the average or the last step's
         # What config.yaml keeps as auto, as this run decided it (export headers read it back).
         "resolved": plan.resolved(),
         "subjects": state.subjects.summary(),

@@ -5,26 +5,37 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager, nullcontext
+from typing import NamedTuple
 
 import torch
 
 from dreambooth.config.plan import RunPlan
 from dreambooth.training.inputs import Inputs
-from dreambooth.training.loss import add_noise, dreambooth_loss, mask_weight, masked_mse, mse, training_target
+from dreambooth.training.loss import add_noise, dreambooth_loss, loss_weights, mask_weight, training_target, weighted_mse
 from dreambooth.training.state import TrainState
+
+
+class Noised(NamedTuple):
+    """A batch's latents, the noise the target is made of, its timesteps, and the noise its UNet input is made with
+    (the same tensor unless input_perturbation is on)."""
+    latents: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    input_noise: torch.Tensor
 
 
 class TrainStep:
     """The step function of a run, over the prepared (trained) modules and optimizer it is handed."""
 
     def __init__(self, plan: RunPlan, accelerator, inputs: Inputs, trained: list[torch.nn.Module], optimizer,
-                 lr_scheduler, paramwise, params: list[torch.nn.Parameter], noise_scheduler, weight_dtype):
+                 lr_scheduler, paramwise, params: list[torch.nn.Parameter], noise_scheduler, weight_dtype, ema=None):
         self.plan, self.cfg, self.accelerator, self.inputs = plan, plan.config, accelerator, inputs
         self.unet, self.trained = trained[0], trained  # prepared (DDP-wrapped when launched) modules
         self.optimizer, self.lr_scheduler, self.paramwise, self.params = optimizer, lr_scheduler, paramwise, params
         self.prediction_type = noise_scheduler.config.prediction_type
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.weight_dtype = weight_dtype
+        self.ema = ema  # training/ema.py: updated after every step that moved the weights
         self.graphs = plan.compile and plan.compile_mode == "reduce-overhead"
 
     @property
@@ -32,25 +43,38 @@ class TrainStep:
         """The optimizer steps inside backward (memory profiles 8gb/6gb)."""
         return self.paramwise is not None and self.paramwise.fused
 
-    def noised(self, pixels, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents of `pixels` with their noise and timesteps, drawn in this order from `generator`.
+    def noised(self, pixels, generator: torch.Generator) -> Noised:
+        """Latents of `pixels` with their noise and timesteps, drawn in this order from `generator`, then the noise
+        offset and input perturbation draws, each only when its option is on (so default runs draw what they
+        always drew).
 
         Instances are drawn before class images, so a prior run's instance part sees a no-prior run's draws."""
         latents = self.inputs.encode_images(pixels, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator,
                           device=latents.device)
-        return latents, noise, t
+        if self.cfg.noise_offset:  # one constant per sample and channel: lets the mean brightness be learnt
+            shape = (*latents.shape[:2], *[1] * (latents.ndim - 2))
+            noise = noise + self.cfg.noise_offset * torch.randn(shape, generator=generator, device=latents.device)
+        input_noise = noise
+        if self.cfg.input_perturbation:  # the UNet sees slightly other noise than its target is made of
+            input_noise = noise + self.cfg.input_perturbation * torch.randn(
+                latents.shape, generator=generator, device=latents.device)
+        return Noised(latents, noise, t, input_noise)
 
-    def predict(self, latents, noise, t, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, part: Noised, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's prediction for the noised latents, and its training target."""
         embeds = self.inputs.encode_prompts(prompts)
-        noisy = add_noise(latents, noise, t, self.alphas_cumprod)
+        noisy = add_noise(part.latents, part.input_noise, part.t, self.alphas_cumprod)
         with self.accelerator.autocast():
             # A trained text encoder's fp32 output keeps its precision into the UNet; cached ones use the compute dtype.
             embeds = embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
-            pred = self.unet(noisy, t, embeds).sample
-        return pred, training_target(latents, noise, t, self.alphas_cumprod, self.prediction_type)
+            pred = self.unet(noisy, part.t, embeds).sample
+        return pred, training_target(part.latents, part.noise, part.t, self.alphas_cumprod, self.prediction_type)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights of timesteps `t` (loss_weighting), or None for the plain MSE."""
+        return loss_weights(self.cfg.loss_weighting, self.alphas_cumprod, t, self.prediction_type, self.cfg.snr_gamma)
 
     def forward_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Score the UNet on the batch's noised latents, class images joined to the instances in one forward."""
@@ -59,19 +83,19 @@ class TrainStep:
         if batch.get("has_class"):
             parts.append(self.noised(batch["class_pixel_values"], generator))
             prompts += batch["class_prompts"]
-        weight = self.instance_weight(batch, parts[0][0])
-        if len(parts) > 1 and parts[0][0].shape[1:] != parts[1][0].shape[1:]:  # class images in another bucket
-            return self.split_loss(parts, batch, weight)
-        latents, noise, t = (torch.cat(x) for x in zip(*parts))
-        pred, target = self.predict(latents, noise, t, prompts)
+        mask = self.instance_weight(batch, parts[0].latents)
+        if len(parts) > 1 and parts[0].latents.shape[1:] != parts[1].latents.shape[1:]:  # class images: other bucket
+            return self.split_loss(parts, batch, mask)
+        part = Noised(*(torch.cat(x) for x in zip(*parts)))
+        pred, target = self.predict(part, prompts)
         total, instance, prior = dreambooth_loss(pred, target, len(batch["prompts"]), self.cfg.prior_loss_weight,
-                                                 weight)
+                                                 self.weights(part.t), mask)
         return {"loss": total, "instance_loss": instance, **({"prior_loss": prior} if prior is not None else {})}
 
-    def split_loss(self, parts: list, batch: dict, weight) -> dict[str, torch.Tensor]:
+    def split_loss(self, parts: list[Noised], batch: dict, mask) -> dict[str, torch.Tensor]:
         """Instance and class images of different sizes (buckets): one forward each, the joined forward's loss."""
-        instance = masked_mse(*self.predict(*parts[0], batch["prompts"]), weight)
-        prior = mse(*self.predict(*parts[1], batch["class_prompts"]))
+        instance = weighted_mse(*self.predict(parts[0], batch["prompts"]), self.weights(parts[0].t), mask)
+        prior = weighted_mse(*self.predict(parts[1], batch["class_prompts"]), self.weights(parts[1].t))
         return {"loss": instance + self.cfg.prior_loss_weight * prior, "instance_loss": instance, "prior_loss": prior}
 
     def instance_weight(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
@@ -87,14 +111,14 @@ class TrainStep:
         instance_part = self.noised(batch["pixel_values"], generator)
         class_part = self.noised(batch["class_pixel_values"], generator)
         with self.no_sync():  # gradients sync once, after the second pass
-            instance = masked_mse(*self.predict(*instance_part, batch["prompts"]),
-                                  self.instance_weight(batch, instance_part[0]))
+            instance = weighted_mse(*self.predict(instance_part, batch["prompts"]), self.weights(instance_part.t),
+                                    self.instance_weight(batch, instance_part.latents))
             go_on = self.loss_finite({"loss": instance})
             if go_on:
                 self.accelerator.backward(instance * scale)
         weight = self.cfg.prior_loss_weight
         if go_on:
-            prior = mse(*self.predict(*class_part, batch["class_prompts"]))
+            prior = weighted_mse(*self.predict(class_part, batch["class_prompts"]), self.weights(class_part.t))
         else:  # a fused step that failed its check ends here: the class pass would be wasted
             prior = torch.full_like(instance, math.nan)
         losses = {"loss": instance.detach() + weight * prior.detach(), "instance_loss": instance.detach(),
@@ -139,8 +163,10 @@ class TrainStep:
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips bad steps itself (and backs off)
             self.optimizer.step()
         skipped = not finite or self.accelerator.optimizer_step_was_skipped
-        if not skipped:  # a skipped step leaves weights, moments and the schedule where they were
+        if not skipped:  # a skipped step leaves weights, moments, schedule and average where they were
             self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         logs["skipped"] = float(skipped)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]

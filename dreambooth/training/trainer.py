@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from dreambooth.config.machine import Machine
 from dreambooth.config.parse import save_config
 from dreambooth.config.plan import resolve
-from dreambooth.config.schema import Config
+from dreambooth.config.schema import Config, is_adapter
 from dreambooth.data.subjects import resolve_subjects
 from dreambooth.data.training_set import TrainingSet
 from dreambooth.errors import UserError
@@ -30,6 +30,7 @@ from dreambooth.models.lora import add_lora_layers
 from dreambooth.report.page import write_report
 from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
 from dreambooth.training.compiling import compile_unet
+from dreambooth.training.ema import EMA
 from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
 from dreambooth.training.resume import resolve_resume
@@ -112,11 +113,12 @@ class Trainer:
         self.unet, optimizer = prepared[0], prepared[-1]
         if plan.trains_text_encoder:
             c.text_encoder = prepared[1]
-        self.step = TrainStep(plan, acc, self.inputs, list(prepared[:-1]), optimizer, lr_scheduler, paramwise,
-                              params, c.noise_scheduler, self.weight_dtype)
         modules = {"unet": self.unet, "text_encoder": c.text_encoder, "vae": c.vae}
-        self.checkpoints = Checkpointer(plan, self.out, acc, named_trainable(modules, optimizer, acc.unwrap_model),
-                                        optimizer, lr_scheduler)
+        named = named_trainable(modules, optimizer, acc.unwrap_model)
+        self.ema = self._make_ema(named, paramwise, acc.device) if cfg.ema else None
+        self.step = TrainStep(plan, acc, self.inputs, list(prepared[:-1]), optimizer, lr_scheduler, paramwise,
+                              params, c.noise_scheduler, self.weight_dtype, ema=self.ema)
+        self.checkpoints = Checkpointer(plan, self.out, acc, named, optimizer, lr_scheduler, ema=self.ema)
         self.state.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + acc.process_index)
         self.state.subjects = SubjectStats([s.name for s in self.subjects], cfg.gradient_accumulation_steps,
                                            cfg.with_prior_preservation)
@@ -125,7 +127,7 @@ class Trainer:
             self.checkpoints.restore(self.state, self.resume_from)
         self.validator = Validator(cfg, self.subjects, plan.total_steps, self.out, acc, c, self.unet,
                                    self.inputs.encode_prompts, [self.state.generator],
-                                   resumed=self.resume_from is not None, scorer=scorer) \
+                                   resumed=self.resume_from is not None, scorer=scorer, ema=self.ema) \
             if cfg.validation.enabled else None
         self.runlog.start(self.state.step)
         return self
@@ -142,6 +144,13 @@ class Trainer:
             scorer.prepare()
         return scorer
 
+    def _make_ema(self, named, paramwise, device) -> EMA:
+        """The average of the trained weights, from their fp32 values (the bf16 profiles' exact master weights), in
+        host memory when the plan says so."""
+        cfg = self.cfg
+        read = paramwise.master_weight if paramwise is not None else (lambda p: p.detach().float())
+        return EMA(named, cfg.ema_decay, cfg.ema_warmup, "cpu" if self.plan.ema_on_cpu else device, read)
+
     def _place_models(self, c, device, master: torch.dtype) -> None:
         """Devices, dtypes and trainability of the components, as the plan asks."""
         cfg, plan = self.cfg, self.plan
@@ -152,7 +161,7 @@ class Trainer:
         # break the fp16 grad scaler), or bf16 in the low profiles without an fp32 copy ever on the GPU.
         # nn.Module.to, because diffusers' own .to warns on every dtype cast.
         torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, master)
-        if cfg.finetune == "lora":  # frozen base in compute precision; only the LoRA layers train (lora.py)
+        if is_adapter(cfg):  # frozen base in compute precision; only the adapter layers train (lora.py)
             add_lora_layers(c, cfg, device, self.weight_dtype, text_encoder=plan.trains_text_encoder)
         if plan.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -198,7 +207,10 @@ class Trainer:
             self.validator.finish()  # the final sweep grid
         self.runlog.write_history()
         self.wall_time = time.time() - start
-        return run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
+        summary = run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
+        if self.ema is not None:
+            summary["ema_updates"] = self.ema.updates
+        return summary
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         requested = stop.requested is not None or self.stop_reason is not None
@@ -245,10 +257,19 @@ class Trainer:
         text_encoder = unwrap(c.text_encoder) if self.plan.trains_text_encoder else None
         vae, base_te = load_frozen(self.cfg) if self.weight_dtype != torch.float32 else (c.vae, c.text_encoder)
         unet = unwrap(self.unet).to("cpu", torch.float32)
-        if self.step.paramwise is not None:  # bf16 weights: export the exact fp32 values training kept
-            self.step.paramwise.export_master_weights_()
+        if text_encoder is not None:
+            text_encoder.to("cpu", torch.float32)
+        self.export_weights_()  # after the cast to fp32, so the average or master values are not rounded
         return sd_pipeline(vae.to("cpu"), (text_encoder or base_te).to("cpu", torch.float32), c.tokenizer, unet,
                            c.scheduler)
+
+    def export_weights_(self) -> None:
+        """Make the trained weights what the run exports (for its end): the EMA average when ema is on, else with the
+        bf16 profiles the exact fp32 values training kept."""
+        if self.ema is not None:
+            self.ema.copy_to()
+        elif self.step.paramwise is not None:
+            self.step.paramwise.export_master_weights_()
 
     def save(self, summary: dict | None = None) -> Path:
         """Write export_formats beside config.yaml and train_summary.json: the diffusers pipeline (swapped in when
@@ -256,6 +277,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return self.out
         unwrap = self.accelerator.unwrap_model
+        if is_adapter(self.cfg):  # adapter weights are fp32 where they are: the file is written from them
+            self.export_weights_()
         pipe = export_run(self.out, self.plan, summary, [s.instance_prompt for s in self.subjects], self.pipeline,
                           unwrap(self.unet), unwrap(self.components.text_encoder))
         if pipe is not None:

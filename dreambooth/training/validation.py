@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -158,12 +158,17 @@ class Validator:
 
     def __init__(self, cfg: Config, subjects: list[Subject], total_steps: int, out: Path, accelerator,
                  components, unet, encode_prompts, generators: list[torch.Generator], resumed: bool = False,
-                 scorer=None):
+                 scorer=None, ema=None):
         self.cfg, self.v, self.out, self.accelerator = cfg, cfg.validation, out, accelerator
         self.scorer = scorer  # on the main process only (None elsewhere)
         self.components, self.unet, self.encode_prompts = components, unet, encode_prompts
         self.generators = generators  # training's own streams, left exactly as they were (see preserved_training_state)
+        self.ema = ema
         self.prompts = config_prompts(cfg, subjects)
+        # Which weights to show: the raw ones, or with an EMA the average, the raw ones or both (rows labelled).
+        self.weights = ["raw"] if ema is None else {"both": ["raw", "ema"], "ema": ["ema"], "raw": ["raw"]}[self.v.ema]
+        self.rows = [(f"[{w}] {p}" if len(self.weights) > 1 else p, p, w) for w in self.weights for p in self.prompts]
+        self.labels = [label for label, _, _ in self.rows]
         self.steps = validation_steps(self.v, total_steps)
         self.seeds = [self.v.seed + i for i in range(self.v.num_images)]
         self.dir = out / "validation"
@@ -195,7 +200,8 @@ class Validator:
 
     # -------------------------------------------------------------------------------------- running
     def run(self, step: int) -> dict[str, list[Image.Image]]:
-        """Generate every prompt's images with the model as it is at `step`; returns {prompt: images}."""
+        """Generate every row's images with the model as it is at `step` (raw and/or EMA weights); returns
+        {row label: images}, the label being the prompt unless both weights are shown."""
         v, accelerator = self.v, self.accelerator
         unet, text_encoder, vae = self._modules()
         images: dict[str, list[Image.Image]] = {}
@@ -204,22 +210,26 @@ class Validator:
         with preserved_training_state([unet, text_encoder, vae], self.generators):
             if accelerator.is_main_process:
                 pipe = self._pipeline(unet, text_encoder, vae)
-                bar = tqdm(self.prompts, desc=f"validation @ {step}", unit="prompt", leave=False, position=1,
-                           disable=self.cfg.quiet)
+                bar = tqdm(total=len(self.rows), desc=f"validation @ {step}", unit="prompt", leave=False,
+                           position=1, disable=self.cfg.quiet)
                 with on_device(vae, accelerator.device), eager(unet), accelerator.autocast(), \
                         warnings.catch_warnings():
                     # diffusers' DPM++ set_timesteps calls np.array on a tensor; numpy 2 warns about it every call.
                     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
                     negative = self.encode_prompts([v.negative_prompt or ""])  # the same for every prompt
-                    for prompt in bar:
-                        images[prompt] = pipe(
-                            prompt_embeds=self.encode_prompts([prompt]),
-                            negative_prompt_embeds=negative,
-                            height=self.cfg.resolution, width=self.cfg.resolution,
-                            num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                            num_images_per_prompt=len(self.seeds),
-                            # CPU generators: the same starting noise on every device.
-                            generator=[torch.Generator("cpu").manual_seed(s) for s in self.seeds]).images
+                    for weights in self.weights:
+                        # The average swapped into the live weights for its rows, the raw ones back bit for bit.
+                        with self.ema.swapped() if weights == "ema" else nullcontext():
+                            for label, prompt, _ in (r for r in self.rows if r[2] == weights):
+                                images[label] = pipe(
+                                    prompt_embeds=self.encode_prompts([prompt]),
+                                    negative_prompt_embeds=negative,
+                                    height=self.cfg.resolution, width=self.cfg.resolution,
+                                    num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                                    num_images_per_prompt=len(self.seeds),
+                                    # CPU generators: the same starting noise on every device.
+                                    generator=[torch.Generator("cpu").manual_seed(s) for s in self.seeds]).images
+                                bar.update(1)
                 bar.close()
                 del pipe
                 if self.scorer is not None:  # outside autocast: scored as the real photos were, in fp32
@@ -234,20 +244,21 @@ class Validator:
         folder = self.dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         rel = []
-        for p, prompt in enumerate(self.prompts):
+        for p, (label, prompt, weights) in enumerate(self.rows):
             rel.append([])
-            for image, seed in zip(images[prompt], self.seeds):
-                path = save_png(image, folder / f"{p:02d}-{slug(prompt, 40)}-seed{seed}.png",
-                                {"prompt": prompt, "seed": seed, "step": step, **self._settings()})
+            for image, seed in zip(images[label], self.seeds):
+                path = save_png(image, folder / f"{p:02d}-{slug(label, 40)}-seed{seed}.png",
+                                {"prompt": prompt, "seed": seed, "step": step, **self._settings(),
+                                 **({"weights": weights} if self.ema is not None else {})})
                 rel[-1].append(path.relative_to(self.out).as_posix())
         grid = folder / "grid.png"
         with atomic_file(grid) as tmp:
-            make_grid([images[p] for p in self.prompts], col_labels=[f"seed {s}" for s in self.seeds],
-                      row_labels=self.prompts).save(tmp)
+            make_grid([images[label] for label in self.labels], col_labels=[f"seed {s}" for s in self.seeds],
+                      row_labels=self.labels).save(tmp)
         self.done[str(step)] = {"images": rel, "grid": grid.relative_to(self.out).as_posix(),
                                 "seconds": round(seconds, 3), **({"scores": scores} if scores is not None else {})}
         self.write_sweep()
-        progress.info("validation at step %d: %d prompts x %d images in %.1f s -> %s", step, len(self.prompts),
+        progress.info("validation at step %d: %d prompts x %d images in %.1f s -> %s", step, len(self.rows),
                       len(self.seeds), seconds, grid.relative_to(self.out).as_posix())
 
     def _settings(self) -> dict:
@@ -262,7 +273,7 @@ class Validator:
             return None
         steps = sorted(self.done, key=int)
         rows = []
-        for p in range(len(self.prompts)):
+        for p in range(len(self.rows)):
             row = []
             for s in steps:
                 files = self.done[s]["images"]
@@ -272,9 +283,11 @@ class Validator:
         sweep = self.dir / "sweep.png"
         if any(im is not None for row in rows for im in row):  # none: the images were deleted meanwhile
             with atomic_file(sweep) as tmp:  # redrawn after every validation: never half a picture
-                make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.prompts).save(tmp)
-        index = {"prompts": self.prompts, "seeds": self.seeds, "planned_steps": self.steps, **self._settings(),
-                 "sweep": sweep.relative_to(self.out).as_posix(), **(self.scoring() or {}), "done": self.done}
+                make_grid(rows, col_labels=[f"step {s}" for s in steps], row_labels=self.labels).save(tmp)
+        # "prompts" are the sweep's row labels ([ema] / [raw] in front when both weights are shown).
+        index = {"prompts": self.labels, "weights": self.weights, "seeds": self.seeds, "planned_steps": self.steps,
+                 **self._settings(), "sweep": sweep.relative_to(self.out).as_posix(), **(self.scoring() or {}),
+                 "done": self.done}
         write_json_atomic(self.dir / INDEX, index)
         self._swept = sorted(self.done)
         return sweep
