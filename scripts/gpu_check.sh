@@ -74,10 +74,10 @@ bench targets $(($(left) - TESTS_S - 15)) --prior on --no-sampling --rows baseli
   --profile baseline,default
 # 2. GPU-marked tests (they skip without CUDA elsewhere); the one that compiles last, with the rest of the share.
 t=$(left); t=$(( t < TESTS_S ? t : TESTS_S )); t=$(( t < 20 ? 20 : t )); t0=$SECONDS
-timeout $((t * 3 / 5)) python3 -m pytest -m gpu -q -p no:cacheprovider tests --deselect "$GRAPHS_TEST" \
+timeout $((t * 3 / 5)) python3 -m pytest -n 0 -m gpu -q -p no:cacheprovider tests --deselect "$GRAPHS_TEST" \
   >"$RES/gpu-tests.log" 2>&1
 echo "gpu tests exit $?" >>"$RES/gpu-tests.log"
-timeout $((t - (SECONDS - t0))) python3 -m pytest -q -p no:cacheprovider "$GRAPHS_TEST" >>"$RES/gpu-tests.log" 2>&1
+timeout $((t - (SECONDS - t0))) python3 -m pytest -n 0 -q -p no:cacheprovider "$GRAPHS_TEST" >>"$RES/gpu-tests.log" 2>&1
 echo "gpu CUDA-graph test exit $?" >>"$RES/gpu-tests.log"
 tail -n 8 "$RES/gpu-tests.log"
 pack

@@ -93,7 +93,9 @@ def test_sweep_mistakes_are_answered_before_torch_or_ray():
 
 def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, capsys):
     """A hub id loads at the asked revision and variant; a LoRA run's folder uses the ones its base trained on."""
+    import torch
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
     seen = []
 
     def from_pretrained(model, **kw):
@@ -105,7 +107,7 @@ def test_generate_passes_revision_and_variant_to_the_hub(tmp_path, monkeypatch, 
     assert "not in the cache" in capsys.readouterr().err
     run = tmp_path / "lora-run"
     run.mkdir()
-    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, str(run / "pytorch_lora_weights.safetensors"))  # readable; not loaded here
     (run / "config.yaml").write_text("model: someone/sd-model\nrevision: abc123\nvariant: null\n")
     assert main(["generate", str(run), "--prompt", "x"]) == 2
     assert seen[-1] == ("someone/sd-model", "abc123", None)
