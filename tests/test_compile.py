@@ -171,3 +171,40 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
     finally:
         trainer.runlog.close(None)
         torch._dynamo.reset()  # free the graphs' memory pool for the tests after this one
+
+
+def test_regional_compile_trains_like_eager_and_validates_between_steps(make_cfg, tmp_path, monkeypatch):
+    """compile_scope: regional compiles each repeated transformer block (the rest stays eager): same losses as eager,
+    validation between compiled steps runs eagerly, and the blocks stay compiled after it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True), n=3)
+    graphs = counters["stats"]["unique_graphs"]
+    trainer = Trainer(make_cfg(output_dir=str(tmp_path / "regional"), gradient_checkpointing=True, compile=True,
+                               compile_scope="regional", **VALIDATION)).setup()
+    try:
+        assert trainer.plan.compile_scope == "regional"
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        blocks = compiling.repeated_blocks(unet)
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        assert getattr(unet, "_compiled_call_impl", None) is None  # the UNet itself stays eager
+        batches = trainer.batches()
+        losses = [trainer.step.run(batches, trainer.state)["loss"] for _ in range(2)]
+        assert counters["stats"]["unique_graphs"] > graphs  # the blocks really ran through dynamo
+        images = trainer.validator.run(2)
+        assert images["a toy"][0].size == (trainer.cfg.resolution, trainer.cfg.resolution)
+        assert all(b._compiled_call_impl is not None for b in blocks)  # compiled again after validation
+        losses.append(trainer.step.run(batches, trainer.state)["loss"])
+        assert losses == pytest.approx(eager_losses, rel=1e-5)
+        assert not any("_orig_mod" in k for k in unet.state_dict())
+    finally:
+        trainer.runlog.close(None)
+        torch._dynamo.reset()
+
+
+def test_compile_scope_auto_is_full(make_cfg):
+    plan = _plan(make_cfg())
+    assert plan.compile and plan.compile_scope == "full" and plan.choices["compile_scope"].value == "full"
+    assert _plan(make_cfg(compile_scope="regional")).compile_scope == "regional"
