@@ -76,7 +76,6 @@ class Trainer:
             raise
 
     def _build(self) -> "Trainer":
-        cfg, plan = self.cfg, self.plan
         with self.phases("class_images"):
             self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         with self.phases("model_load"):
