@@ -68,6 +68,7 @@ def compile_proxy(model: str = "builtin:sd21/16", resolution: int = 32) -> dict:
         for scope in ("full", "regional"):
             log.info("compile proxy: %s, cold", scope)
             seconds[f"{scope}_cold_s"], artifacts = _first_call(unet, scope, inputs)
+            log.info("compile proxy: %s cold first call %.1f s", scope, seconds[f"{scope}_cold_s"])
             log.info("compile proxy: %s, warm", scope)
             seconds[f"{scope}_warm_s"], _ = (_first_call(unet, scope, inputs, artifacts) if artifacts
                                              else (None, None))
