@@ -11,6 +11,7 @@
 #   the seed job (issue 21): BUDGET=560 bash scripts/gpu_check.sh job   (carry: .whl; timeout_s 600)
 #     JumpStart's example job end to end on builtin:sd21 at 512 px (100 class images, 400 steps with prior,
 #     validation as configured, save), eager vs regional vs full compile, one after another in one process.
+#     Dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 2 --class-images 1 --compile eager"
 #   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1 --rows baseline,default" \
 #                     bash scripts/gpu_check.sh        (BENCH_ARGS come last, so they override each part's rows)
 #   wheels here: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
