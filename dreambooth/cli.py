@@ -133,6 +133,9 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     _quiet_library_bars()
+    if args.job or args.compile_proxy:
+        from dreambooth.bench.job import job_from_args
+        return job_from_args(args)
     from dreambooth.bench.run import bench_from_args
     return bench_from_args(args)
 
@@ -185,6 +188,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--workdir", help="keep the rows' data and outputs here (default: a temporary folder)")
+    job = p.add_argument_group("the whole job (--job): load, class images, training with prior, validation, save")
+    job.add_argument("--job", action="store_true", help="time JumpStart's example job end to end, phase by phase "
+                     "(--steps: training steps, default 400 on CUDA, 5 on CPU)")
+    job.add_argument("--class-images", type=int, help="num_class_images to sample (default 100 on CUDA, 4 on CPU)")
+    job.add_argument("--compile", default="eager", help="comma list of eager, full, regional: the job once each")
+    job.add_argument("--no-validation", action="store_true", help="the job without validation images")
+    job.add_argument("--compile-proxy", action="store_true", help="also time compiling builtin:sd21/16 at 32 px: "
+                     "full vs regional, cold vs warm cache (minutes on CPU)")
 
 
 def add_serve_parser(sub) -> None:

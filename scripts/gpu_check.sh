@@ -8,6 +8,10 @@
 # $OUT/results.tgz, with the tables and test summaries in $OUT/summary.md.
 #
 #   device run:  bash scripts/gpu_check.sh          (carry: .whl; timeout_s 540)
+#   the seed job (issue 21): BUDGET=560 bash scripts/gpu_check.sh job   (carry: .whl; timeout_s 600)
+#     JumpStart's example job end to end on builtin:sd21 at 512 px (100 class images, 400 steps with prior,
+#     validation as configured, save), eager vs regional vs full compile, one after another in one process.
+#     Dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 2 --class-images 1 --compile eager"
 #   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1 --rows baseline,default" \
 #                     bash scripts/gpu_check.sh        (BENCH_ARGS come last, so they override each part's rows)
 #   wheels here: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -18,7 +22,9 @@ OUT="${OUT:-gpu-check}"
 RES="${RES:-$(mktemp -d)/gpu-check}"
 mkdir -p "$OUT" "$RES"
 start=$SECONDS
-left() { echo $((465 - (SECONDS - start))); }  # seconds left of the 8 minutes, less a margin for the copy back
+PART="${1:-all}"  # all: the matrix and the GPU tests; job: only the seed job (bench --job)
+BUDGET="${BUDGET:-465}"
+left() { echo $((BUDGET - (SECONDS - start))); }  # seconds left of the 8 minutes, less a margin for the copy back
 
 if ! ls .whl/*.whl >/dev/null 2>&1; then
   echo "no wheels in .whl/: download them first (see the top of this script)" | tee "$OUT/env.txt"
@@ -58,11 +64,22 @@ bench() {
   echo "bench $name exit $? after $((SECONDS - start)) s" >>"$RES/bench-$name.log"
   if [ ! -s "$RES/bench-$name.md" ] && [ -s "$RES/bench-$name.json" ]; then
     python3 -c "import json, sys; from dreambooth.bench.table import format_table; \
-print(format_table(json.load(open(sys.argv[1]))))" "$RES/bench-$name.json" >"$RES/bench-$name.md" 2>>"$RES/bench-$name.log"
+from dreambooth.bench.job import SCHEMA, format_job_table; r = json.load(open(sys.argv[1])); \
+print(format_job_table(r) if r['schema'] == SCHEMA else format_table(r))" "$RES/bench-$name.json" \
+      >"$RES/bench-$name.md" 2>>"$RES/bench-$name.log"
   fi
   tail -n 30 "$RES/bench-$name.log"
   pack
 }
+# The seed job alone: eager first (the baseline), then regional, then full (the longest compile), each a whole
+# job with its own class-image sampling; the JSON keeps every finished variant if the budget runs out.
+if [ "$PART" = job ]; then
+  bench job "$(left)" --job --compile eager,regional,full --steps 400 --class-images 100 --resolution 512 \
+    --model builtin:sd21
+  echo "total $((SECONDS - start)) s" | tee -a "$RES/env.txt"
+  pack
+  exit 0
+fi
 TESTS_S=160  # kept back for the GPU tests (the CUDA-graph test compiles the tiny UNet, so it runs last)
 GRAPHS_TEST=tests/test_compile.py::test_cuda_graphs_train_like_eager_on_cuda
 

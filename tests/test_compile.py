@@ -171,3 +171,68 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
     finally:
         trainer.runlog.close(None)
         torch._dynamo.reset()  # free the graphs' memory pool for the tests after this one
+
+
+def test_regional_compile_trains_like_eager_and_validates_between_steps(make_cfg, tmp_path, monkeypatch):
+    """compile_scope: regional compiles each repeated transformer block (the rest stays eager): the same 20 losses
+    as eager, validation between compiled steps runs eagerly, and the blocks stay compiled after it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True,
+                                      max_steps=20), n=20)
+    graphs = counters["stats"]["unique_graphs"]
+    trainer = Trainer(make_cfg(output_dir=str(tmp_path / "regional"), gradient_checkpointing=True, compile=True,
+                               compile_scope="regional", max_steps=20, **VALIDATION)).setup()
+    try:
+        assert trainer.plan.compile_scope == "regional"
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        blocks = compiling.repeated_blocks(unet)
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        assert getattr(unet, "_compiled_call_impl", None) is None  # the UNet itself stays eager
+        batches = trainer.batches()
+        losses = [trainer.step.run(batches, trainer.state)["loss"] for _ in range(2)]
+        assert counters["stats"]["unique_graphs"] > graphs  # the blocks really ran through dynamo
+        images = trainer.validator.run(2)
+        assert images["a toy"][0].size == (trainer.cfg.resolution, trainer.cfg.resolution)
+        assert all(b._compiled_call_impl is not None for b in blocks)  # compiled again after validation
+        losses += [trainer.step.run(batches, trainer.state)["loss"] for _ in range(18)]
+        assert losses == pytest.approx(eager_losses, rel=1e-5)  # 20 steps, as the eager run's
+        assert not any("_orig_mod" in k for k in unet.state_dict())
+    finally:
+        trainer.runlog.close(None)
+        torch._dynamo.reset()
+
+
+def test_compile_scope_auto_is_full(make_cfg):
+    plan = _plan(make_cfg())
+    assert plan.compile and plan.compile_scope == "full" and plan.choices["compile_scope"].value == "full"
+    assert _plan(make_cfg(compile_scope="regional")).compile_scope == "regional"
+
+
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_compiled_run_resumes_like_an_eager_run(scope, make_cfg, tmp_path, monkeypatch):
+    """Stopped after step 3 and resumed with compile on (the eager backend: same capture, no codegen), the final
+    UNet equals an eager run's that was never stopped."""
+    import torch._dynamo
+    from conftest import final_unet, max_diff
+
+    from dreambooth.training import signals
+    from dreambooth.training.trainer import run_training
+    from test_checkpoint import EXACT, interrupt_at
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    run_training(make_cfg(output_dir=str(tmp_path / "straight"), **EXACT))
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = {"compile": True, "compile_scope": scope, "checkpoint_steps": 2, **EXACT}
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(signals.Interrupted):
+            run_training(make_cfg(output_dir=str(tmp_path / "stopped"), **compiled))
+    summary = run_training(make_cfg(output_dir=str(tmp_path / "stopped"), resume="latest", **compiled))
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] > graphs  # the UNet (or its blocks) really ran through dynamo
+    assert summary["steps"] == EXACT["max_steps"]
+    assert max_diff(final_unet(tmp_path / "straight"), final_unet(tmp_path / "stopped")) <= 1e-5

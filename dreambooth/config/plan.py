@@ -56,6 +56,7 @@ class RunPlan:
     choices: Mapping[str, Choice] = field(default_factory=lambda: MappingProxyType({}))
     # Keys whose decided value is part of the training settings a checkpoint compares (the profile's, LoRA's rate).
     filled_in: frozenset = frozenset()
+    compile_scope: str = "full"  # full: the whole UNet in one graph; regional: each repeated block
 
     @property
     def backward_passes(self) -> int:
@@ -267,6 +268,10 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
     per_epoch = steps_per_epoch(epoch_items, cfg, machine.processes)
     total = cfg.max_steps or cfg.epochs * per_epoch
     compile_, mode = _compile(cfg, memory, total, machine, choices)
+    scope = cfg.compile_scope
+    if scope == "auto":  # regional is measured on CPU only so far (docs/memory-and-speed.md): full stays the default
+        scope = choices.decide("compile_scope", "full", "one graph; regional unmeasured on GPU") if compile_ \
+            else "full"
     precision = _precision(values["mixed_precision"], machine)
     optimizer = _optimizer(cfg, machine)
     if values["mixed_precision"] == "auto":
@@ -284,5 +289,6 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         export_formats=tuple(export_formats(cfg)), trains_text_encoder=trains_text_encoder(cfg),
         ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
-        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())))
+        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())),
+        compile_scope=scope)
 

@@ -161,6 +161,7 @@ class Config:
     memory_profile: Literal["auto", "default", "24gb", "16gb", "12gb", "8gb", "6gb"] = opt("auto", "Memory-saving settings; auto reads the GPU's memory.")
     compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.", training=False)
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.", training=False)
+    compile_scope: Literal["auto", "full", "regional"] = opt("auto", "What compile compiles: full (the whole UNet, one graph) or regional (each repeated transformer block once: a shorter compile, less speed-up); auto = full.", training=False)
     allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # --- checkpoints and safety ---
     checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).",

@@ -13,9 +13,18 @@ import torch
 COMPILE_BACKEND = "inductor"  # tests trace with "eager": the same graph capture without minutes of code generation
 
 
-def compile_unet(unet: torch.nn.Module, mode: str = "default", fall_back: bool = False) -> None:
+def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet's repeated blocks (diffusers names their classes in `_repeated_blocks`: SD's BasicTransformerBlock),
+    which regional compilation compiles one by one: same-shaped blocks share one compiled graph."""
+    names = set(getattr(unet, "_repeated_blocks", None) or ["BasicTransformerBlock"])
+    return [m for m in unet.modules() if type(m).__name__ in names]
+
+
+def compile_unet(unet: torch.nn.Module, mode: str = "default", fall_back: bool = False,
+                 scope: str = "full") -> None:
     """torch.compile the UNet in place, so parameter names (checkpoints, export) stay as they are.
-    fall_back: a failing compile runs the UNet eagerly with a warning instead of ending the run (compile: auto)."""
+    fall_back: a failing compile runs the UNet eagerly with a warning instead of ending the run (compile: auto).
+    scope: full (one graph of the whole UNet) or regional (each repeated block; the rest runs eagerly)."""
     import torch._dynamo
     # Training shapes are fixed: one static graph. A smaller last batch compiles once more rather than switching
     # the whole run to a slower dynamic-shape graph.
@@ -24,16 +33,28 @@ def compile_unet(unet: torch.nn.Module, mode: str = "default", fall_back: bool =
     setattr(dynamo, limit, max(getattr(dynamo, limit), 16))
     dynamo.suppress_errors = fall_back
     inductor = COMPILE_BACKEND == "inductor"
-    unet.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" or not inductor else mode, dynamic=False)
+    kwargs = {"backend": COMPILE_BACKEND, "mode": None if mode == "default" or not inductor else mode,
+              "dynamic": False}
+    if scope == "regional":
+        blocks = repeated_blocks(unet)
+        if not blocks:
+            raise ValueError(f"{type(unet).__name__} has no repeated blocks to compile regionally")
+        for block in blocks:  # what diffusers' compile_repeated_blocks does, for any module with such blocks
+            block.compile(**kwargs)
+    else:
+        unet.compile(**kwargs)
 
 
 @contextmanager
 def eager(module: torch.nn.Module):
     """Run an in-place-compiled module eagerly for a while (validation: other shapes, no gradients), sparing
     a second compilation that would cost more than it saves."""
-    compiled = getattr(module, "_compiled_call_impl", None)
-    module._compiled_call_impl = None
+    compiled = {m: m._compiled_call_impl for m in module.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None}  # the UNet, or its regions
+    for m in compiled:
+        m._compiled_call_impl = None
     try:
         yield module
     finally:
-        module._compiled_call_impl = compiled
+        for m, impl in compiled.items():
+            m._compiled_call_impl = impl

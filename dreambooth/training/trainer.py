@@ -33,6 +33,7 @@ from dreambooth.training.compiling import compile_unet
 from dreambooth.training.ema import EMA
 from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
+from dreambooth.training.phases import Phases
 from dreambooth.training.resume import resolve_resume
 from dreambooth.training.runlog import RunLog, run_summary, tracker_kwargs
 from dreambooth.training.scoring import ValidationScorer, check_scoring
@@ -70,6 +71,7 @@ class Trainer:
             raise
         self.state = TrainState()
         self.wall_time = 0.0
+        self.phases = Phases()  # wall time of class sampling, model load, setup, validation (bench --job)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -81,8 +83,16 @@ class Trainer:
             raise
 
     def _build(self) -> "Trainer":
+        with self.phases("class_images"):
+            self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
+        with self.phases("model_load"):
+            self._load()
+        with self.phases("setup"):
+            return self._prepare()
+
+    def _load(self) -> None:
+        """The model's components on their devices, in their dtypes (compiled lazily, at the first step)."""
         cfg, plan = self.cfg, self.plan
-        self.dataset = self.training_set.build()  # samples missing class images first, then frees the sampler
         # accelerate keeps one mixed precision per process; a later run in the same process may use another.
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = acc = Accelerator(mixed_precision=plan.precision, cpu=not torch.cuda.is_available(),
@@ -96,6 +106,10 @@ class Trainer:
         self.weight_dtype = DTYPES[plan.precision] if plan.precision != "no" else torch.float32
         master = DTYPES[plan.memory.master_weights]
         self._place_models(c, acc.device, master)
+
+    def _prepare(self) -> "Trainer":
+        """Caches, optimizer, checkpoints, validation: the rest of setup."""
+        cfg, plan, acc, c = self.cfg, self.plan, self.accelerator, self.components
         self.inputs = Inputs(plan, self.dataset, c, acc.device, self.weight_dtype, acc.process_index,
                              acc.num_processes)
         self.inputs.fill_caches(self.training_set.prompts())
@@ -175,7 +189,7 @@ class Trainer:
             if plan.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
                             "step fused into backward exists to avoid: expect more memory", plan.memory.profile)
-            compile_unet(c.unet, plan.compile_mode, fall_back=cfg.compile == "auto")
+            compile_unet(c.unet, plan.compile_mode, fall_back=cfg.compile == "auto", scope=plan.compile_scope)
 
     def batches(self):
         """The run's batches from where its state stands."""
@@ -204,7 +218,8 @@ class Trainer:
                     raise Interrupted(state.step, path, stop.requested or self.stop_reason or "SIGINT")
         self.checkpoints.assert_finite(state, "final model")  # never hand NaN weights to save()
         if self.validator is not None:
-            self.validator.finish()  # the final sweep grid
+            with self.phases("validation"):
+                self.validator.finish()  # the final sweep grid
         self.runlog.write_history()
         self.wall_time = time.time() - start
         summary = run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
@@ -235,7 +250,8 @@ class Trainer:
             if keep and self.checkpoints.last_step != state.step:
                 self.checkpoints.save(state, keep=True)
             start = time.time()
-            images = self.validator.run(state.step)
+            with self.phases("validation"):
+                images = self.validator.run(state.step)
             scores = self.validator.scores(state.step)
             self.runlog.validated(state.step, images, time.time() - start, scores)
         if self.on_step is not None:  # last: the step's checkpoint and validation images exist by now
