@@ -147,7 +147,8 @@ def run_job_bench(options: JobOptions) -> dict:
         for variant in o.variants:
             log.info("benchmark job: %s", variant)
             result["rows"].append(run_job(o, variant, subject, workdir / variant))
-            _write(result, o.out)  # partial results survive a timeout
+            if o.out:  # partial results survive a timeout
+                write_json_atomic(o.out, result)
         if o.compile_proxy:
             from dreambooth.bench.compile_proxy import compile_proxy
             result["compile_proxy"] = compile_proxy(o.proxy_model, o.proxy_resolution)
@@ -156,13 +157,9 @@ def run_job_bench(options: JobOptions) -> dict:
             tmp.cleanup()
     result["wall_s"] = round(time.time() - started, 1)
     result["complete"] = True
-    _write(result, o.out)
+    if o.out:
+        write_json_atomic(o.out, result)
     return result
-
-
-def _write(result: dict, out: str | None) -> None:
-    if out:
-        write_json_atomic(out, result)
 
 
 def format_job_table(r: dict) -> str:

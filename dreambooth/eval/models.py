@@ -68,24 +68,26 @@ class Clip:
     @torch.no_grad()
     def images(self, images: list, device="cpu") -> torch.Tensor:
         """[n, d] embeddings of PIL images, float32 on the CPU."""
-        out = []
-        with on_device(self.model, torch.device(device)):
-            for i in range(0, len(images), BATCH):
-                pixels = self.processor(images=images[i:i + BATCH], return_tensors="pt").pixel_values
-                out.append(_pooled(self.model.get_image_features(pixel_values=pixels.to(device))))
-        return torch.cat(out).float().cpu()
+        return _batched(self.model, images, device, lambda batch: _pooled(
+            self.model.get_image_features(pixel_values=_pixels(self.processor, batch, device))))
 
     @torch.no_grad()
     def texts(self, texts: list[str], device="cpu") -> torch.Tensor:
         """[n, d] embeddings of prompts (truncated to CLIP's 77 tokens), float32 on the CPU."""
-        out = []
-        with on_device(self.model, torch.device(device)):
-            for i in range(0, len(texts), BATCH):
-                tokens = self.tokenizer(texts[i:i + BATCH], padding=True, truncation=True,
-                                        max_length=self.model.config.text_config.max_position_embeddings,
-                                        return_tensors="pt").to(device)
-                out.append(_pooled(self.model.get_text_features(**tokens)))
-        return torch.cat(out).float().cpu()
+        limit = self.model.config.text_config.max_position_embeddings
+        return _batched(self.model, texts, device, lambda batch: _pooled(self.model.get_text_features(
+            **self.tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="pt").to(device))))
+
+
+def _pixels(processor, images: list, device) -> torch.Tensor:
+    return processor(images=images, return_tensors="pt").pixel_values.to(device)
+
+
+def _batched(model, items: list, device, embed) -> torch.Tensor:
+    """embed(batch) over `items` in batches of BATCH, with `model` on `device` meanwhile; [n, d] float32 on the CPU."""
+    with on_device(model, torch.device(device)):
+        out = [embed(items[i:i + BATCH]) for i in range(0, len(items), BATCH)]
+    return torch.cat(out).float().cpu()
 
 
 class Dino:
@@ -99,12 +101,8 @@ class Dino:
 
     @torch.no_grad()
     def images(self, images: list, device="cpu") -> torch.Tensor:
-        out = []
-        with on_device(self.model, torch.device(device)):
-            for i in range(0, len(images), BATCH):
-                pixels = self.processor(images=images[i:i + BATCH], return_tensors="pt").pixel_values
-                out.append(self.model(pixel_values=pixels.to(device)).last_hidden_state[:, 0])
-        return torch.cat(out).float().cpu()
+        return _batched(self.model, images, device, lambda batch: self.model(
+            pixel_values=_pixels(self.processor, batch, device)).last_hidden_state[:, 0])
 
 
 def _pooled(output) -> torch.Tensor:
