@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import compile_snapshot, compile_stats, read_peak, reset_peak, sync
+from dreambooth.bench.measure import compile_snapshot, compile_stats, read_peak, reset_peak, row_status, sync
 from dreambooth.config.schema import config_from_dict
 from dreambooth.demo import write_demo_dataset
-from dreambooth.errors import UserError, first_line
+from dreambooth.errors import UserError
 from dreambooth.files import write_json_atomic
 from dreambooth.models.load import forget_builtin
 from dreambooth.training.runlog import library_versions
@@ -77,12 +77,23 @@ def run_job(o: JobOptions, variant: str, subject: Path, root: Path) -> dict:
     row = {"name": variant, "status": "ok", "reason": None}
     compiled_before = compile_snapshot()
     reset_peak()
-    trainer = None
     try:
-        cfg = job_config(o, variant, subject, root)
-        start = time.perf_counter()
-        trainer = Trainer(cfg)
-        plan_s = time.perf_counter() - start
+        with row_status(row, f"job {variant}"):
+            _time_job(o, job_config(o, variant, subject, root), row, compiled_before)
+    finally:  # the trainer is gone by now: hand its memory and compiled graphs back before the next variant
+        forget_builtin()
+        import torch._dynamo
+        torch._dynamo.reset()
+        reset_peak()
+    return row
+
+
+def _time_job(o: JobOptions, cfg, row: dict, compiled_before: dict) -> None:
+    """Plan, set up, train and save one run, filling `row` with its phases; the trainer is closed on any exit."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    plan_s = time.perf_counter() - start
+    try:
         phases = trainer.phases
         phases.before, phases.after = (lambda: (sync(), reset_peak())), (lambda: (sync(), read_peak())[1])
         trainer.setup()
@@ -111,22 +122,8 @@ def run_job(o: JobOptions, variant: str, subject: Path, root: Path) -> dict:
                           "scope": trainer.plan.compile_scope}
         if trainer.plan.compile:
             row["compile_stats"] = compile_stats(compiled_before)
-    except UserError as e:
-        row.update(status="skipped", reason=str(e))
-    except torch.OutOfMemoryError as e:
-        row.update(status="oom", reason=first_line(e))
-    except Exception as e:  # one broken variant must not lose the others' numbers
-        log.exception("benchmark job %s failed", variant)
-        row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
     finally:
-        if trainer is not None:
-            trainer.close()
-        del trainer
-        forget_builtin()
-        import torch._dynamo
-        torch._dynamo.reset()
-        reset_peak()
-    return row
+        trainer.close()
 
 
 def run_job_bench(options: JobOptions) -> dict:

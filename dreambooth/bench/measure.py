@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from dreambooth.errors import UserError, first_line
 from dreambooth.training.runlog import peak_rss
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def row_status(row: dict, what: str):
+    """A benchmark row's failure becomes its status (skipped, oom, error), never the bench's end: a broken row must
+    not lose the others' numbers."""
+    try:
+        yield
+    except UserError as e:
+        row.update(status="skipped", reason=str(e))
+    except torch.OutOfMemoryError as e:
+        row.update(status="oom", reason=first_line(e))
+    except Exception as e:
+        log.exception("benchmark %s failed", what)
+        row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
 
 
 def sync() -> None:

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from dreambooth.bench.measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops,
-                                      read_peak, reset_peak, status_bytes, sync)
+                                      read_peak, reset_peak, row_status, status_bytes, sync)
 from dreambooth.bench.profile import profile_steps
 from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table
 from dreambooth.config.parse import apply_override
 from dreambooth.config.schema import Config, config_from_dict
 from dreambooth.data.class_images import default_batch_size, load_sampler, sampling_steps
 from dreambooth.demo import write_demo_dataset
-from dreambooth.errors import UserError, first_line
+from dreambooth.errors import UserError
 from dreambooth.files import write_json_atomic, write_text_atomic
 from dreambooth.models.load import build_builtin_sd21, builtin_sd21_scale, forget_builtin, load_components
 from dreambooth.models.pipeline import set_scheduler
@@ -148,17 +148,10 @@ def run_row(name: str, prior: bool, o: BenchOptions, subject: Path, classes: Pat
     """One cell of the matrix; a failure becomes the row's status (skipped, oom, error), never the bench's end."""
     row = {"name": name, "prior": prior, "status": "ok", "reason": None}
     cfg = None
-    try:
+    with row_status(row, f"row {name}"):
         cfg = row_config(name, prior, o, subject, classes, workdir / f"{name}-{'prior' if prior else 'plain'}")
         row["cpu_peak_is_per_row"] = reset_peak()
         _measure(name, prior, o, cfg, row)
-    except UserError as e:
-        row.update(status="skipped", reason=str(e))
-    except torch.OutOfMemoryError as e:
-        row.update(status="oom", reason=first_line(e))
-    except Exception as e:  # a broken row must not lose the others' numbers
-        log.exception("benchmark row %s failed", name)
-        row.update(status="error", reason=f"{type(e).__name__}: {first_line(e)}")
     # As the trainer resolved it (compile: auto may compile a row not named +compile): compiled graphs and their
     # CUDA-graph memory pools would outlive the row.
     if cfg is not None and cfg.compile is not False:
