@@ -58,10 +58,6 @@ class RunPlan:
     filled_in: frozenset = frozenset()
     compile_scope: str = "full"  # full: the whole UNet in one graph; regional: each repeated block
 
-    @property
-    def backward_passes(self) -> int:
-        return backward_passes(self.config, self.prior_mode)
-
     def resolved(self) -> dict[str, Any]:
         """{key: value} of every key this machine decided (train_summary.json, export headers)."""
         return {key: c.value for key, c in self.choices.items()}

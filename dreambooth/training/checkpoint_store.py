@@ -180,11 +180,11 @@ def prune(out: str | Path, keep_last: int | None) -> list[Path]:
                         keep_last)
             doomed.remove(spare)
     for _, path in doomed:
-        if not json.loads((path / COMPLETE).read_text()).get("keep"):
+        if not (marker(path) or {}).get("keep"):
             # Hide it first (one rename), so a delete cut short never leaves a half checkpoint that looks whole.
-            doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            hidden = path.with_name(f".{path.name}.del-{os.getpid()}")
+            os.rename(path, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
             removed.append(path)
     return removed
 

@@ -19,15 +19,20 @@ log = logging.getLogger(__name__)
 STATE = "state.json"  # the checkpoint's shared state; its "settings" are compared here
 
 
+def _settings(cfg: Config) -> dict[str, Any]:
+    """A config's training-relevant keys, dotted and JSON-normalised (the keys the schema marks as not changing the
+    math may differ on resume)."""
+    return json.loads(json.dumps(flatten_config(cfg, NON_TRAINING_KEYS)))
+
+
 def training_settings(plan: RunPlan) -> dict[str, Any]:
-    """The run's training-relevant keys as checkpoints record them, dotted and JSON-normalised (the keys the schema
-    marks as not changing the math may differ on resume)."""
-    return json.loads(json.dumps(flatten_config(plan.effective_config(), NON_TRAINING_KEYS)))
+    """The run's training settings as checkpoints record them."""
+    return _settings(plan.effective_config())
 
 
 def default_settings() -> dict[str, Any]:
-    """The training settings of a default config, dotted and JSON-normalised like training_settings."""
-    return json.loads(json.dumps(flatten_config(Config(), NON_TRAINING_KEYS)))
+    """The training settings of a default config."""
+    return _settings(Config())
 
 
 def settings_differences(saved: dict, current: dict) -> list[str]:

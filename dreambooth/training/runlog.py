@@ -3,7 +3,6 @@ report) and, when `log_with: tensorboard`, scalars and validation images through
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import platform
@@ -19,6 +18,7 @@ import transformers
 
 from dreambooth.config.plan import RunPlan
 from dreambooth import __version__
+from dreambooth.config.machine import has_package
 from dreambooth.config.parse import flatten_config
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError
@@ -38,7 +38,7 @@ def tracker_kwargs(cfg: Config, out: Path) -> dict:
     """Accelerator keyword arguments for `log_with`; {} when no tracker is asked for."""
     if cfg.log_with is None:
         return {}
-    if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+    if not (has_package("tensorboard") or has_package("tensorboardX")):
         raise UserError("log_with: tensorboard needs the tensorboard package: pip install tensorboard, "
                         "or remove log_with from the config")
     return {"log_with": cfg.log_with, "project_dir": str(out)}

@@ -162,8 +162,8 @@ class Trainer:
         """The average of the trained weights, from their fp32 values (the bf16 profiles' exact master weights), in
         host memory when the plan says so."""
         cfg = self.cfg
-        read = paramwise.master_weight if paramwise is not None else (lambda p: p.detach().float())
-        return EMA(named, cfg.ema_decay, cfg.ema_warmup, "cpu" if self.plan.ema_on_cpu else device, read)
+        read = {"read": paramwise.master_weight} if paramwise is not None else {}  # else EMA's own fp32 copy
+        return EMA(named, cfg.ema_decay, cfg.ema_warmup, "cpu" if self.plan.ema_on_cpu else device, **read)
 
     def _place_models(self, c, device, master: torch.dtype) -> None:
         """Devices, dtypes and trainability of the components, as the plan asks."""
