@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from dreambooth.data.dataset import CAPTION_SUFFIX, IMAGE_EXTENSIONS, is_mask_file, to_rgb
+from dreambooth.data.dataset import CAPTION_SUFFIX, IMAGE_EXTENSIONS, has_alpha, is_mask_file, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_mask(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        if has_alpha(img):
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
         return to_rgb(img).convert("L")
@@ -40,14 +40,15 @@ def load_mask(path: Path) -> Image.Image:
 def alpha_mask(path: Path) -> Image.Image | None:
     """The alpha channel of an image file as its mask, or None when it has no transparency."""
     with Image.open(path) as img:
-        if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        if not has_alpha(img):
             return None  # the mode is known from the header: images without alpha are not decoded again
         img.load()
         alpha = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
     return None if alpha.getextrema()[0] == 255 else alpha
 
 
-def _caption(path: Path, instance_prompt: str, problems: list[str]) -> str | None:
+def read_caption(path: Path, instance_prompt: str, problems: list[str]) -> str | None:
+    """The caption in PATH on one line, the placeholder replaced; None (with a problem noted) if unreadable or empty."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -90,7 +91,7 @@ def read_annotations(folder: Path, paths: list[Path], images: list[Image.Image],
     if captions:
         texts = {p.stem: p for p in files if p.suffix.lower() == CAPTION_SUFFIX}
         out.problems += [f"{p.name}: no image {s}.* beside it, ignored" for s, p in texts.items() if s not in stems]
-        out.captions = [_caption(texts[p.stem], instance_prompt, out.problems) if p.stem in texts else None
+        out.captions = [read_caption(texts[p.stem], instance_prompt, out.problems) if p.stem in texts else None
                         for p in paths]
         if not texts:
             log.warning("captions: true, but %s holds no NAME.txt captions: every image trains with %r", folder,

@@ -116,6 +116,11 @@ def list_images(folder, exclude=("class_data_dir",), captions: bool = False, mas
     return images
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an image carries transparency (an alpha channel or a transparent palette entry); from its header."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparent areas become white (the usual background for product shots)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
@@ -126,7 +131,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif img.mode == "F" and arr.max() <= 1.0:
             arr = arr * 255.0
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

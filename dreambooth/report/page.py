@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import yaml
 
-from dreambooth.data.annotations import PLACEHOLDER
-from dreambooth.data.dataset import list_images, load_image
+from dreambooth.data.annotations import read_caption
+from dreambooth.data.dataset import CAPTION_SUFFIX, list_images, load_image
 from dreambooth.data.subjects import class_folder, prompts_as_trained
 from dreambooth.files import write_text_atomic
 from dreambooth.report.scores import score_charts, scores_table
@@ -118,11 +118,7 @@ def _prompts(subject: dict) -> tuple:
 
 def _caption(path: Path, instance_prompt) -> str:
     """The NAME.txt caption beside an instance image (captions: true) as trained, for its thumbnail; "" if none."""
-    try:
-        text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8-sig").split())
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return text.replace(PLACEHOLDER, str(instance_prompt))
+    return read_caption(path.with_suffix(CAPTION_SUFFIX), str(instance_prompt), []) or ""
 
 
 def _thumbnails(out: Path, subjects: list[tuple[dict, tuple]], captions: bool = False, masks: bool = False) -> str:
