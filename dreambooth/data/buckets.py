@@ -62,6 +62,11 @@ def batch_count(keys: list, batch_size: int) -> int:
     return sum(math.ceil(n / batch_size) for n in Counter(keys).values())
 
 
+def bucketed_batches(buckets: Buckets, subjects: list[tuple[list, int]], batch_size: int) -> int:
+    """Batches per epoch of the subjects' bucketed passes, one after the other; each subject is (images, items)."""
+    return sum(batch_count(item_keys(buckets, images, length), batch_size) for images, length in subjects)
+
+
 def describe(sizes: list[tuple[int, int]]) -> str:
     """'640x384: 3 images, 512x512: 1 image' for the buckets of some images, most used first."""
     counts = Counter(sizes).most_common()

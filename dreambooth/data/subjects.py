@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.config.schema import Config, subjects_of
-from dreambooth.data.buckets import batch_count, epoch_slots, item_keys
+from dreambooth.data.buckets import bucketed_batches, epoch_slots
 from dreambooth.data.dataset import INFO_FILE, DreamBoothDataset, Slot, resolve_prompts
 from dreambooth.errors import UserError
 
@@ -114,8 +114,8 @@ class MultiSubjectDataset(torch.utils.data.Dataset):
         self.datasets, self.weights, self.batch_size = list(datasets), list(weights), batch_size
         self.buckets = self.datasets[0].buckets
         if self.buckets is not None:  # as many batches as the subjects' bucketed passes, one after the other
-            self.batches_per_epoch = sum(batch_count(item_keys(self.buckets, d.instance_images, len(d)), batch_size)
-                                         for d in self.datasets)
+            self.batches_per_epoch = bucketed_batches(self.buckets, [(d.instance_images, len(d)) for d in self.datasets],
+                                                      batch_size)
         else:
             self.batches_per_epoch = self.length([len(d) for d in self.datasets], batch_size) // batch_size
         self.schedule = SubjectSchedule(self.weights)

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dreambooth.config.machine import launched_processes
 from dreambooth.config.schema import Config
 from dreambooth.data.annotations import read_annotations
-from dreambooth.data.buckets import Buckets, batch_count, describe, item_keys
+from dreambooth.data.buckets import Buckets, bucketed_batches, describe
 from dreambooth.data.class_images import ensure_class_images
 from dreambooth.data.dataset import DreamBoothDataset, ImageTransform, list_images, load_image_files
 from dreambooth.data.subjects import MultiSubjectDataset, Subject
@@ -51,8 +51,7 @@ class TrainingSet:
         lengths = [DreamBoothDataset.length(len(images), s.num_class_images if prior else 0)
                    for s, images in zip(self.subjects, self.instance_images)]
         if self.buckets is not None:
-            return bs * sum(batch_count(item_keys(self.buckets, images, n), bs)
-                            for images, n in zip(self.instance_images, lengths))
+            return bs * bucketed_batches(self.buckets, list(zip(self.instance_images, lengths)), bs)
         return lengths[0] if len(lengths) == 1 else MultiSubjectDataset.length(lengths, bs)
 
     def prompts(self) -> list[str]:
