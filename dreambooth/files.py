@@ -56,6 +56,14 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fsync(path.parent)
 
 
+def read_json(path: str | Path, default=None):
+    """A JSON file's content, or `default` when it is missing or not valid JSON (a run folder's records)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file (UTF-8) in one piece."""
     with atomic_file(path) as tmp:

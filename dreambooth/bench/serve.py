@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import UserError
+from dreambooth.files import write_json_atomic
 from dreambooth.training.runlog import library_versions
 
 SCHEMA = "dreambooth-bench-serve/1"
@@ -154,7 +155,7 @@ def run_serve_bench(o: ServeBenchOptions) -> dict:
     result["load_average_after"] = os.getloadavg()[0]
     if o.out:
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(o.out).write_text(json.dumps(result, indent=2))
+        write_json_atomic(o.out, result)
     return result
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from dreambooth.files import write_json_atomic
+
 SCHEMA = "dreambooth-bench-sweep/1"
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         result = run(args.trials, args.steps, args.model, args.resolution, args.report_steps, workdir)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json_atomic(args.out, result)
     print(f"run alone: {result['alone_mean_s']:.1f} s (mean of {len(result['alone_s'])}); a 1-trial sweep: "
           f"{result['one_trial_sweep_s']:.1f} s (overhead {result['one_trial_overhead_s']:+.1f} s, Ray start "
           f"{result['ray_start_s'][0]:.1f} s)")

@@ -176,15 +176,18 @@ def apply_override(data: dict, item: str) -> str:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"override '{item}' is not of the form key=value (e.g. max_steps=400)")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    parts = key.strip().split(".")
-    node = data
+    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return key.strip()
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set dotted `key` (a.b.c) in the nested dict, making the sections on the way."""
+    parts, node = key.split("."), data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
-    return key.strip()
 
 
 COMMAND_LINE = "the command line"

@@ -7,7 +7,6 @@ Regenerate for a finished run with `python -m dreambooth.report.page OUTPUT_DIR`
 from __future__ import annotations
 
 import html
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from dreambooth.data.annotations import read_caption
 from dreambooth.data.dataset import CAPTION_SUFFIX, list_images, load_image
 from dreambooth.data.subjects import class_folder, prompts_as_trained
-from dreambooth.files import write_text_atomic
+from dreambooth.files import read_json, write_text_atomic
 from dreambooth.report.scores import score_charts, scores_table
 from dreambooth.training.runlog import hms
 
@@ -28,13 +27,6 @@ REPORT = "report.html"
 ASSETS = "report_files"  # thumbnails of the training data, written beside the page
 THUMB = 128
 MAX_THUMBS = 12
-
-
-def _read_json(path: Path, default):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
 
 
 def smooth(values: list[float], span: float | None = None) -> list[float]:
@@ -228,9 +220,9 @@ def write_report(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     config_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
     config = yaml.safe_load(config_text) or {}
-    summary = _read_json(out / "train_summary.json", {})
-    history = _read_json(out / "loss_history.json", [])
-    validation = _read_json(out / "validation" / "index.json", {})
+    summary = read_json(out / "train_summary.json", {})
+    history = read_json(out / "loss_history.json", [])
+    validation = read_json(out / "validation" / "index.json", {})
     marks = sorted(int(s) for s in validation.get("done", {}))
     subjects = [(s, _prompts(s)) for s in _subjects(config)]  # each dataset_info.json read once
     prompts = ", ".join(dict.fromkeys(str(p) for _, (p, _cls) in subjects if p))

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from dreambooth.errors import UserError
-from dreambooth.files import write_json_atomic as write_json
 from dreambooth.export.output_dir import MARKER as RUN_MARKER
+from dreambooth.files import read_json
+from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial, class_image_jobs, training_differences
 from dreambooth.sweep.summary import earlier_rows, trial_row, write_summary
 from dreambooth.sweep.trial import (DONE, RECORD, STOP_FILE, check_metric, metric_mode, prepare_class_images,
-                                    read_json, run_trial, trial_record)
+                                    run_trial, trial_record)
 
 try:
     import ray

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth.config.parse import apply_override, flatten_config, read_file
+from dreambooth.config.parse import apply_override, flatten_config, read_file, set_key
 from dreambooth.config.schema import NON_TRAINING_KEYS, Config, config_from_dict
 from dreambooth.errors import UserError
 
@@ -112,15 +112,6 @@ def trial_name(settings: dict) -> str:
     return name
 
 
-def _set(data: dict, key: str, value: Any) -> None:
-    parts, node = key.split("."), data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def _absolute(data: dict, cwd: Path) -> None:
     """Relative folders made absolute against the command's working directory (Tune starts trials elsewhere)."""
     def fix(node: dict, key: str, always: bool = True) -> None:
@@ -158,7 +149,7 @@ def expand(base: dict, grid: dict[str, list], subjects: list[Path] | None = None
             settings = ({"subject": names[subject]} if subject else {}) | dict(zip(grid, values))
             data = copy.deepcopy(base)
             for key, value in zip(grid, values):
-                _set(data, key, value)
+                set_key(data, key, value)
             if subject:
                 data["data"] = {**(data.get("data") or {}), "dir": str(subject)}
             name = trial_name(settings)

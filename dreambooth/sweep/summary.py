@@ -8,9 +8,10 @@ import html
 import math
 from pathlib import Path
 
+from dreambooth.files import read_json
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
-from dreambooth.sweep.trial import LOSSES, METRICS, folder_metrics, read_json, trial_record
+from dreambooth.sweep.trial import LOSSES, METRICS, folder_metrics, trial_record
 
 CSV, JSON, HTML = "sweep.csv", "sweep.json", "sweep.html"
 COLUMNS = ("status", "steps", *METRICS, "wall_time_s", "train_time_s", "attempts", "error")

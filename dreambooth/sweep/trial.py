@@ -5,7 +5,6 @@ No Ray here: engine.py passes Tune's report function in."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import socket
@@ -15,6 +14,7 @@ from typing import Callable
 
 from dreambooth.config.schema import METRICS as SCORES
 from dreambooth.errors import UserError
+from dreambooth.files import read_json
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
 
@@ -30,13 +30,6 @@ PREFIX = "validation_"
 METRICS = LOSSES + tuple(PREFIX + m for m in SCORES)
 HIGHER_IS_BETTER = tuple(PREFIX + m for m in ("dino", "clip_i", "clip_t"))
 DONE = ("finished", "early_stopped")  # statuses a rerun of the sweep skips
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
 
 
 def loss_metrics(losses: list[float]) -> dict:
