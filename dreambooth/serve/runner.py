@@ -79,8 +79,9 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(spec: ModelSpec, o: ServeOptions) -> int:
-    """Run until SIGTERM / Ctrl-C; 0 after a graceful stop, the load error if the model failed to load."""
-    server, worker, sock = make_server(spec, check_options(o))
+    """Run until SIGTERM / Ctrl-C; 0 after a graceful stop, the load error if the model failed to load. `o` comes
+    checked (options.from_args)."""
+    server, worker, sock = make_server(spec, o)
     print(f"listening on {url_of(sock)} (loading {spec.model}; GET /ping answers 200 once it is ready)", flush=True)
     server.run(sockets=[sock])
     if worker.error is not None:

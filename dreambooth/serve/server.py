@@ -230,13 +230,16 @@ def create_app(worker: Worker, cfg: AppConfig) -> FastAPI:
     async def sd_models():
         return [{"title": cfg.title, "model_name": cfg.title, "hash": None, "filename": "", "config": None}]
 
+    page_cfg = {"title": cfg.title, "adapters": cfg.adapters, "default_adapter": cfg.default_adapter,
+                "samplers": list(A1111_SAMPLERS), "limits": vars(cfg.limits), "steps": cfg.default_steps}
+    # Built once: the page depends on the server's settings only. JSON inside <script>: "<" escaped so no value
+    # can close the tag.
+    page_html = resources.files("dreambooth.serve").joinpath("page.html").read_text().replace(
+        "__CONFIG__", json.dumps(page_cfg).replace("<", "\\u003c"))
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        page_cfg = {"title": cfg.title, "adapters": cfg.adapters, "default_adapter": cfg.default_adapter,
-                    "samplers": list(A1111_SAMPLERS), "limits": vars(cfg.limits), "steps": cfg.default_steps}
-        text = resources.files("dreambooth.serve").joinpath("page.html").read_text()
-        # JSON inside <script>: "<" escaped so no value can close the tag
-        return HTMLResponse(text.replace("__CONFIG__", json.dumps(page_cfg).replace("<", "\\u003c")))
+        return HTMLResponse(page_html)
 
     return app
 
