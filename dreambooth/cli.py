@@ -92,14 +92,9 @@ def cmd_generate(args) -> int:
             fields[name] = getattr(args, name)
     request = Request(**fields).check()
     _quiet_library_bars()
-    from dreambooth.models.lora import apply_lora, split_lora_run
-    from dreambooth.models.pipeline import load_pipeline, set_scheduler
-    # A LoRA run's folder means its base model (at the revision/variant it trained on) plus its LoRA.
-    model, lora, base = split_lora_run(args.model, args.lora)
-    pipe = load_pipeline(model, allow_pickle=args.allow_pickle, revision=args.revision or base.get("revision"),
-                         variant=args.variant or base.get("variant"))
-    if lora:
-        apply_lora(pipe, lora, args.lora_scale)
+    from dreambooth.models.pipeline import load_run_pipeline, set_scheduler
+    pipe = load_run_pipeline(args.model, args.lora, args.lora_scale, allow_pickle=args.allow_pickle,
+                             revision=args.revision, variant=args.variant)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     for path in generate(pipe, request, args.out_dir, quiet=args.quiet):

@@ -24,8 +24,7 @@ from dreambooth.eval.models import CLIP_DEFAULT, DINO_DEFAULT, Clip, Dino, requi
 from dreambooth.eval.prompts import SubjectText, templates_for
 from dreambooth.files import save_png, slug, write_json_atomic, write_text_atomic
 from dreambooth.models.load import base_pipeline, on_device
-from dreambooth.models.lora import apply_lora, split_lora_run
-from dreambooth.models.pipeline import load_pipeline
+from dreambooth.models.pipeline import load_run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +120,7 @@ def evaluate(req: EvalRequest) -> dict:
 
 
 def _pipeline(req: EvalRequest):
-    model, lora, base = split_lora_run(req.model, None)
-    pipe = load_pipeline(model, allow_pickle=req.allow_pickle, revision=base.get("revision"),
-                         variant=base.get("variant"))
-    if lora:
-        apply_lora(pipe, lora)
+    pipe = load_run_pipeline(req.model, allow_pickle=req.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,6 +9,7 @@ from dreambooth.config.schema import Config
 from dreambooth.errors import UserError, first_line
 from dreambooth.models.base_model import check_sd21_base, explain
 from dreambooth.models.load import damaged_weights, load_pipeline_source, model_kind
+from dreambooth.models.lora import apply_lora, split_lora_run
 
 # Short names users know from the UIs, mapped to diffusers scheduler classes.
 SCHEDULERS = {
@@ -56,3 +57,15 @@ def load_pipeline(model: str, device: str | None = None, allow_pickle: bool = Fa
                     from None
             raise
     return pipe.to(device)
+
+
+def load_run_pipeline(model: str, lora: str | None = None, scale: float = 1.0, allow_pickle: bool = False,
+                      revision: str | None = None, variant: str | None = None):
+    """`load_pipeline` for what a user names: a LoRA run's folder means its base model (at the revision/variant it
+    trained on) plus its LoRA; `lora`, if given, is applied at `scale`."""
+    model, lora, base = split_lora_run(model, lora)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, revision=revision or base.get("revision"),
+                         variant=variant or base.get("variant"))
+    if lora:
+        apply_lora(pipe, lora, scale)
+    return pipe
