@@ -117,13 +117,14 @@ def resolve_lora_file(path: str | Path) -> Path:
     return path
 
 
-def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
+def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> bool:
     """Load a LoRA (our diffusers file or kohya/A1111 layout, or our DoRA/LoHa/LoKr adapter file) into `pipe` at
-    strength `scale`."""
+    strength `scale`; True when it was such a peft adapter file rather than a LoRA."""
     path = resolve_lora_file(path)
     require_peft()
     if is_adapter_file(path):
-        return load_adapter(pipe, path, scale, adapter_name)
+        load_adapter(pipe, path, scale, adapter_name)
+        return True
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError, OSError) as e:  # diffusers' many ways to fail
@@ -132,12 +133,12 @@ def apply_lora(pipe, path: str | Path, scale: float = 1.0, adapter_name: str = "
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
         raise UserError(f"LoRA {path} has no layer that matches this model: is it an SD 2.x LoRA for this base model?")
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    return False
 
 
 def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
     """`pipe` with the LoRA (or adapter) folded into its weights and the adapter layers removed (plain modules)."""
-    apply_lora(pipe, lora_path, scale, adapter_name="merge")
-    if is_adapter_file(resolve_lora_file(lora_path)):
+    if apply_lora(pipe, lora_path, scale, adapter_name="merge"):  # the file is resolved and checked once
         merge_adapters_(pipe.unet)
         merge_adapters_(pipe.text_encoder)
         return pipe
