@@ -80,6 +80,12 @@ class Inputs:
                 self.text_cache.update({p: te(self._tokens([p]))[0][0] for p in new})
         return torch.stack([self.text_cache[p] for p in prompts])
 
+    def unet_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings as the UNet takes them: a trained text encoder's fp32 output keeps its precision, cached
+        ones take the compute dtype."""
+        embeds = self.encode_prompts(prompts)
+        return embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of a batch's pixels (or cache rows), sampled with `generator`."""
         if self.latent_cache is not None:

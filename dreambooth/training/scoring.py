@@ -56,11 +56,11 @@ class ValidationScorer:
     """Scores the live model of a run: the UNet and text encoder it trains, the frozen VAE, at fixed inputs."""
 
     def __init__(self, cfg: Config, subjects: list[Subject], instance_images: list[list], accelerator, components,
-                 unet, encode_prompts, weight_dtype):
+                 unet, unet_embeds, weight_dtype):
         self.cfg, self.metrics, self.subjects = cfg, list(cfg.validation.metrics), subjects
         self.instance_images = instance_images
         self.accelerator, self.components, self.unet = accelerator, components, unet
-        self.encode_prompts, self.weight_dtype = encode_prompts, weight_dtype
+        self.unet_embeds, self.weight_dtype = unet_embeds, weight_dtype
         self.texts = [SubjectText.from_prompts(s.instance_prompt, s.class_prompt) for s in subjects] \
             if set(self.metrics) & set(IMAGE_METRICS) else []
         self.base: dict[str, float] = {}  # the model before training, on the same inputs
@@ -108,9 +108,7 @@ class ValidationScorer:
         out = {}
         with eager(unet):
             for name, probe in self.probes.items():
-                embeds = self.encode_prompts(probe.prompts)
-                if not self.cfg.train_text_encoder:  # as in training: cached embeddings take the compute dtype
-                    embeds = embeds.to(self.weight_dtype)
+                embeds = self.unet_embeds(probe.prompts)  # as training feeds the UNet
                 out[name] = probe_loss(unet, probe, embeds, self.components.noise_scheduler, self.device,
                                        self.weight_dtype, self.accelerator.autocast)
         return out

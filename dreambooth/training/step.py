@@ -64,11 +64,9 @@ class TrainStep:
 
     def predict(self, part: Noised, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's prediction for the noised latents, and its training target."""
-        embeds = self.inputs.encode_prompts(prompts)
+        embeds = self.inputs.unet_embeds(prompts)
         noisy = add_noise(part.latents, part.input_noise, part.t, self.alphas_cumprod)
         with self.accelerator.autocast():
-            # A trained text encoder's fp32 output keeps its precision into the UNet; cached ones use the compute dtype.
-            embeds = embeds if self.cfg.train_text_encoder else embeds.to(self.weight_dtype)
             pred = self.unet(noisy, part.t, embeds).sample
         return pred, training_target(part.latents, part.noise, part.t, self.alphas_cumprod, self.prediction_type)
 

@@ -152,7 +152,7 @@ class Trainer:
         if not (cfg.validation.enabled and cfg.validation.metrics and self.accelerator.is_main_process):
             return None
         scorer = ValidationScorer(cfg, self.subjects, self.training_set.instance_images, self.accelerator, c,
-                                  self.unet, self.inputs.encode_prompts, self.weight_dtype)
+                                  self.unet, self.inputs.unet_embeds, self.weight_dtype)
         unwrap = self.accelerator.unwrap_model
         with preserved_training_state([unwrap(self.unet), unwrap(c.text_encoder), c.vae], [self.state.generator]):
             scorer.prepare()
