@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.bench.measure import compile_snapshot, compile_stats, read_peak, reset_peak, row_status, sync
+from dreambooth.bench.table import names, show
 from dreambooth.config.schema import config_from_dict
 from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
@@ -192,16 +193,8 @@ def format_job_table(r: dict) -> str:
 
 
 def job_from_args(args) -> int:
-    from dreambooth.files import write_text_atomic
     options = JobOptions(model=args.model, resolution=args.resolution, steps=args.steps,
-                         class_images=args.class_images, variants=[v.strip() for v in args.compile.split(",")
-                                                                   if v.strip()],
+                         class_images=args.class_images, variants=names(args.compile),
                          validation=not args.no_validation, compile_proxy=args.compile_proxy, out=args.out,
                          workdir=args.workdir)
-    result = run_job_bench(options)
-    table = format_job_table(result)
-    print(table)
-    if args.table:
-        write_text_atomic(args.table, table + "\n")
-    print(f"results: {args.out}")
-    return 0
+    return show(format_job_table(run_job_bench(options)), args.table, args.out)

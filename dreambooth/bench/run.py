@@ -17,13 +17,13 @@ import torch
 from dreambooth.bench.measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops,
                                       read_peak, reset_peak, row_status, status_bytes, sync)
 from dreambooth.bench.profile import profile_steps
-from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table
+from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table, names, show
 from dreambooth.config.parse import apply_override
 from dreambooth.config.schema import Config, config_from_dict
 from dreambooth.data.class_images import default_batch_size, load_sampler, sampling_steps
 from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
-from dreambooth.files import write_json_atomic, write_text_atomic
+from dreambooth.files import write_json_atomic
 from dreambooth.models.load import build_builtin_sd21, builtin_sd21_scale, forget_builtin, load_components
 from dreambooth.models.pipeline import set_scheduler
 from dreambooth.training.runlog import library_versions
@@ -268,20 +268,10 @@ def _write(result: dict, out: str | None) -> None:
         write_json_atomic(out, result)  # rewritten after every row: never half a file
 
 
-def _names(text: str) -> list[str]:
-    return [r.strip() for r in text.split(",") if r.strip()]
-
-
 def bench_from_args(args) -> int:
     options = BenchOptions(model=args.model, resolution=args.resolution, steps=args.steps, warmup=args.warmup,
                            repeats=args.repeats,
-                           rows=_names(args.rows), profile=_names(args.profile), prior=args.prior,
+                           rows=names(args.rows), profile=names(args.profile), prior=args.prior,
                            sampling=not args.no_sampling, out=args.out, workdir=args.workdir)
-    result = run_bench(options)
-    table = format_table(result)
-    print(table)
-    if args.table:
-        write_text_atomic(args.table, table + "\n")
-    print(f"results: {args.out}")
-    return 0
+    return show(format_table(run_bench(options)), args.table, args.out)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from dreambooth.files import write_text_atomic
+
 # 16gb and 12gb are the default profile's settings, so the matrix runs them once, as default.
 # The EMA rows measure what the average costs: its fp32 copy on the device, in host memory, and with 8gb (auto: host).
 EMA_ROWS = ("default+ema", "default+ema+ema_on_cpu", "8gb+ema")
@@ -96,3 +98,17 @@ def format_table(r: dict) -> str:
                      f"{s['ours']['batch']}) {s['ours']['images_per_s']:.3f} img/s vs PNDM 50 steps batch 1 "
                      f"{s['pndm50_batch1']['images_per_s']:.3f} img/s: {s['speedup']:.2f}x")
     return "\n".join(lines)
+
+
+def names(text: str) -> list[str]:
+    """A comma list from the command line (--rows, --compile, ...), blanks dropped."""
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+def show(table: str, table_path: str | None, out: str | None) -> int:
+    """Print a benchmark's table, write it to --table if given, and say where the JSON went; exit code 0."""
+    print(table)
+    if table_path:
+        write_text_atomic(table_path, table + "\n")
+    print(f"results: {out}")
+    return 0
