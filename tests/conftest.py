@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# compile_cache: auto keeps compiled code under $DREAMBOOTH_CACHE: a scratch folder, never the user's ~/.cache.
+os.environ["DREAMBOOTH_CACHE"] = tempfile.mkdtemp(prefix="dreambooth-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -11,7 +11,7 @@ from conftest import two_subjects
 from PIL import Image
 
 from dreambooth.config import Machine, resolve
-from dreambooth.config.plan import why_not_compile
+from dreambooth.config.compile_plan import why_not_compile
 from dreambooth.data.buckets import Buckets, bucket_sizes, class_picks, epoch_slots
 from dreambooth.data.dataset import ImageTransform, collate
 from dreambooth.data.subjects import resolve_subjects

@@ -12,7 +12,8 @@ import torch
 from conftest import cuda
 
 from dreambooth.config import Machine, resolve
-from dreambooth.config.plan import PAYBACK_STEPS, Choice
+from dreambooth.config.compile_plan import PAYBACK_STEPS
+from dreambooth.config.plan import Choice
 from dreambooth.training import compiling
 from dreambooth.training.compiling import compile_unet
 from dreambooth.training.trainer import Trainer

@@ -129,12 +129,13 @@ def test_memory_profile_keys_accept_auto_and_boolean_forms():
 
 def test_non_training_keys_come_from_the_schema():
     """The keys a resume may change are those whose field says training=False: the list once kept by hand,
-    plus compute_fid, eval, compile_scope and ema_on_cpu (where the average lives, not what it is)."""
+    plus compute_fid, eval, compile_scope, compile_cache and ema_on_cpu (where the average lives, not what it is)."""
     from dreambooth.config.schema import NON_TRAINING_KEYS, non_training_keys
     by_hand = {"output_dir", "checkpoint_steps", "keep_last", "resume", "resume_force", "on_disk_full", "quiet",
                "log_with", "export_formats", "validation", "nan_patience", "allow_pickle", "sample_batch_size",
                "compile", "compile_mode", "regenerate_class_images", "cache_prompts"}
-    assert NON_TRAINING_KEYS == non_training_keys() == by_hand | {"compute_fid", "eval", "compile_scope", "ema_on_cpu"}
+    expected = by_hand | {"compute_fid", "eval", "compile_scope", "compile_cache", "ema_on_cpu"}
+    assert NON_TRAINING_KEYS == non_training_keys() == expected
 
 
 def test_a_listed_choice_is_accepted_as_typed(tmp_path):

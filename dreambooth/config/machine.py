@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 from dataclasses import dataclass
 
 from dreambooth.errors import UserError
@@ -38,6 +39,16 @@ def gpu_memory_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
+def device_name() -> str:
+    """GPU 0's name and compute capability (compiled kernels are built for it), or the CPU's architecture."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{torch.cuda.get_device_name(0)} sm{major}{minor}"
+    return f"cpu {platform.machine()}"
+
+
 @dataclass(frozen=True)
 class Machine:
     """The facts that `auto` choices depend on; tests build one by hand to plan for another machine."""
@@ -47,6 +58,8 @@ class Machine:
     processes: int = 1
     triton: bool = False
     bitsandbytes: bool = False
+    device_name: str = "cpu"  # the GPU's name and compute capability, or the CPU's architecture
+    torch_version: str = ""
 
     @classmethod
     def detect(cls) -> "Machine":
@@ -55,7 +68,8 @@ class Machine:
         cuda = torch.cuda.is_available()
         return cls(cuda=cuda, gpu_gib=gpu_memory_gib(), bf16=not cuda or torch.cuda.is_bf16_supported(),
                    processes=launched_processes(),
-                   triton=has_package("triton"), bitsandbytes=has_package("bitsandbytes"))
+                   triton=has_package("triton"), bitsandbytes=has_package("bitsandbytes"),
+                   device_name=device_name(), torch_version=torch.__version__)
 
     def describe(self) -> str:
         return f"a {self.gpu_gib:.1f} GiB GPU" if self.gpu_gib is not None else "no GPU"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from dreambooth.config.compile_plan import decide_compile
 from dreambooth.config.machine import Machine, require_peft
 from dreambooth.config.profiles import ALIASES, PROFILE_KEYS, PROFILES, MemoryPlan, auto_profile
 from dreambooth.config.schema import Config, is_adapter
@@ -21,9 +22,6 @@ from dreambooth.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_LR = 1e-4  # LoRA updates few, small matrices: 1e-4 is the common DreamBooth-LoRA rate
-# compile: auto compiles runs at least this long: a compile with CUDA graphs took 118-135 s on the H200 and saved
-# 0.17-0.19 s per step, so shorter runs would finish later than without it.
-PAYBACK_STEPS = 700
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,8 @@ class RunPlan:
     # Keys whose decided value is part of the training settings a checkpoint compares (the profile's, LoRA's rate).
     filled_in: frozenset = frozenset()
     compile_scope: str = "full"  # full: the whole UNet in one graph; regional: each repeated block
+    compile_cache: str | None = None  # the folder that keeps this run's compiled code (config/compile_plan.py)
+    compile_entry: str = ""  # this compile's name in that folder's records
 
     def resolved(self) -> dict[str, Any]:
         """{key: value} of every key this machine decided (train_summary.json, export headers)."""
@@ -168,52 +168,6 @@ def _optimizer(cfg: Config, machine: Machine) -> str:
     return cfg.optimizer
 
 
-def why_not_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: Machine) -> str | None:
-    """Why `compile: auto` leaves this run eager, or None when it compiles (with CUDA graphs)."""
-    if not machine.cuda:
-        return "no CUDA GPU"
-    if machine.processes > 1:
-        return "several processes"
-    if cfg.finetune != "full" or cfg.train_text_encoder:
-        return "only the full UNet fine-tune with a frozen text encoder is measured with CUDA graphs"
-    if memory.fused_backward or memory.master_weights != "fp32":
-        return f"memory_profile {memory.profile}: a compiled backward holds every gradient at once"
-    if memory.backwards_per_step > 1:
-        return "several backward passes per step"
-    if cfg.buckets:
-        return "buckets: batch shapes vary, and CUDA graphs would be recorded for each"
-    if not machine.triton:
-        return "Triton is not installed"
-    if total_steps < PAYBACK_STEPS:
-        return f"{total_steps} steps, under the {PAYBACK_STEPS} that repay compiling (about 2 minutes)"
-    return None
-
-
-def _compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: Machine, choices: _Choices):
-    """(compile, compile_mode) for this run; explicit CUDA graphs with several backward passes are refused."""
-    if cfg.compile is True and cfg.compile_mode == "reduce-overhead" and memory.backwards_per_step > 1:
-        # The graph owns the memory of the gradients its backward returns; the step's next pass would replay
-        # it over gradients still being accumulated.
-        raise UserError("compile_mode: reduce-overhead (CUDA graphs) cannot run several backward passes per step "
-                        "(gradient_accumulation_steps > 1 or prior_mode: sequential): "
-                        "set compile_mode: auto, or gradient_accumulation_steps: 1 and prior_mode: concat")
-    compile_ = cfg.compile
-    if compile_ == "auto":
-        why = why_not_compile(cfg, memory, total_steps, machine)
-        compile_ = choices.decide("compile", why is None, why or f"{total_steps} steps on one CUDA GPU")
-        if compile_:
-            log.info("compile: auto compiles the UNet for this %d-step run; the first steps take about 2 minutes "
-                     "longer (compile: false skips it)", total_steps)
-    mode = cfg.compile_mode
-    if mode == "auto":
-        graphs = compile_ and machine.cuda and memory.backwards_per_step == 1
-        mode = choices.decide("compile_mode", "reduce-overhead" if graphs else "default",
-                              "CUDA graphs" if graphs else "no CUDA graphs here")
-    elif not compile_ and mode != "default":
-        log.warning("compile_mode: %s has no effect without compile", mode)
-    return compile_, mode
-
-
 def _ema_on_cpu(cfg: Config, memory: MemoryPlan, machine: Machine, choices: _Choices) -> bool:
     """Where the EMA's fp32 copy lives: auto keeps it in host memory on CUDA with the bf16 profiles, whose point is
     that no fp32 copy of the weights sits on the GPU."""
@@ -263,13 +217,11 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
     memory, values = _memory(cfg, machine, choices)
     per_epoch = steps_per_epoch(epoch_items, cfg, machine.processes)
     total = cfg.max_steps or cfg.epochs * per_epoch
-    compile_, mode = _compile(cfg, memory, total, machine, choices)
-    scope = cfg.compile_scope
-    if scope == "auto":  # regional is measured on CPU only so far (docs/memory-and-speed.md): full stays the default
-        scope = choices.decide("compile_scope", "full", "one graph; regional unmeasured on GPU") if compile_ \
-            else "full"
     precision = _precision(values["mixed_precision"], machine)
     optimizer = _optimizer(cfg, machine)
+    prior_joined = cfg.with_prior_preservation and values["prior_mode"] == "concat"
+    compile_, mode, scope, compile_cache, entry = decide_compile(
+        cfg, memory, total, machine, precision, prior_joined, values["gradient_checkpointing"], choices)
     if values["mixed_precision"] == "auto":
         choices.decide("mixed_precision", precision)
     if cfg.optimizer == "auto":
@@ -286,5 +238,5 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
         filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())),
-        compile_scope=scope)
+        compile_scope=scope, compile_cache=str(compile_cache) if compile_cache else None, compile_entry=entry)
 

@@ -162,6 +162,7 @@ class Config:
     compile: Literal["auto", True, False] = opt("auto", "torch.compile the UNet (about 2 minutes at the first steps); auto = on long single-GPU runs that repay it.", training=False)
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = opt("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA with one backward pass per step.", training=False)
     compile_scope: Literal["auto", "full", "regional"] = opt("auto", "What compile compiles: full (the whole UNet, one graph) or regional (each repeated transformer block once: a shorter compile, less speed-up); auto = full.", training=False)
+    compile_cache: Optional[str] = opt("auto", "Folder that keeps compiled UNet code between runs, so a repeat compile takes seconds; auto = ~/.cache/dreambooth/compile ($DREAMBOOTH_CACHE/compile when set); null = inductor's own temporary cache only.", training=False)
     allow_tf32: bool = opt(True, "Allow TF32 matmuls on Ampere and newer GPUs.")
     # --- checkpoints and safety ---
     checkpoint_steps: Optional[int] = opt(None, "Write a resumable checkpoint every N steps (off when unset).",

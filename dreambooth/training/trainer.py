@@ -29,7 +29,7 @@ from dreambooth.models.load import load_components, load_frozen, sd_pipeline
 from dreambooth.models.lora import add_lora_layers
 from dreambooth.report.page import write_report
 from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
-from dreambooth.training.compiling import compile_unet
+from dreambooth.training.compiling import CompileCache, compile_unet
 from dreambooth.training.ema import EMA
 from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
@@ -56,6 +56,7 @@ class Trainer:
     def __init__(self, cfg: Config, machine: Machine | None = None, on_step: OnStep | None = None):
         self.cfg = cfg
         self.on_step, self.stop_reason = on_step, None
+        self.compile_cache = CompileCache(None, "")  # the plan's cache folder once the UNet is compiled
         self.out = check_output_dir(cfg.output_dir)
         self.lock = lock_output_dir(self.out)  # held until close() or the process ends (however it ends)
         try:
@@ -189,6 +190,8 @@ class Trainer:
             if plan.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
                             "step fused into backward exists to avoid: expect more memory", plan.memory.profile)
+            main = self.accelerator.is_main_process
+            self.compile_cache = CompileCache(plan.compile_cache, plan.compile_entry, main).open()
             compile_unet(c.unet, plan.compile_mode, fall_back=cfg.compile == "auto", scope=plan.compile_scope)
 
     def batches(self):
@@ -204,7 +207,9 @@ class Trainer:
         # Ctrl-C / SIGTERM: finish the step, write a checkpoint, stop (a second one aborts at once).
         with StopSignals() as stop, bar:
             while state.step < self.plan.total_steps:
-                logs = self.step.run(batches, state)
+                step_start = time.perf_counter()
+                logs = self.step.run(batches, state)  # its loss is a float: the step's GPU work is done
+                self.compile_cache.step_done(time.perf_counter() - step_start)
                 state.step += 1
                 state.bad_steps = state.bad_steps + 1 if logs.get("skipped") else 0
                 self.after_step(logs)
@@ -225,6 +230,8 @@ class Trainer:
         summary = run_summary(self.plan, state, self.wall_time, self.validator.scoring() if self.validator else None)
         if self.ema is not None:
             summary["ema_updates"] = self.ema.updates
+        if self.compile_cache.result is not None:
+            summary["compile"] = self.compile_cache.result
         return summary
 
     def _stop_requested(self, stop: StopSignals) -> bool:
@@ -304,7 +311,9 @@ class Trainer:
         return self.out
 
     def close(self) -> None:
-        """Let the next run into output_dir (a lock file in an otherwise empty folder goes, with the folder)."""
+        """Keep what was compiled; let the next run into output_dir (a lock file in an otherwise empty folder goes,
+        with the folder)."""
+        self.compile_cache.close()
         if self.lock is not None:
             self.lock.release()
 
