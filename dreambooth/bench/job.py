@@ -1,6 +1,7 @@
 """`dreambooth bench --job`: JumpStart's example job end to end (load, class images, training with prior,
 validation, save), each phase's wall time, share and peak memory; eager vs compiled side by side. JSON + table.
-`--compile-proxy` adds what compiling costs, measured on CPU: the full UNet vs its repeated blocks, cold vs warm."""
+`--compile-proxy` adds what compiling costs, each compile in a new process: the full UNet vs its repeated blocks,
+from an empty compile cache (cold), from the folder a cold compile filled (warm) and from its artifacts alone."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import compile_snapshot, compile_stats, read_peak, reset_peak, row_status, sync
+from dreambooth.bench.measure import read_peak, reset_peak, row_status, sync
 from dreambooth.bench.table import names, show
 from dreambooth.config.schema import config_from_dict
 from dreambooth.demo import write_demo_dataset
 from dreambooth.errors import UserError
 from dreambooth.files import write_json_atomic
 from dreambooth.models.load import forget_builtin
+from dreambooth.training.compiling import compile_snapshot, compile_stats
 from dreambooth.training.runlog import library_versions
 from dreambooth.training.trainer import Trainer
 
@@ -41,8 +43,9 @@ class JobOptions:
     class_images: int | None = None   # num_class_images (100 on CUDA, 4 on CPU)
     variants: list[str] = field(default_factory=lambda: ["eager"])  # eager, full, regional
     validation: bool = True           # as the default config has it (on CPU: once, at the last step, 2 steps)
+    compile_cache: str | None = None  # default: a new folder per variant, so each compiles from scratch
     compile_proxy: bool = False
-    proxy_model: str = "builtin:sd21/16"
+    proxy_model: str = "builtin:tiny"
     proxy_resolution: int = 32
     out: str | None = None
     workdir: str | None = None
@@ -65,7 +68,8 @@ def job_config(o: JobOptions, variant: str, subject: Path, root: Path):
     data = {"model": o.model, "output_dir": str(root / "out"),
             "data": {"dir": str(subject), "class_data_dir": str(root / "classes")},  # empty: sampled in the job
             "resolution": o.resolution, "max_steps": o.steps, "batch_size": 1, "with_prior_preservation": True,
-            "num_class_images": o.class_images, "quiet": True, "seed": 0, **VARIANTS[variant]}
+            "num_class_images": o.class_images, "quiet": True, "seed": 0, **VARIANTS[variant],
+            "compile_cache": o.compile_cache or str(root / "compile-cache")}
     if not o.validation:
         data["validation"] = {"enabled": False}
     elif not torch.cuda.is_available():  # the default steps (50, 100, ...) lie past a CPU run: once, small
@@ -120,7 +124,7 @@ def _time_job(o: JobOptions, cfg, row: dict, compiled_before: dict) -> None:
         row["s_per_step"] = round(seconds["training_steps"] / o.steps, 4)  # compile time included
         row["final_loss"] = summary.get("final_loss", trainer.state.losses[-1] if trainer.state.losses else None)
         row["compile"] = {"on": trainer.plan.compile, "mode": trainer.plan.compile_mode,
-                          "scope": trainer.plan.compile_scope}
+                          "scope": trainer.plan.compile_scope, **summary.get("compile", {})}
         if trainer.plan.compile:
             row["compile_stats"] = compile_stats(compiled_before)
     finally:
@@ -180,10 +184,11 @@ def format_job_table(r: dict) -> str:
     if ok:
         lines.append("| s/step (training) | " + " | ".join(f"{x['s_per_step']:.3f}" if x["status"] == "ok" else "-"
                                                        for x in rows) + " |")
+        lines.append("| compile s (first steps less plain ones) | " + " | ".join(_compile_cell(x) for x in rows) + " |")
     proxy = r.get("compile_proxy")
     if proxy and proxy.get("status") == "ok":
-        lines += ["", f"compile proxy ({proxy['model']}, {proxy['resolution']} px, {proxy['backend']}, one forward + "
-                  "backward; seconds of the first call):"]
+        lines += ["", f"compile proxy ({proxy['model']}, {proxy['resolution']} px, {proxy['backend']}, each in a new "
+                  "process; first forward + backward less an eager one):"]
         lines.append(", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s"
                                for k, v in proxy["seconds"].items()))
         lines.append(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in proxy["ratios"].items()))
@@ -192,9 +197,17 @@ def format_job_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _compile_cell(row: dict) -> str:
+    c = row.get("compile") or {}
+    if row["status"] != "ok" or "compile_s" not in c:
+        return "-"
+    return f"{c['compile_s']:.1f} ({'from the cache' if c['from_cache'] else 'compiled'})"
+
+
 def job_from_args(args) -> int:
     options = JobOptions(model=args.model, resolution=args.resolution, steps=args.steps,
                          class_images=args.class_images, variants=names(args.compile),
-                         validation=not args.no_validation, compile_proxy=args.compile_proxy, out=args.out,
+                         validation=not args.no_validation, compile_cache=args.compile_cache,
+                         compile_proxy=args.compile_proxy, out=args.out,
                          workdir=args.workdir)
     return show(format_job_table(run_job_bench(options)), args.table, args.out)

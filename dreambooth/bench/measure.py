@@ -102,30 +102,3 @@ def count_unet_flops(unet, images: int, resolution: int, vae_scale: int, device,
             out = unet(latents, t, embeds).sample
         out.float().square().mean().backward()
     return counter.get_total_flops()
-
-
-# torch.compile's own timers (seconds, summed over calls) worth reporting: where a row's compile time went.
-COMPILE_PHASES = {"dynamo_and_forward_s": "_compile.compile_inner", "backward_s": "compile_fx.<locals>.bw_compiler",
-                  "aot_joint_trace_s": "aot_trace_joint_graph", "inductor_codegen_s": "GraphLowering.compile_to_module",
-                  "kernel_compile_wait_s": "async_compile.wait"}
-
-
-def compile_snapshot() -> dict[str, float]:
-    """torch.compile's phase timers and cache counters so far in this process (subtract two to get one row's)."""
-    from torch._dynamo.utils import compile_times, counters
-    try:
-        names, values = compile_times(repr="csv", aggregate=True)
-    except Exception:  # a private API: its shape may change between torch versions
-        names, values = [], []
-    times = dict(zip(names, values))
-    snap = {key: float(times.get(name, 0.0)) for key, name in COMPILE_PHASES.items()}
-    # Cache hits, misses and bypasses of AOTAutograd's and inductor's disk caches (a warm run should hit).
-    snap.update({k: float(v) for group in ("aot_autograd", "inductor") for k, v in counters[group].items()
-                 if "cache" in k})
-    return snap
-
-
-def compile_stats(before: dict[str, float]) -> dict[str, float]:
-    """What compiling cost since `before` (a compile_snapshot)."""
-    after = compile_snapshot()
-    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v - before.get(k, 0.0)}

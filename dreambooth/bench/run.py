@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import (bf16_matmul_peak_tflops, compile_snapshot, compile_stats, count_unet_flops,
+from dreambooth.bench.measure import (bf16_matmul_peak_tflops, count_unet_flops,
                                       read_peak, reset_peak, row_status, status_bytes, sync)
 from dreambooth.bench.profile import profile_steps
 from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table, names, show
@@ -26,6 +26,7 @@ from dreambooth.errors import UserError
 from dreambooth.files import write_json_atomic
 from dreambooth.models.load import build_builtin_sd21, builtin_sd21_scale, forget_builtin, load_components
 from dreambooth.models.pipeline import set_scheduler
+from dreambooth.training.compiling import compile_snapshot, compile_stats
 from dreambooth.training.runlog import library_versions
 from dreambooth.training.trainer import Trainer
 
@@ -90,7 +91,8 @@ def row_config(name: str, prior: bool, o: BenchOptions, subject: Path, classes: 
     data = {"model": o.model, "output_dir": str(out), "data": {"dir": str(subject), "class_data_dir": str(classes)},
             "resolution": o.resolution, "max_steps": o.warmup + o.steps, "batch_size": 1,
             "with_prior_preservation": prior, "num_class_images": 4, "validation": {"enabled": False},
-            "quiet": o.quiet, "seed": 0}
+            "quiet": o.quiet, "seed": 0,
+            "compile_cache": str(out / "compile-cache")}  # a compiled row compiles from scratch (+compile_cache=DIR)
     if profile == "baseline":
         data.update(BASELINE)
     elif profile == "lora":
