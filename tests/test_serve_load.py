@@ -118,7 +118,8 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
             while not urls or call(urls[0] + "/ping")[0] != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            slow = json.dumps({"prompt": "a toy", "width": 16, "height": 16, "num_inference_steps": 40,
+            # ~1.5 s of sampling on a quiet core: still running 0.3 s later, when the signal is sent
+            slow = json.dumps({"prompt": "a toy", "width": 16, "height": 16, "num_inference_steps": 200,
                                "num_images_per_prompt": 4}).encode()
             thread, result = in_thread(lambda: (call(urls[0] + "/invocations", slow, JSON), time.monotonic()))
             time.sleep(0.3)
@@ -136,7 +137,8 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
                 os.kill(os.getpid(), signal.SIGTERM)
     helper = threading.Thread(target=client, daemon=True)
     helper.start()
-    assert main(["serve", "builtin:tiny", "--port", "0", "--grace", "30", "--log-level", "warning"]) == 0
+    assert main(["serve", "builtin:tiny", "--port", "0", "--grace", "30", "--max-steps", "200",
+                 "--log-level", "warning"]) == 0
     helper.join(60)
     status, _, raw = seen["result"]
     assert status == 200 and len(json.loads(raw)["generated_images"]) == 4  # finished within the grace period
