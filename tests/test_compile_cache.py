@@ -69,15 +69,20 @@ def test_folder_key_names_model_precision_torch_and_device(make_cfg, tmp_path):
                 model="builtin:sd21/4"), "fp16", H200), cache_folder(cfg, "fp16", Machine())}) == 4
 
 
+def _losses(out) -> list[float]:
+    return [h["loss"] for h in read_json(out / "loss_history.json")]
+
+
 def test_compile_cache_keeps_compiled_code_for_the_next_run(make_cfg, tmp_path, monkeypatch):
-    """Two runs with inductor (regional, CPU): the first compiles and records its cost and artifacts, the second
-    compiles from the kept folder (disk-cache hits, no misses) and records that time; TORCHINDUCTOR_CACHE_DIR is
-    left as it was."""
+    """Two 20-step runs with inductor (regional, CPU) beside an eager one: the first compiles, records its cost and
+    keeps its artifacts; the second compiles from the kept folder (disk-cache hits, no misses) and records that time.
+    Both follow eager's losses within float tolerance, and the cached code computes exactly what the fresh one did.
+    TORCHINDUCTOR_CACHE_DIR is left as it was."""
     import torch._dynamo
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "inductor")
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    base = {"compile": True, "compile_scope": "regional", "max_steps": compiling.FIRST + compiling.NEXT,
-            "compile_cache": str(tmp_path / "cache")}
+    run_training(make_cfg(output_dir=str(tmp_path / "eager"), max_steps=20))
+    base = {"compile": True, "compile_scope": "regional", "max_steps": 20, "compile_cache": str(tmp_path / "cache")}
     summaries = []
     for run in ("first", "second"):
         torch._dynamo.reset()  # a new process knows no compiled code
@@ -91,6 +96,9 @@ def test_compile_cache_keeps_compiled_code_for_the_next_run(make_cfg, tmp_path, 
     (record,) = read_json(folder / RECORDS).values()
     assert record["cold_s"] == first["compile_s"] and record["warm_s"] == second["compile_s"]
     assert list((folder / "artifacts").glob("*.bin")) and any((folder / "inductor").iterdir())
+    eager = _losses(tmp_path / "eager")
+    assert len(eager) == 20 and _losses(tmp_path / "first") == pytest.approx(eager, rel=1e-3)
+    assert _losses(tmp_path / "second") == _losses(tmp_path / "first")
 
 
 class _Mlp(torch.nn.Module):

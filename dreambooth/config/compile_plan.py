@@ -32,6 +32,7 @@ PAYBACK_STEPS = 700
 # process spent 0.055 of the cold compile of the full UNet (docs/memory-and-speed.md). A tenth, to be safe; the
 # first compile from the cache times itself, and later plans use that time.
 WARM_GUESS = 0.1
+FROM_SCRATCH = "a compile from scratch takes about 2 minutes"
 RECORDS = "compiles.json"  # in each cache folder: {entry: {"cold_s", "warm_s", "last": {...}}}
 
 
@@ -77,8 +78,8 @@ def expected_compile(folder: Path | None, entry: str) -> tuple[float | None, str
         return record["warm_s"], f"a compile from this machine's cache took {record['warm_s']:.0f} s"
     if record and record.get("cold_s") is not None:
         guess = record["cold_s"] * WARM_GUESS
-        return guess, f"kept in the compile cache: about a tenth of its first {record['cold_s']:.0f} s"
-    return None, "about 2 minutes"
+        return guess, f"this machine keeps its compile: assumed a tenth of its first {record['cold_s']:.0f} s"
+    return None, FROM_SCRATCH
 
 
 def payback_steps(compile_s: float | None) -> int:
@@ -87,7 +88,7 @@ def payback_steps(compile_s: float | None) -> int:
 
 
 def why_not_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: Machine,
-                    expected: tuple[float | None, str] = (None, "about 2 minutes")) -> str | None:
+                    expected: tuple[float | None, str] = (None, FROM_SCRATCH)) -> str | None:
     """Why `compile: auto` leaves this run eager, or None when it compiles (with CUDA graphs)."""
     if not machine.cuda:
         return "no CUDA GPU"
@@ -129,8 +130,7 @@ def decide_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: M
     if compile_ == "auto":
         expected = expected_compile(folder, entry)
         why = why_not_compile(cfg, memory, total_steps, machine, expected)
-        compile_ = choices.decide("compile", why is None, why or f"{total_steps} steps on one CUDA GPU, "
-                                  f"compile {expected[1]}")
+        compile_ = choices.decide("compile", why is None, why or f"{total_steps} steps on one CUDA GPU; {expected[1]}")
         if compile_:
             log.info("compile: auto compiles the UNet for this %d-step run; the first steps take longer (%s; "
                      "compile: false skips it)", total_steps, expected[1])

@@ -159,6 +159,8 @@ class CompileCache:
         plain = statistics.median(self.step_seconds[FIRST:])
         seconds = max(sum(self.step_seconds[:FIRST]) - FIRST * plain, 0.0)
         hits, misses = stats.get("fxgraph_cache_hit", 0), stats.get("fxgraph_cache_miss", 0)
+        if not hits + misses:  # inductor built nothing (compile: auto fell back to eager, or another backend)
+            return
         warm = hits > 0 and not misses
         self.result = {"compile_s": round(seconds, 1), "from_cache": warm, "step_s": round(plain, 4), **stats}
         log.info("compile: the first %d steps took %.1f s more than plain ones (%s: %d cache hits, %d misses)",
