@@ -191,7 +191,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     job.add_argument("--no-validation", action="store_true", help="the job without validation images")
     job.add_argument("--compile-cache", metavar="DIR", help="keep compiled code in DIR (default: a new folder per "
                      "variant, so each compiles from scratch); a second bench with the same DIR times a warm compile")
-    job.add_argument("--compile-proxy", action="store_true", help="also time compiling builtin:tiny at 32 px, each "
+    job.add_argument("--compile-proxy", action="store_true", help="also time compiling builtin:sd21/16 at 32 px, each "
                      "compile in a new process: full vs regional, cold vs warm vs portable cache (minutes on CPU)")
 
 

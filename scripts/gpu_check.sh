@@ -10,7 +10,8 @@
 #   device run:  bash scripts/gpu_check.sh          (carry: .whl; timeout_s 540)
 #   the seed job (issue 21): BUDGET=560 bash scripts/gpu_check.sh job   (carry: .whl; timeout_s 600)
 #     JumpStart's example job end to end on builtin:sd21 at 512 px (100 class images, 400 steps with prior,
-#     validation as configured, save), eager vs regional vs full compile, one after another in one process.
+#     validation as configured, save): eager and full compile in one process, full again in a new process with the
+#     compile cache the first filled (warm), then regional cold and warm.
 #     Dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 2 --class-images 1 --compile eager"
 #   dry run on CPU: BENCH_ARGS="--model builtin:tiny --resolution 32 --steps 1 --rows baseline,default" \
 #                     bash scripts/gpu_check.sh        (BENCH_ARGS come last, so they override each part's rows)
@@ -71,11 +72,17 @@ print(format_job_table(r) if r['schema'] == SCHEMA else format_table(r))" "$RES/
   tail -n 30 "$RES/bench-$name.log"
   pack
 }
-# The seed job alone: eager first (the baseline), then regional, then full (the longest compile), each a whole
-# job with its own class-image sampling; the JSON keeps every finished variant if the budget runs out.
+# The seed job alone: eager first (the baseline), then the full compile from an empty compile cache, then (a new
+# process, as a user's next run) the full compile again from the cache the first one filled; then regional, cold and
+# warm, with the time left. Each is a whole job with its own class-image sampling; the JSON keeps every finished
+# variant if the budget runs out. The cache lives outside $RES so that results.tgz stays small.
 if [ "$PART" = job ]; then
-  bench job "$(left)" --job --compile eager,regional,full --steps 400 --class-images 100 --resolution 512 \
-    --model builtin:sd21
+  JOB=(--job --steps 400 --class-images 100 --resolution 512 --model builtin:sd21 --compile-cache /tmp/compile-cache)
+  bench job "$(left)" "${JOB[@]}" --compile eager,full
+  bench job-warm "$(left)" "${JOB[@]}" --compile full
+  bench job-regional "$(left)" "${JOB[@]}" --compile regional
+  bench job-regional-warm "$(left)" "${JOB[@]}" --compile regional
+  ls -R /tmp/compile-cache | head -n 20 >>"$RES/env.txt" 2>&1
   echo "total $((SECONDS - start)) s" | tee -a "$RES/env.txt"
   pack
   exit 0

@@ -45,7 +45,7 @@ class JobOptions:
     validation: bool = True           # as the default config has it (on CPU: once, at the last step, 2 steps)
     compile_cache: str | None = None  # default: a new folder per variant, so each compiles from scratch
     compile_proxy: bool = False
-    proxy_model: str = "builtin:tiny"
+    proxy_model: str = "builtin:sd21/16"
     proxy_resolution: int = 32
     out: str | None = None
     workdir: str | None = None
