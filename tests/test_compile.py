@@ -88,6 +88,7 @@ def test_cpu_run_records_why_it_did_not_compile(make_cfg):
         assert getattr(trainer.components.unet, "_compiled_call_impl", None) is None
     finally:
         trainer.runlog.close(None)
+        trainer.close()
 
 
 class _Doubler(torch.nn.Module):
@@ -122,10 +123,10 @@ def test_compiled_unet_trains_like_eager_and_validates_without_recompiling(make_
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     _, eager_losses = _steps(make_cfg(output_dir=str(tmp_path / "eager"), gradient_checkpointing=True,
-                                      **VALIDATION))
+                                      max_steps=20, **VALIDATION), n=20)
     graphs = counters["stats"]["unique_graphs"]
     trainer, losses = _steps(make_cfg(output_dir=str(tmp_path / "compiled"), gradient_checkpointing=True,
-                                      compile=True, **VALIDATION))
+                                      compile=True, max_steps=20, **VALIDATION), n=20)
     captured = counters["stats"]["unique_graphs"]
     assert captured > graphs  # the UNet really ran through dynamo
     assert losses == pytest.approx(eager_losses, rel=1e-5)
@@ -136,6 +137,7 @@ def test_compiled_unet_trains_like_eager_and_validates_without_recompiling(make_
     assert counters["stats"]["unique_graphs"] == captured
     assert unet._compiled_call_impl is not None  # still compiled for the steps after validation
     trainer.runlog.close(None)
+    trainer.close()  # the compile cache gives inductor its folder back
 
 
 @pytest.mark.gpu
@@ -171,6 +173,7 @@ def test_cuda_graphs_train_like_eager_on_cuda(make_cfg, tmp_path, monkeypatch):
         assert math.isfinite(trainer.step.run(trainer.batches(), trainer.state)["loss"]) and len(replays) > replayed
     finally:
         trainer.runlog.close(None)
+        trainer.close()  # the compile cache gives inductor its folder back
         torch._dynamo.reset()  # free the graphs' memory pool for the tests after this one
 
 
@@ -203,6 +206,7 @@ def test_regional_compile_trains_like_eager_and_validates_between_steps(make_cfg
         assert not any("_orig_mod" in k for k in unet.state_dict())
     finally:
         trainer.runlog.close(None)
+        trainer.close()  # the compile cache gives inductor its folder back
         torch._dynamo.reset()
 
 
