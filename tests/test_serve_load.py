@@ -111,6 +111,7 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
     monkeypatch.setattr(runner, "url_of", lambda sock: urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
                         or urls[-1])
     seen = {}
+    handler = signal.getsignal(sig)  # another library in this process (Ray) may have set its own
 
     def client():
         try:
@@ -144,4 +145,4 @@ def test_a_signal_finishes_in_flight_requests_and_exits_0(sig, monkeypatch, caps
     assert status == 200 and len(json.loads(raw)["generated_images"]) == 4  # finished within the grace period
     assert seen["refused"] and "stopped" in capsys.readouterr().out
     assert seen["answered"] > seen["signalled"]  # it was still being made when the signal came
-    assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)  # handlers given back
+    assert signal.getsignal(sig) == handler  # the handler given back
