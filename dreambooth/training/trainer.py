@@ -26,7 +26,6 @@ from dreambooth.export.formats import export_run
 from dreambooth.export.output_dir import check_output_dir, lock_output_dir, mark_output_dir, write_pipeline
 from dreambooth.files import write_json_atomic
 from dreambooth.models.load import load_components, load_frozen, sd_pipeline
-from dreambooth.models.lora import add_lora_layers
 from dreambooth.report.page import write_report
 from dreambooth.training.checkpoint import Checkpointer, any_process, named_trainable
 from dreambooth.training.compiling import CompileCache, compile_unet
@@ -34,6 +33,7 @@ from dreambooth.training.ema import EMA
 from dreambooth.training.inputs import Inputs
 from dreambooth.training.optim import make_optimizer
 from dreambooth.training.phases import Phases
+from dreambooth.training.placement import place_components, set_backends
 from dreambooth.training.resume import resolve_resume
 from dreambooth.training.runlog import RunLog, run_summary, tracker_kwargs
 from dreambooth.training.scoring import ValidationScorer, check_scoring
@@ -167,32 +167,17 @@ class Trainer:
         return EMA(named, cfg.ema_decay, cfg.ema_warmup, "cpu" if self.plan.ema_on_cpu else device, **read)
 
     def _place_models(self, c, device, master: torch.dtype) -> None:
-        """Devices, dtypes and trainability of the components, as the plan asks."""
-        cfg, plan = self.cfg, self.plan
-        c.vae.requires_grad_(False).eval().to(device, self.weight_dtype)
-        c.text_encoder.requires_grad_(cfg.train_text_encoder)
-        c.text_encoder.to(device, master if cfg.train_text_encoder else self.weight_dtype)
-        # Trainable weights take the master dtype on the way to the device: fp32 (half-precision weights would
-        # break the fp16 grad scaler), or bf16 in the low profiles without an fp32 copy ever on the GPU.
-        # nn.Module.to, because diffusers' own .to warns on every dtype cast.
-        torch.nn.Module.to(c.unet.requires_grad_(True).train(), device, master)
-        if is_adapter(cfg):  # frozen base in compute precision; only the adapter layers train (lora.py)
-            add_lora_layers(c, cfg, device, self.weight_dtype, text_encoder=plan.trains_text_encoder)
-        if plan.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                c.text_encoder.gradient_checkpointing_enable()
-        if torch.cuda.is_available() and cfg.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if torch.cuda.is_available() and not (plan.memory.fused_backward or torch.backends.cudnn.deterministic):
-            torch.backends.cudnn.benchmark = True  # fixed shapes: time conv kernels once (not in low profiles)
+        """Devices, dtypes and trainability of the components, as the plan asks; the UNet compiled if planned."""
+        plan = self.plan
+        place_components(c, plan, device, self.weight_dtype, master)
+        set_backends(plan)
         if plan.compile:
             if plan.memory.fused_backward:  # a compiled backward hands every gradient over at once
                 log.warning("compile: true with memory_profile %s holds all gradients at once, which the optimizer "
                             "step fused into backward exists to avoid: expect more memory", plan.memory.profile)
             main = self.accelerator.is_main_process
             self.compile_cache = CompileCache(plan.compile_cache, plan.compile_entry, main).open()
-            compile_unet(c.unet, plan.compile_mode, fall_back=cfg.compile == "auto", scope=plan.compile_scope)
+            compile_unet(c.unet, plan.compile_mode, fall_back=plan.config.compile == "auto", scope=plan.compile_scope)
 
     def batches(self):
         """The run's batches from where its state stands."""
