@@ -140,3 +140,15 @@ def test_artifacts_alone_fill_a_new_machines_cache(tmp_path, monkeypatch):
         cache.close()
         torch._dynamo.reset()
     assert stats.get("fxgraph_cache_hit", 0) > 0 and not stats.get("fxgraph_cache_miss")
+
+
+def test_a_compile_cache_that_cannot_be_written_is_refused_in_one_line(make_cfg, tmp_path, caplog, monkeypatch):
+    from dreambooth.errors import UserError
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"compile_cache: .*a-file/cache is not a folder this user can write.*null"):
+        _plan(make_cfg(compile_cache=str(blocker / "cache")), 10, compile=True)
+    assert not _plan(make_cfg(compile_cache=str(blocker / "cache")), 10).compile  # not compiling: not checked
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(blocker))  # auto's folder unwritable: compiled, not kept, said so
+    plan = _plan(make_cfg(), 10, compile=True)
+    assert plan.compile and plan.compile_cache is None and "cannot write" in caplog.text

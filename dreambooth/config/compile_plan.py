@@ -49,6 +49,15 @@ def cache_root(setting: str | None) -> Path | None:
     return Path(base).expanduser() / "compile"
 
 
+def writable(folder: Path) -> bool:
+    """Whether `folder` is, or can be made as, a folder this process may write in (nothing is created here)."""
+    while not folder.exists():
+        if folder.parent == folder:
+            return False
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 def cache_folder(cfg: Config, precision: str, machine: Machine) -> Path | None:
     """This run's folder under the cache root: one per base model (and revision), precision, torch and device."""
     root = cache_root(cfg.compile_cache)
@@ -61,6 +70,19 @@ def cache_folder(cfg: Config, precision: str, machine: Machine) -> Path | None:
            "device": machine.device_name}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return root / f"{slug(Path(model).name, 32)}-{slug(machine.device_name, 24)}-{digest}"
+
+
+def usable(cfg: Config, folder: Path | None) -> Path | None:
+    """The cache folder of a run that compiles, if this user can write it: an explicit compile_cache that cannot
+    be written is refused; auto's default then goes without (inductor's temporary cache), with a warning."""
+    if folder is None or writable(folder):
+        return folder
+    if cfg.compile_cache != "auto":
+        raise UserError(f"compile_cache: {folder.parent} is not a folder this user can write: name another one, "
+                        "or set compile_cache: null")
+    log.warning("compile_cache: auto would keep compiled code in %s, which this user cannot write; it stays in "
+                "inductor's temporary cache", folder.parent)
+    return None
 
 
 def entry_name(cfg: Config, scope: str, mode: str, prior_joined: bool, checkpointing: bool) -> str:
@@ -143,4 +165,4 @@ def decide_compile(cfg: Config, memory: MemoryPlan, total_steps: int, machine: M
         choices.decide("compile_scope", scope, "one graph; regional unmeasured on GPU")
     if not compile_:
         return False, "default", "full", None, ""
-    return True, mode, scope, folder, entry
+    return True, mode, scope, usable(cfg, folder), entry
