@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STEP_SAVING_S = 0.17
 PAYBACK_STEPS = 700
 # A compile this machine already keeps in its cache, until a run has timed one here: on the 2-core CPU a second
-# process spent 0.055 of the cold compile of the full UNet (docs/memory-and-speed.md). A tenth, to be safe; the
+# process spent 0.057 of the cold compile of the full UNet (docs/memory-and-speed.md). A tenth, to be safe; the
 # first compile from the cache times itself, and later plans use that time.
 WARM_GUESS = 0.1
 FROM_SCRATCH = "a compile from scratch takes about 2 minutes"
