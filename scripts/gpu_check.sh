@@ -77,6 +77,7 @@ print(format_job_table(r) if r['schema'] == SCHEMA else format_table(r))" "$RES/
 # warm, with the time left. Each is a whole job with its own class-image sampling; the JSON keeps every finished
 # variant if the budget runs out. The cache lives outside $RES so that results.tgz stays small.
 if [ "$PART" = job ]; then
+  rm -rf /tmp/compile-cache  # the first compile must start from an empty cache
   JOB=(--job --steps 400 --class-images 100 --resolution 512 --model builtin:sd21 --compile-cache /tmp/compile-cache)
   bench job "$(left)" "${JOB[@]}" --compile eager,full
   bench job-warm "$(left)" "${JOB[@]}" --compile full

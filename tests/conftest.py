@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # compile_cache: auto keeps compiled code under $DREAMBOOTH_CACHE: a scratch folder, never the user's ~/.cache.
 os.environ["DREAMBOOTH_CACHE"] = tempfile.mkdtemp(prefix="dreambooth-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DREAMBOOTH_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
