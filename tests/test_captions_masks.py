@@ -60,6 +60,18 @@ def test_a_caption_changes_the_prompt_its_image_trains_with(make_cfg, subject_di
     assert Counter(seen) == {PROMPT: 2, f"{PROMPT} sitting on a red sofa": 1, "a pencil drawing of a toy": 1}
 
 
+def test_a_caption_past_the_text_encoders_77_tokens_is_named_in_one_warning(make_cfg, subject_dir, caplog):
+    long = "a pencil drawing of a toy " + "on a long wooden table " * 20
+    (subject_dir / "toy_02.txt").write_text(long)
+    (subject_dir / "toy_03.txt").write_text("a short caption")
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(make_cfg(captions=True)).setup()
+    trainer.close()
+    (line,) = [r.getMessage() for r in caplog.records if "tokens" in r.getMessage()]
+    assert line.startswith("1 training prompt(s) are longer than the text encoder's 77 tokens")
+    assert "'a pencil drawing of a toy on a long" in line and "short caption" not in line
+
+
 def test_validation_and_report_show_captions(make_cfg, subject_dir, tmp_path):
     (subject_dir / "toy_01.txt").write_text("[instance] on a red sofa")
     cfg = make_cfg(captions=True)

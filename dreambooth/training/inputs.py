@@ -3,6 +3,8 @@ and image latents (from the latent cache, or the VAE)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dreambooth.config.plan import RunPlan
@@ -13,6 +15,7 @@ from dreambooth.data.subjects import MultiSubjectDataset
 from dreambooth.models.load import Components, on_device
 from dreambooth.training.state import TrainState
 
+log = logging.getLogger(__name__)
 
 class Inputs:
     """Batches and encodings for one process of a run."""
@@ -29,6 +32,7 @@ class Inputs:
 
     def fill_caches(self, prompts: list[str]) -> None:
         """Encode the training prompts once (then the frozen encoder leaves the GPU) and cache the latents."""
+        warn_long_prompts(self.components.tokenizer, sorted(set(prompts)))
         if self.caches_prompts:
             self.encode_prompts(sorted(set(prompts)))
             self.components.text_encoder.to("cpu")
@@ -94,3 +98,13 @@ class Inputs:
         with torch.no_grad():
             dist = vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
             return dist.sample(generator=generator).float() * vae.config.scaling_factor
+
+
+def warn_long_prompts(tokenizer, prompts: list[str]) -> None:
+    """The text encoder reads at most model_max_length tokens (77 with start and end): say which prompts lose words."""
+    limit = tokenizer.model_max_length
+    long = [p for p in prompts if len(tokenizer(p, truncation=False, verbose=False).input_ids) > limit]
+    if long:
+        log.warning("%d training prompt(s) are longer than the text encoder's %d tokens and are cut there, e.g. "
+                    "'%s': shorten the caption, or the words past the limit do not reach the model",
+                    len(long), limit, long[0][:80] + ("..." if len(long[0]) > 80 else ""))
