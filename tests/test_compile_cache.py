@@ -152,3 +152,29 @@ def test_a_compile_cache_that_cannot_be_written_is_refused_in_one_line(make_cfg,
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(blocker))  # auto's folder unwritable: compiled, not kept, said so
     plan = _plan(make_cfg(), 10, compile=True)
     assert plan.compile and plan.compile_cache is None and "cannot write" in caplog.text
+
+
+def test_graphs_inductor_will_not_cache_are_named_and_not_counted_as_warm(tmp_path, monkeypatch, caplog):
+    """A graph inductor bypasses (it judged it uncacheable) is compiled by every run: the run says so, and its
+    time is recorded as a compile from scratch."""
+    import torch._dynamo
+    from torch._inductor.codecache import BypassFxGraphCache, FxGraphCache
+
+    def refuse(*args, **kwargs):
+        raise BypassFxGraphCache("a test says no")
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(FxGraphCache, "_check_can_cache", staticmethod(refuse))
+    torch._dynamo.reset()
+    cache = CompileCache(str(tmp_path / "cache"), "mlp").open()
+    try:
+        model, x = _Mlp(), torch.randn(2, 8)
+        compile_unet(model)
+        model(x).sum().backward()
+        for seconds in [3.0, 1.0, 1.0] + [0.5] * compiling.NEXT:
+            cache.step_done(seconds)
+    finally:
+        cache.close()
+        torch._dynamo.reset()
+    assert cache.result["compile_s"] == 3.5 and not cache.result["from_cache"]
+    assert cache.result["fxgraph_cache_bypass"] > 0 and "did not cache" in caplog.text
+    assert read_json(tmp_path / "cache" / RECORDS)["mlp"]["cold_s"] == 3.5

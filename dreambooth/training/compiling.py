@@ -158,13 +158,16 @@ class CompileCache:
         stats = compile_stats(self._before)
         plain = statistics.median(self.step_seconds[FIRST:])
         seconds = max(sum(self.step_seconds[:FIRST]) - FIRST * plain, 0.0)
-        hits, misses = stats.get("fxgraph_cache_hit", 0), stats.get("fxgraph_cache_miss", 0)
-        if not hits + misses:  # inductor built nothing (compile: auto fell back to eager, or another backend)
+        hits, misses, bypassed = (stats.get(f"fxgraph_cache_{k}", 0) for k in ("hit", "miss", "bypass"))
+        if not hits + misses + bypassed:  # inductor built nothing (auto fell back to eager, or another backend)
             return
-        warm = hits > 0 and not misses
+        warm = hits > 0 and not misses and not bypassed
         self.result = {"compile_s": round(seconds, 1), "from_cache": warm, "step_s": round(plain, 4), **stats}
         log.info("compile: the first %d steps took %.1f s more than plain ones (%s: %d cache hits, %d misses)",
                  FIRST, seconds, "from the cache" if warm else "compiled", hits, misses)
+        if bypassed:  # inductor judged these graphs uncacheable: every run compiles them again
+            log.warning("compile cache: inductor did not cache %d of the UNet's graphs (TORCH_LOGS=+inductor "
+                        "names why); later runs compile them again", bypassed)
         if self.folder is None or not self.main:
             return
         records = read_json(self.folder / RECORDS, {})
