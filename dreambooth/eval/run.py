@@ -203,23 +203,22 @@ def _score(req, clip_name, dino_name, texts, real, generated, results) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip, dino = Clip(clip_name, HOW), Dino(dino_name, HOW)
     with tqdm(total=2 * len(texts), desc="scoring", unit="model", disable=req.quiet) as bar:
-        for photos, rows, r in zip(real, generated, results):
-            images = [im for _, _, ims in rows for im in ims]
-            counts = [len(ims) for _, _, ims in rows]
-            for name, model in (("dino", dino), ("clip_i", clip)):
-                with on_device(model.model, torch.device(device)):  # one trip to the GPU per model and subject
+        for name, model in (("dino", dino), ("clip_i", clip)):
+            with on_device(model.model, torch.device(device)):  # one trip to the GPU per model, for all subjects
+                for photos, rows, r in zip(real, generated, results):
+                    images = [im for _, _, ims in rows for im in ims]
+                    counts = [len(ims) for _, _, ims in rows]
                     real_emb, gen_emb = model.images(photos, device), model.images(images, device)
+                    r[name] = metrics.mean_pairwise(gen_emb, real_emb)
+                    r[f"real_{name}"] = metrics.self_similarity(real_emb)
+                    for entry, part in zip(r["prompts"], gen_emb.split(counts)):
+                        entry[name] = metrics.mean_pairwise(part, real_emb)
                     if name == "clip_i":
                         text_emb = clip.texts([n for _, n, ims in rows for _ in ims], device)
-                r[name] = metrics.mean_pairwise(gen_emb, real_emb)
-                r[f"real_{name}"] = metrics.self_similarity(real_emb)
-                for entry, part in zip(r["prompts"], gen_emb.split(counts)):
-                    entry[name] = metrics.mean_pairwise(part, real_emb)
-                if name == "clip_i":
-                    r["clip_t"] = metrics.paired(gen_emb, text_emb)
-                    for entry, g, t in zip(r["prompts"], gen_emb.split(counts), text_emb.split(counts)):
-                        entry["clip_t"] = metrics.paired(g, t)
-                bar.update(1)
+                        r["clip_t"] = metrics.paired(gen_emb, text_emb)
+                        for entry, g, t in zip(r["prompts"], gen_emb.split(counts), text_emb.split(counts)):
+                            entry["clip_t"] = metrics.paired(g, t)
+                    bar.update(1)
 
 
 def _cell(value, signed: bool = False) -> str:
