@@ -193,7 +193,7 @@ class Trainer:
         with StopSignals() as stop, bar:
             while state.step < self.plan.total_steps:
                 step_start = time.perf_counter()
-                logs = self.step.run(batches, state)  # its loss is a float: the step's GPU work is done
+                logs = self.step.run(batches, state)  # reading its loss back waits for the GPU
                 self.compile_cache.step_done(time.perf_counter() - step_start)
                 state.step += 1
                 state.bad_steps = state.bad_steps + 1 if logs.get("skipped") else 0
