@@ -178,8 +178,11 @@ class CompileCache:
         self.save_artifacts()
 
     def save_artifacts(self) -> None:
-        """torch's portable cache artifacts of what this process compiled, one file per new set."""
-        if self.folder is None or not self.main:
+        """torch's portable cache artifacts of what this process compiled, one file per new set; nothing when
+        everything came from the cache (its artifacts are already there)."""
+        stats = compile_stats(self._before)
+        if self.folder is None or not self.main or not stats.get("fxgraph_cache_miss", 0) + stats.get(
+                "autograd_cache_miss", 0):
             return
         saved = torch.compiler.save_cache_artifacts()
         if not saved:
