@@ -204,12 +204,12 @@ def test_other_models_load_unchecked(tiny_model_dir, monkeypatch, make_cfg):
     assert models.load_components(make_cfg(model="builtin:tiny")).unet is not None
 
 
-def test_the_default_id_is_written_once_and_the_old_one_only_in_the_take_down_table():
+def test_the_default_id_is_written_once_and_the_old_one_nowhere():
     files = [p for folder in ("dreambooth", "configs", "tests") for p in (ROOT / folder).rglob("*")
              if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".md", ".json", ".txt")]
     holding_old = [p.relative_to(ROOT).as_posix() for p in files if OLD in p.read_text()]
-    assert holding_old == ["dreambooth/models/base_model.py"]
-    assert (ROOT / "dreambooth" / "models" / "base_model.py").read_text().count(OLD) == 1
+    assert holding_old == []  # the take-down table keys repositories by name, its organisation apart
+    assert REMOVED[OLD][0] == DEFAULT_MODEL  # still recognised, and pointed at its community copy
     holding_new = [p.relative_to(ROOT).as_posix() for p in files
                    if DEFAULT_MODEL in p.read_text() and not p.match("tests/*")]
     assert holding_new == ["dreambooth/config/schema.py"]

