@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import read_peak, reset_peak, row_status, sync
+from dreambooth.bench.measure import device_model, read_peak, reset_peak, row_status, sync
 from dreambooth.bench.table import names, show
 from dreambooth.config.schema import config_from_dict
 from dreambooth.demo import write_demo_dataset
@@ -53,8 +53,7 @@ class JobOptions:
     def resolved(self) -> "JobOptions":
         cuda = torch.cuda.is_available()
         o = copy.copy(self)
-        o.model = o.model or ("builtin:sd21" if cuda else "builtin:sd21/4")
-        o.resolution = o.resolution or (512 if cuda else 128)
+        o.model, o.resolution = device_model(o.model, o.resolution)
         o.steps = o.steps or (400 if cuda else 5)
         o.class_images = o.class_images or (100 if cuda else 4)
         bad = [v for v in o.variants if v not in VARIANTS]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import (bf16_matmul_peak_tflops, count_unet_flops,
+from dreambooth.bench.measure import (bf16_matmul_peak_tflops, count_unet_flops, device_model,
                                       read_peak, reset_peak, row_status, status_bytes, sync)
 from dreambooth.bench.profile import profile_steps
 from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table, names, show
@@ -59,8 +59,7 @@ class BenchOptions:
     def resolved(self) -> "BenchOptions":
         cuda = torch.cuda.is_available()
         o = copy.copy(self)
-        o.model = o.model or ("builtin:sd21" if cuda else "builtin:sd21/4")
-        o.resolution = o.resolution or (512 if cuda else 128)
+        o.model, o.resolution = device_model(o.model, o.resolution)
         o.steps = o.steps or (10 if cuda else 4)
         o.warmup = o.warmup if o.warmup is not None else (3 if cuda else 1)
         o.repeats = o.repeats or (1 if cuda else 2)
