@@ -180,3 +180,16 @@ def test_graphs_inductor_will_not_cache_are_named_and_not_counted_as_warm(tmp_pa
     assert cache.result["compile_s"] == 3.5 and not cache.result["from_cache"]
     assert cache.result["fxgraph_cache_bypass"] > 0 and "did not cache" in caplog.text
     assert read_json(tmp_path / "cache" / RECORDS)["mlp"]["cold_s"] == 3.5
+
+
+def test_an_eager_run_reports_no_compile_though_an_earlier_one_compiled_in_this_process():
+    """bench --job runs its variants in one process: an eager run after a compiled one has nothing to time."""
+    from torch._dynamo.utils import counters
+    cache = CompileCache(None, "")  # what a Trainer holds until it compiles
+    counters["inductor"]["fxgraph_cache_miss"] += 3  # an earlier run's compile
+    try:
+        for _ in range(compiling.FIRST + compiling.NEXT):
+            cache.step_done(1.0)
+    finally:
+        counters["inductor"]["fxgraph_cache_miss"] -= 3
+    assert cache.result is None and not cache.step_seconds

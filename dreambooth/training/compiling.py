@@ -115,7 +115,7 @@ class CompileCache:
         self.result: dict | None = None  # the compile's cost once timed (train_summary.json, bench --job)
         self._previous_dir: str | None = None
         self._set_dir = False
-        self._before: dict[str, float] = {}
+        self._before: dict[str, float] | None = None  # torch's counters when opened; None: nothing compiled here
 
     def open(self) -> "CompileCache":
         """Point inductor at the folder (unless the user set TORCHINDUCTOR_CACHE_DIR) and fill it from artifacts."""
@@ -147,7 +147,7 @@ class CompileCache:
 
     def step_done(self, seconds: float) -> None:
         """After each training step: once FIRST + NEXT steps ran, time the compile and keep its code."""
-        if len(self.step_seconds) >= FIRST + NEXT:
+        if self._before is None or len(self.step_seconds) >= FIRST + NEXT:  # an eager run: nothing to time
             return
         self.step_seconds.append(seconds)
         if len(self.step_seconds) == FIRST + NEXT:
@@ -175,14 +175,15 @@ class CompileCache:
         record["warm_s" if warm else "cold_s"] = round(seconds, 1)
         record["last"] = {**self.result, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json_atomic(self.folder / RECORDS, records)
-        self.save_artifacts()
+        self.save_artifacts(stats)
 
-    def save_artifacts(self) -> None:
+    def save_artifacts(self, stats: dict[str, float] | None = None) -> None:
         """torch's portable cache artifacts of what this process compiled, one file per new set; nothing when
-        everything came from the cache (its artifacts are already there)."""
-        stats = compile_stats(self._before)
-        if self.folder is None or not self.main or not stats.get("fxgraph_cache_miss", 0) + stats.get(
-                "autograd_cache_miss", 0):
+        everything came from the cache (its artifacts are already there). `stats`: compile_stats since open()."""
+        if self.folder is None or not self.main or self._before is None:
+            return
+        stats = stats if stats is not None else compile_stats(self._before)
+        if not stats.get("fxgraph_cache_miss", 0) + stats.get("autograd_cache_miss", 0):
             return
         saved = torch.compiler.save_cache_artifacts()
         if not saved:
