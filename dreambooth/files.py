@@ -28,6 +28,30 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def nearest_existing(path: Path) -> Path:
+    """PATH itself if it exists, else its nearest ancestor that does: where creating PATH would start."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def can_write(folder: Path) -> bool:
+    """Whether this process can create files in the existing FOLDER."""
+    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try a real, unnamed file
+        if not os.access(folder, os.W_OK):
+            return False
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under FOLDER, deepest first, before it is renamed into place."""
+    for f in sorted(folder.rglob("*"), reverse=True):
+        fsync(f)
+
+
 def temp_path(path: Path) -> Path:
     """A fresh hidden name beside `path` with the same suffix (some writers pick the format by suffix)."""
     return path.with_name(f".{path.stem}.{secrets.token_hex(4)}{TEMP}{path.suffix}")
@@ -112,8 +136,7 @@ def atomic_folder(final: str | Path, write_files: Callable[[Path], object]) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP}-", dir=final.parent))
     try:
         write_files(tmp)
-        for f in sorted(tmp.rglob("*"), reverse=True):  # files first, then the folders that name them
-            fsync(f)
+        fsync_tree(tmp)  # files first, then the folders that name them
         fsync(tmp)
         replace_folder(tmp, final)
     except BaseException:

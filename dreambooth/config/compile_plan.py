@@ -19,7 +19,7 @@ from dreambooth.config.machine import Machine
 from dreambooth.config.profiles import MemoryPlan
 from dreambooth.config.schema import Config
 from dreambooth.errors import UserError
-from dreambooth.files import read_json, slug
+from dreambooth.files import can_write, nearest_existing, read_json, slug
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ def cache_root(setting: str | None) -> Path | None:
     return Path(base).expanduser() / "compile"
 
 
-def writable(folder: Path) -> bool:
-    """Whether `folder` is, or can be made as, a folder this process may write in (nothing is created here)."""
-    while not folder.exists():
-        if folder.parent == folder:
-            return False
-        folder = folder.parent
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
 def cache_folder(cfg: Config, precision: str, machine: Machine) -> Path | None:
     """This run's folder under the cache root: one per base model (and revision), precision, torch and device."""
     root = cache_root(cfg.compile_cache)
@@ -75,7 +66,10 @@ def cache_folder(cfg: Config, precision: str, machine: Machine) -> Path | None:
 def usable(cfg: Config, folder: Path | None) -> Path | None:
     """The cache folder of a run that compiles, if this user can write it: an explicit compile_cache that cannot
     be written is refused; auto's default then goes without (inductor's temporary cache), with a warning."""
-    if folder is None or writable(folder):
+    if folder is None:
+        return None
+    parent = nearest_existing(folder)
+    if parent.is_dir() and can_write(parent):
         return folder
     if cfg.compile_cache != "auto":
         raise UserError(f"compile_cache: {folder.parent} is not a folder this user can write: name another one, "

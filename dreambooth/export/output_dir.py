@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from dreambooth import __version__
 from dreambooth.errors import UserError
-from dreambooth.files import fsync, replace_folder, write_json_atomic
+from dreambooth.files import can_write, fsync, fsync_tree, nearest_existing, replace_folder, write_json_atomic
 from dreambooth.locks import LOCK, FolderLock, launch_rank, lock_folder
 
 MARKER = "dreambooth_run.json"  # marks a folder as ours, so a rerun may overwrite it
@@ -25,18 +24,10 @@ def check_output_dir(path: str) -> Path:
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).exists():
         raise UserError(f"output_dir {out} is not empty and was not written by dreambooth: "
                         "choose a new output_dir or empty that folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(out)
     if not parent.is_dir():
         raise UserError(f"output_dir {out} is inside {parent}, which is a file: choose a folder path for output_dir")
-    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try a real, unnamed file
-        writable = os.access(parent, os.W_OK)
-        if writable:
-            tempfile.TemporaryFile(dir=parent).close()
-    except OSError:
-        writable = False
-    if not writable:
+    if not can_write(parent):
         raise UserError(f"output_dir {out} cannot be written ({parent} is read-only): choose a writable output_dir")
     return out
 
@@ -66,8 +57,7 @@ def write_pipeline(pipe, out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder")
-    for f in sorted(tmp.rglob("*"), reverse=True):  # on disk before any part replaces the old one
-        fsync(f)
+    fsync_tree(tmp)  # on disk before any part replaces the old one
     (out / "model_index.json").unlink(missing_ok=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
         target = out / item.name
