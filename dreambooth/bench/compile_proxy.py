@@ -26,11 +26,10 @@ def measure_compile(model: str, resolution: int, scope: str, folder: str, backen
     """In this process: an eager forward + backward, then the first compiled one with `folder` as compile cache."""
     from dreambooth.bench.measure import sync
     from dreambooth.config.schema import Config
-    from dreambooth.models.load import build_builtin_sd21, load_components
+    from dreambooth.models.load import load_components
     from dreambooth.training import compiling
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parts = build_builtin_sd21(model) if model.startswith("builtin:sd21") else load_components(Config(model=model))
-    unet = parts.unet.to(device).train()
+    unet = load_components(Config(model=model)).unet.to(device).train()
     side = resolution // 8
     inputs = (torch.randn(2, unet.config.in_channels, side, side, device=device),
               torch.randint(0, 1000, (2,), device=device),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import device_model, read_peak, reset_peak, row_status, sync
+from dreambooth.bench.measure import device_label, device_model, read_peak, reset_peak, row_status, sync
 from dreambooth.bench.table import names, show
 from dreambooth.config.schema import config_from_dict
 from dreambooth.demo import write_demo_dataset
@@ -45,8 +44,6 @@ class JobOptions:
     validation: bool = True           # as the default config has it (on CPU: once, at the last step, 2 steps)
     compile_cache: str | None = None  # default: a new folder per variant, so each compiles from scratch
     compile_proxy: bool = False
-    proxy_model: str = "builtin:sd21/16"
-    proxy_resolution: int = 32
     out: str | None = None
     workdir: str | None = None
 
@@ -134,11 +131,9 @@ def run_job_bench(options: JobOptions) -> dict:
     """Every variant of the job in this process, one after another; then the compile proxy if asked."""
     o = options.resolved()
     cuda = torch.cuda.is_available()
-    result = {"schema": SCHEMA, "device": torch.cuda.get_device_name() if cuda else
-              f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "device_type": "cuda" if cuda
-              else "cpu", "model": o.model, "resolution": o.resolution, "steps": o.steps,
-              "num_class_images": o.class_images, "prior": True, "validation": o.validation,
-              "versions": library_versions(), "complete": False}
+    result = {"schema": SCHEMA, "device": device_label(), "device_type": "cuda" if cuda else "cpu",
+              "model": o.model, "resolution": o.resolution, "steps": o.steps, "num_class_images": o.class_images,
+              "prior": True, "validation": o.validation, "versions": library_versions(), "complete": False}
     tmp = tempfile.TemporaryDirectory(prefix="dreambooth-job-") if o.workdir is None else None
     workdir = Path(o.workdir or tmp.name)
     started = time.time()
@@ -152,7 +147,7 @@ def run_job_bench(options: JobOptions) -> dict:
                 write_json_atomic(o.out, result)
         if o.compile_proxy:
             from dreambooth.bench.compile_proxy import compile_proxy
-            result["compile_proxy"] = compile_proxy(o.proxy_model, o.proxy_resolution)
+            result["compile_proxy"] = compile_proxy()
     finally:
         if tmp is not None:
             tmp.cleanup()

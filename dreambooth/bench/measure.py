@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,13 @@ def device_model(model: str | None, resolution: int | None) -> tuple[str, int]:
     its widths at 128 px on CPU."""
     cuda = torch.cuda.is_available()
     return model or ("builtin:sd21" if cuda else "builtin:sd21/4"), resolution or (512 if cuda else 128)
+
+
+def device_label() -> str:
+    """The benchmark's device as its JSON names it: the GPU's name, or the CPU's architecture and threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def sync() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.bench.measure import (bf16_matmul_peak_tflops, count_unet_flops, device_model,
+from dreambooth.bench.measure import (bf16_matmul_peak_tflops, count_unet_flops, device_label, device_model,
                                       read_peak, reset_peak, row_status, status_bytes, sync)
 from dreambooth.bench.profile import profile_steps
 from dreambooth.bench.table import COMPILED, ROWS, finish_rows, format_table, names, show
@@ -215,8 +214,7 @@ def run_bench(options: BenchOptions) -> dict:
     note, scaled = _describe_model(o)
     started = time.time()
     result = {
-        "schema": SCHEMA, "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, "
-        f"{torch.get_num_threads()} threads)", "device_type": device.type, "model": o.model, "model_note": note,
+        "schema": SCHEMA, "device": device_label(), "device_type": device.type, "model": o.model, "model_note": note,
         "resolution": o.resolution, "scaled_down": scaled,
         "scaled_note": ("scaled down from SD 2.1 base at 512 px for this device: numbers are not GPU numbers"
                         if scaled else "full SD 2.1 base at 512 px"),
