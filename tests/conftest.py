@@ -100,6 +100,13 @@ def make_cfg(tmp_path, subject_dir):
     return make
 
 
+@pytest.fixture(autouse=True)
+def fresh_base_model_checks(monkeypatch):
+    """Each test's hub is its own: an SD 2.1 base check passed in an earlier test does not count."""
+    from dreambooth.models import base_model
+    monkeypatch.setattr(base_model, "PASSED_IDS", set())
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and spinning OpenMP threads slow them badly when

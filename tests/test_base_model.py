@@ -11,6 +11,7 @@ import pytest
 import yaml
 from huggingface_hub.errors import RepositoryNotFoundError
 
+from dreambooth.models import base_model
 from dreambooth.models import load as models
 from dreambooth.models.base_model import DEFAULT_MODEL, PUBLISHED, REMOVED, check_sd21_base, former_ids
 from dreambooth.cli import main
@@ -29,7 +30,9 @@ def not_found(*args, **kwargs):
 
 
 def hub_resolves_to(monkeypatch, folder: Path, seen: list | None = None):
-    """Stub the hub client: any repo id's file is FOLDER's file of that name."""
+    """Stub the hub client: any repo id's file is FOLDER's file of that name (a new hub: ids checked against the
+    old one are checked again)."""
+    monkeypatch.setattr(base_model, "PASSED_IDS", set())
     def download(repo_id, filename, subfolder=None, revision=None, **kw):
         if seen is not None:
             seen.append((repo_id, subfolder, filename, revision))
@@ -146,6 +149,11 @@ def test_published_configs_pass_and_the_revision_is_asked_for(monkeypatch, tmp_p
         ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")}
     assert {(repo, rev) for repo, _, _, rev in seen} == {(DEFAULT_MODEL, "0123abcd")}
     assert not any(name.endswith((".safetensors", ".bin")) for _, _, name, _ in seen)
+    asked = len(seen)
+    check_sd21_base(DEFAULT_MODEL, "0123abcd")  # the same run loading it again: checked once per process
+    assert len(seen) == asked
+    check_sd21_base(DEFAULT_MODEL, "4567cdef")  # another revision is another model
+    assert len(seen) == 2 * asked
 
 
 def test_a_default_written_out_passes_and_one_written_differently_does_not(monkeypatch, tmp_path):

@@ -125,9 +125,14 @@ def _mismatch(model: str, revision: str | None, what: str, found, expected) -> U
                      "unchecked under its own id")
 
 
+# (hub id, revision) pairs that passed check_sd21_base in this process: a run loads its base model up to four
+# times (class sampling, training, the frozen parts at save, a LoRA's base), and each check asks the hub for 5 files.
+PASSED_IDS: set[tuple[str, str | None]] = set()
+
+
 def check_sd21_base(model: str, revision: str | None = None) -> None:
     """Refuse a hub id that names SD 2.1 base but whose configs are not SD 2.1 base's; other models pass."""
-    if model.strip().lower() not in SD21_BASE_IDS:
+    if model.strip().lower() not in SD21_BASE_IDS or (model, revision) in PASSED_IDS:
         return
     index, expected_index = _fetch(model, "model_index.json", revision), _published("model_index.json")
     for part in CLASSES:
@@ -141,3 +146,4 @@ def check_sd21_base(model: str, revision: str | None = None) -> None:
             found, expected = _value(config, field, class_name), _value(published, field, class_name)
             if found != expected:
                 raise _mismatch(model, revision, f"{part} {field}", found, expected)
+    PASSED_IDS.add((model, revision))
