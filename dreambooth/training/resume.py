@@ -69,7 +69,9 @@ def _resume_path(cfg: Config, out: Path) -> Path:
         return _unverified_note(path)
     path = Path(cfg.resume).expanduser()
     if path.is_dir() and not store.STEP_DIR.match(path.name) and (path / store.CHECKPOINTS).is_dir():
-        path = store.newest_intact(path) or path  # an output folder: take its newest intact checkpoint
+        found = store.newest_intact(path)  # an output folder: its newest intact checkpoint, verified just now
+        if found is not None:
+            return _unverified_note(found)
     if not path.is_dir() or not store.is_complete(path):
         raise UserError(f"resume: {path} is not a complete checkpoint folder (no {store.COMPLETE}): "
                         f"give a folder like {store.root_of(out)}/step-000100, or resume=latest")
