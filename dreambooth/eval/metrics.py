@@ -8,8 +8,6 @@ import torch
 # Ruiz et al., DreamBooth (CVPR 2023), Table 1 on DreamBench: Stable Diffusion DreamBooth and real images.
 PAPER = {"DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
          "real images": {"dino": 0.774, "clip_i": 0.885, "clip_t": None}}
-NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "real_dino": "real DINO",
-         "real_clip_i": "real CLIP-I", "loss": "loss", "class_loss": "class loss", "drift": "drift"}
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name for adapter weigh
 CONFIG_FILE = "adapter_config.json"
 CONFIG_KEY = "dreambooth.adapter_config"  # header entry: {"unet": peft config, "text_encoder": peft config}
 PARAM_MARKERS = ("lora_", "hada_", "lokr_")  # LoRA/DoRA, LoHa and LoKr parameter names in peft
-PARTS = ("unet", "text_encoder")
 
 
 def peft_config(kind: str, rank: int, alpha: float, targets: list[str]):

@@ -63,9 +63,6 @@ class Engine:
             apply_lora(pipe, path, 1.0, adapter_name=name)
         return cls(pipe, spec.loras, spec.default_adapter, spec.scheduler)
 
-    def samplers(self) -> list[str]:
-        return ["default", *SCHEDULERS]
-
     def _scheduler(self, name: str):
         if name == "default":
             return self._own
