@@ -8,7 +8,8 @@ RULE = ("the highest DINO among the validated steps whose CLIP-T is at most eval
         "validated step's (ties: the earlier step)")
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """Whether VALUE is a score: a number, neither NaN nor infinite (missing scores are None)."""
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -16,7 +17,7 @@ def recommend(scores: dict, margin: float) -> dict | None:
     """The step to use, from {step: {"dino": .., "clip_t": .., ...}} (steps as ints or digit strings); None
     unless some step has both scores. Later steps learn the subject (DINO rises) and start to ignore the rest of
     the prompt (CLIP-T falls): the rule takes the best subject before prompt fidelity drops by more than `margin`."""
-    scored = sorted((int(s), v) for s, v in scores.items() if _finite(v.get("dino")) and _finite(v.get("clip_t")))
+    scored = sorted((int(s), v) for s, v in scores.items() if finite(v.get("dino")) and finite(v.get("clip_t")))
     if not scored:
         return None
     first_step, first = scored[0]

@@ -4,7 +4,8 @@ step marked on each, and the table of scores."""
 from __future__ import annotations
 
 import html
-import math
+
+from dreambooth.eval.best import finite
 
 # Metric -> (title, colour, what a higher value means).
 METRICS = {
@@ -17,15 +18,11 @@ METRICS = {
 RECOMMENDED = "#e0a000"
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def metric_svg(points: list[tuple[int, float]], title: str, color: str, mark: int | None = None,
                reference: float | None = None, width: int = 260, height: int = 150) -> str:
     """One score against step: a line through the validated steps, the recommended step `mark` as a vertical
     band, `reference` (the real photos' own score) as a dashed line."""
-    values = [v for _, v in points] + ([reference] if _finite(reference) else [])
+    values = [v for _, v in points] + ([reference] if finite(reference) else [])
     lo, hi = min(values), max(values)
     pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 0.05
     y0, y1 = lo - pad, hi + pad
@@ -51,7 +48,7 @@ def metric_svg(points: list[tuple[int, float]], title: str, color: str, mark: in
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" stroke="{RECOMMENDED}" '
                      f'stroke-width="6" stroke-opacity="0.45" class="recommended">'
                      f'<title>recommended step {mark}</title></line>')
-    if _finite(reference):
+    if finite(reference):
         _, y = xy(x0, reference)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#777" '
                      f'stroke-dasharray="4,3"><title>real photos against each other: {reference:.3f}</title></line>')
@@ -77,7 +74,7 @@ def score_charts(scoring: dict) -> str:
     reference = scoring.get("reference") or {}
     charts = []
     for key, (title, color, _) in METRICS.items():
-        points = sorted((s, v[key]) for s, v in scores.items() if _finite(v.get(key)))
+        points = sorted((s, v[key]) for s, v in scores.items() if finite(v.get(key)))
         if points:
             charts.append(metric_svg(points, title, color, mark, reference.get(key)))
     return f"<div class=metrics>{''.join(charts)}</div>" if charts else ""
@@ -90,11 +87,11 @@ def scores_table(scoring: dict) -> str:
         return ""
     best = scoring.get("recommended") or {}
     mark = best.get("step")
-    shown = [k for k in METRICS if any(_finite(v.get(k)) for v in scores.values())]
+    shown = [k for k in METRICS if any(finite(v.get(k)) for v in scores.values())]
     head = "".join(f"<th>{html.escape(METRICS[k][0])}</th>" for k in shown)
     rows = "".join(
         f'<tr{" class=best" if s == mark else ""}><td>{s}{" (recommended)" if s == mark else ""}</td>'
-        + "".join(f"<td>{scores[s][k]:.4f}</td>" if _finite(scores[s].get(k)) else "<td>-</td>" for k in shown)
+        + "".join(f"<td>{scores[s][k]:.4f}</td>" if finite(scores[s].get(k)) else "<td>-</td>" for k in shown)
         + "</tr>" for s in sorted(scores))
     if mark is not None:
         pick = (f'<p class="recommended-step">Recommended step: <b>{mark}</b> (DINO {best["dino"]:.3f}, CLIP-T '

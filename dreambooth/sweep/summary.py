@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import csv
 import html
-import math
 from pathlib import Path
 
+from dreambooth.eval.best import finite
 from dreambooth.files import read_json
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
@@ -40,8 +40,7 @@ def trial_row(trial: Trial, reported: dict | None = None, earlier: dict | None =
 
 def best_trial(rows: list[dict], metric: str, mode: str = "min") -> str | None:
     """The finished trial with the lowest (mode min) or highest metric; None if no finished trial has it."""
-    scored = [(r[metric], r["trial"]) for r in rows if r["status"] == "finished"
-              and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    scored = [(r[metric], r["trial"]) for r in rows if r["status"] == "finished" and finite(r.get(metric))]
     if not scored:
         return None
     return (min if mode == "min" else max)(scored)[1]
