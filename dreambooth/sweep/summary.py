@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 from pathlib import Path
 
 from dreambooth.eval.best import finite
-from dreambooth.files import read_json
+from dreambooth.files import read_json, write_text_atomic
 from dreambooth.files import write_json_atomic as write_json
 from dreambooth.sweep.grid import Trial
 from dreambooth.sweep.trial import LOSSES, METRICS, folder_metrics, trial_record
@@ -53,12 +54,13 @@ def write_summary(sweep_dir: Path, trials: list[Trial], rows: list[dict], metric
     for row in rows:
         row["best"] = row["trial"] == best
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(sweep_dir / CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(sweep_dir / CSV, table.getvalue())
     write_json(sweep_dir / JSON, {"metric": metric, "mode": mode, "best": best, "command": command, "trials": rows})
-    (sweep_dir / HTML).write_text(page(sweep_dir, trials, rows, metric, mode, best, command), encoding="utf-8")
+    write_text_atomic(sweep_dir / HTML, page(sweep_dir, trials, rows, metric, mode, best, command))
     return best
 
 
