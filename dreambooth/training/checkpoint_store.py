@@ -17,7 +17,7 @@ import torch
 
 from dreambooth import checksums
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_folder
+from dreambooth.files import atomic_folder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,8 @@ def root_of(out: str | Path) -> Path:
 
 def marker(path: Path) -> dict | None:
     """The completion marker of a checkpoint folder, None if it has none (or an unreadable one)."""
-    try:
-        data = json.loads((path / COMPLETE).read_text())
-        return data if isinstance(data, dict) and data.get("format") == FORMAT else None
-    except (OSError, ValueError):
-        return None
+    data = read_json(path / COMPLETE)
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
 def is_complete(path: Path) -> bool:
