@@ -149,9 +149,9 @@ def merged_pipeline(pipe, lora_path: str | Path, scale: float = 1.0):
 
 # ------------------------------------------------------------------------------------- reading LoRA files
 def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, float]]:
-    """Tensors, header and per-part alpha of one of our diffusers-layout LoRA files."""
+    """Tensors, header and per-part alpha of one of our diffusers-layout LoRA files; its callers have checked it
+    (resolve_lora_file) or have just written it."""
     from safetensors import safe_open
-    checksums.refuse_damaged(Path(path), "LoRA file")
     with safe_open(str(path), "pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     packed = json.loads(header.get("lora_adapter_metadata", "{}"))
