@@ -185,8 +185,9 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.buckets = buckets  # data.buckets.Buckets, or None for square crops
-        # id(img) -> (img, resized uint8 HWC array); holding img keeps its id from being reused.
-        self._cache: dict[int, tuple[Image.Image, np.ndarray]] = {}
+        # id(img) (or (id(mask), id(img))) -> (the images, the resized uint8 array); holding the images keeps
+        # their ids from being reused.
+        self._cache: dict = {}
 
     @property
     def is_deterministic(self) -> bool:
@@ -204,15 +205,21 @@ class ImageTransform:
         scale = max(tw / w, th / h)  # square target: resolution / shorter side
         return max(tw, round(w * scale)), max(th, round(h * scale))
 
+    def _kept(self, images: tuple, make) -> np.ndarray:
+        """make()'s array, made once per tuple of image objects."""
+        key = tuple(id(i) for i in images)
+        hit = self._cache.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], images)):
+            return hit[1]
+        arr = make()
+        self._cache[key] = (images, arr)
+        return arr
+
     def resized(self, img: Image.Image) -> np.ndarray:
         """The image scaled to cover its target size, as uint8 HWC; cached per image object."""
-        hit = self._cache.get(id(img))
-        if hit is not None and hit[0] is img:
-            return hit[1]
-        # np.array (a writable copy): torch.from_numpy warns on the read-only arrays np.asarray gives for PIL.
-        arr = np.array(img.convert("RGB").resize(self.resized_size(img), Image.Resampling.BICUBIC), dtype=np.uint8)
-        self._cache[id(img)] = (img, arr)
-        return arr
+        def make() -> np.ndarray:  # np.array, a writable copy: torch.from_numpy warns on np.asarray's read-only one
+            return np.array(img.convert("RGB").resize(self.resized_size(img), Image.Resampling.BICUBIC), np.uint8)
+        return self._kept((img,), make)
 
     def placement(self, img: Image.Image, generator: torch.Generator | None = None) -> tuple[int, int, bool]:
         """(top, left, flip) of one crop of the resized image, drawn from `generator`."""
@@ -238,8 +245,9 @@ class ImageTransform:
 
     def cut_mask(self, img: Image.Image, mask: Image.Image, place: tuple[int, int, bool]) -> torch.Tensor:
         """IMG's mask (any size: it is stretched over the image) at PLACE, as [1, H, W] float in [0, 1]."""
-        # BOX: each pixel the share of its area that is masked, so a sharp mask edge stays where it was.
-        arr = np.array(mask.convert("L").resize(self.resized_size(img), Image.Resampling.BOX), dtype=np.uint8)
+        def make() -> np.ndarray:  # BOX: each pixel the share of its area that is masked, so edges stay put
+            return np.array(mask.convert("L").resize(self.resized_size(img), Image.Resampling.BOX), np.uint8)
+        arr = self._kept((mask, img), make)  # resized once per mask, as the image is
         return torch.from_numpy(self._cut(arr, img, place)).float().div(255.0).unsqueeze(0)
 
 
