@@ -103,9 +103,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     """`dreambooth serve`'s command line."""
     p.add_argument("model", help="a training run's output folder (full or LoRA run), a diffusers folder, a "
                                  ".safetensors file, a hub id or builtin:tiny")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a "
-                                                       "token)")
-    p.add_argument("--port", type=int, default=8080, help="default 8080; 0 picks a free port")
+    p.add_argument("--host", default=ServeOptions.host, help="address to listen on (default %(default)s; any other "
+                                                              "needs a token)")
+    p.add_argument("--port", type=int, default=ServeOptions.port, help="default %(default)s; 0 picks a free port")
     p.add_argument("--token", help="bearer token required on every route but /ping; prefer the environment variable "
                                    "DREAMBOOTH_SERVE_TOKEN (a command line is visible to other users)")
     p.add_argument("--lora", nargs="+", metavar="NAME=PATH", help="LoRA adapters requests may pick by NAME (a "
@@ -114,23 +114,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                                      "(default: a LoRA run's own LoRA, else none)")
     p.add_argument("--scheduler", help="the default sampler: dpm++, dpm++-karras, ddim, euler, euler-a, pndm or unipc "
                                        "(default: the model's own)")
-    p.add_argument("--default-steps", type=int, default=50, help="inference steps when a request gives none "
-                                                                 "(default 50, as JumpStart and A1111)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 503 (default 32)")
-    p.add_argument("--max-batch", type=int, default=4, help="images made together in one pipeline call (default 4)")
-    p.add_argument("--max-side", type=int, default=1024, help="largest width or height (default 1024)")
-    p.add_argument("--max-steps", type=int, default=150, help="most inference steps (default 150)")
-    p.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
-    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait and run (default 300)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests after SIGTERM / Ctrl-C "
-                                                             "(default 30)")
+    p.add_argument("--default-steps", type=int, default=ServeOptions.default_steps, help="inference steps when a "
+                   "request gives none (default %(default)s, as JumpStart and A1111)")
+    p.add_argument("--max-queue", type=int, default=ServeOptions.max_queue, help="requests that may wait; more get "
+                   "503 (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=ServeOptions.max_batch, help="images made together in one "
+                   "pipeline call (default %(default)s)")
+    p.add_argument("--max-side", type=int, default=Limits.max_side, help="largest width or height (default "
+                   "%(default)s)")
+    p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most inference steps (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=Limits.max_images, help="most images per request (default "
+                   "%(default)s)")
+    p.add_argument("--max-body", type=int, default=Limits.max_body, help="largest request body in bytes (default "
+                   "%(default)s: 1 MiB)")
+    p.add_argument("--timeout", type=float, default=Limits.timeout_s, help="seconds a request may wait and run "
+                   "(default %(default)g)")
+    p.add_argument("--grace", type=float, default=ServeOptions.grace_s, help="seconds to finish requests after "
+                   "SIGTERM / Ctrl-C (default %(default)g)")
     p.add_argument("--no-metadata", action="store_true", help="do not write prompts and settings into the images")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when there is one)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when the model is a hub id")
     p.add_argument("--variant", help="weight file variant when the model is a hub id, e.g. fp16")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weight files you trust")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=ServeOptions.log_level, choices=["debug", "info", "warning", "error"])
 
 
 def from_args(args) -> tuple[ServeOptions, ModelSpec]:
