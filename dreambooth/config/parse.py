@@ -180,6 +180,18 @@ def apply_override(data: dict, item: str) -> str:
     return key.strip()
 
 
+def read_with_overrides(path: str | Path | None, overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """The config file's dict (empty without a file) with `key=value` overrides applied in order, and for each
+    dotted key the override that set it last, so errors can name it."""
+    data = read_file(Path(path)) if path else {}
+    set_by: dict[str, str] = {}
+    for item in overrides:
+        key = apply_override(data, item)
+        set_by.pop(key, None)  # re-inserted last: a later override of a key or its parent wins
+        set_by[key] = item
+    return data, set_by
+
+
 def set_key(data: dict, key: str, value: Any) -> None:
     """Set dotted `key` (a.b.c) in the nested dict, making the sections on the way."""
     parts, node = key.split("."), data

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from dreambooth.config.parse import (COMMAND_LINE, Problem, apply_override, build, doc_fields, flatten_keys,
-                                     is_platform_key, read_file, report_problems)
+from dreambooth.config.parse import (COMMAND_LINE, Problem, build, doc_fields, flatten_keys, is_platform_key,
+                                     read_with_overrides, report_problems)
 from dreambooth.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,7 @@ NON_TRAINING_KEYS = non_training_keys()
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML (or JumpStart/SageMaker hyperparameters JSON) file, apply `key=value` overrides, validate."""
     source = str(path) if path else COMMAND_LINE
-    data = read_file(Path(path)) if path else {}
-    set_by: dict[str, str] = {}  # dotted key -> the override that set it last, so errors can name it
-    for item in overrides:
-        key = apply_override(data, item)
-        set_by.pop(key, None)  # re-inserted last: a later override of a key or its parent wins
-        set_by[key] = item
+    data, set_by = read_with_overrides(path, overrides)
     channel = os.environ.get("SM_CHANNEL_TRAINING")  # inside a SageMaker training job: the "training" channel
     section = data.get("data")
     from_channel = bool(channel) and not data.get("subjects") and (

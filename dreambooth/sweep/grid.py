@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth.config.parse import apply_override, flatten_config, read_file, set_key
+from dreambooth.config.parse import flatten_config, read_with_overrides, set_key
 from dreambooth.config.schema import NON_TRAINING_KEYS, Config, config_from_dict
 from dreambooth.errors import UserError
 
@@ -64,12 +64,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 def read_base(config: str | None, overrides: list[str]) -> tuple[dict, dict[str, str]]:
     """The sweep's base config as a plain dict (file, then key=value overrides) and which override set which key."""
-    data = read_file(Path(config)) if config else {}
-    set_by: dict[str, str] = {}
-    for item in overrides:
-        key = apply_override(data, item)
-        set_by.pop(key, None)
-        set_by[key] = item
+    data, set_by = read_with_overrides(config, overrides)
     if data.get("resume") is not None:
         raise UserError(f"{set_by.get('resume') or config}: remove 'resume' ({RESERVED['resume']})")
     return data, set_by
