@@ -284,8 +284,7 @@ def save_config(plan: RunPlan, path: str | Path) -> None:
     for key, choice in plan.choices.items():
         data[key] = choice.given
         notes[key] = f"{_scalar(choice.value)} ({choice.why})" if choice.why else _scalar(choice.value)
-    if "learning_rate" in plan.filled_in:  # LoRA's own default rate, written as if given: it reruns the same
-        data["learning_rate"] = plan.learning_rate
+    data["learning_rate"] = plan.learning_rate  # LoRA's own default rate is written as if given: it reruns the same
     if "lora" in plan.export_formats and "export_formats" not in cfg.provided:  # an adapter run (plan.py)
         # Unset, an adapter run exports its adapter alone; the written default [diffusers] would add a merged pipeline.
         data["export_formats"] = list(plan.export_formats)

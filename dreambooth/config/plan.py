@@ -52,7 +52,7 @@ class RunPlan:
     total_steps: int
     ema_on_cpu: bool = False  # the EMA's shadow weights in host memory (ema: true)
     choices: Mapping[str, Choice] = field(default_factory=lambda: MappingProxyType({}))
-    # Keys whose decided value is part of the training settings a checkpoint compares (the profile's, LoRA's rate).
+    # Keys whose decided value is part of the training settings a checkpoint compares (the profile's).
     filled_in: frozenset = frozenset()
     compile_scope: str = "full"  # full: the whole UNet in one graph; regional: each repeated block
     compile_cache: str | None = None  # the folder that keeps this run's compiled code (config/compile_plan.py)
@@ -65,9 +65,7 @@ class RunPlan:
     def effective_config(self) -> Config:
         """The config with the profile's filled-in keys and LoRA's rate: what checkpoints record and compare."""
         values = {key: self.choices[key].value for key in self.filled_in if key in self.choices}
-        if "learning_rate" in self.filled_in:
-            values["learning_rate"] = self.learning_rate
-        return dataclasses.replace(self.config, **values)
+        return dataclasses.replace(self.config, learning_rate=self.learning_rate, **values)
 
 
 def backward_passes(cfg: Config, prior_mode: str | None = None) -> int:
@@ -237,6 +235,6 @@ def resolve(cfg: Config, machine: Machine, epoch_items: int) -> RunPlan:
         export_formats=tuple(export_formats(cfg)), trains_text_encoder=trains_text_encoder(cfg),
         ema_on_cpu=ema_on_cpu,
         steps_per_epoch=per_epoch, total_steps=total, choices=MappingProxyType(dict(choices.items)),
-        filled_in=frozenset(choices.filled_in | ({"learning_rate"} if is_adapter(cfg) else set())),
+        filled_in=frozenset(choices.filled_in),
         compile_scope=scope, compile_cache=str(compile_cache) if compile_cache else None, compile_entry=entry)
 
