@@ -30,11 +30,7 @@ def load_mask(path: Path) -> Image.Image:
     """A mask file as an L image, upright per its EXIF orientation; transparent areas count as black."""
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if has_alpha(img):
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-        return to_rgb(img).convert("L")
+        return to_rgb(ImageOps.exif_transpose(img), background=(0, 0, 0)).convert("L")
 
 
 def alpha_mask(path: Path) -> Image.Image | None:

@@ -121,8 +121,9 @@ def has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent areas become white (the usual background for product shots)."""
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent areas become `background`, white by default (the usual background
+    for product shots)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # PIL clips these to 0..255 instead of scaling, which would turn a 16-bit photo nearly white.
         arr = np.asarray(img, dtype=np.float64)
@@ -133,8 +134,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if has_alpha(img):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     return img.convert("RGB")  # P, L, 1, CMYK, YCbCr, ...
 
 
