@@ -25,17 +25,17 @@ class TrainingSet:
     def __init__(self, cfg: Config, subjects: list[Subject]):
         self.cfg, self.subjects = cfg, subjects
         self.buckets = Buckets(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else None
+        # Buckets never upscale past the original, so small images need no "will be upscaled" warning.
+        self.load_resolution = 0 if self.buckets is not None else cfg.resolution
         self.instance_images, self.annotations = [], []
         for s in subjects:
             files = list_images(s.dir, captions=cfg.captions, masks=cfg.masked_loss)
-            # Buckets never upscale past the original, so small images need no "will be upscaled" warning.
-            images, paths = load_image_files(files, 0 if cfg.buckets else cfg.resolution, s.dir)
+            images, paths = load_image_files(files, self.load_resolution, s.dir)
             self.instance_images.append(images)
             notes = read_annotations(s.dir, paths, images, s.instance_prompt, cfg.captions, cfg.masked_loss)
             self.annotations.append(notes)
             s.captions = tuple(c for c in notes.captions or () if c)
-            if self.buckets is not None:
-                log.info("buckets of %s: %s", s.dir, describe([self.buckets.assign(*im.size) for im in images]))
+            self._log_buckets(s.dir, images)
         if cfg.masked_loss and not any(a.masked for a in self.annotations):
             raise UserError(f"masked_loss: true, but no image in {', '.join(str(s.dir) for s in subjects)} has a "
                             "usable mask: add NAME.mask.png beside NAME.jpg (white = subject) or use PNGs with "
@@ -89,10 +89,13 @@ class TrainingSet:
             first = PartialState().main_process_first()
         with first:
             paths = ensure_class_images(self.cfg, self.subjects, decoded)
-        resolution = 0 if self.buckets is not None else self.cfg.resolution  # buckets never upscale
-        images = [load_image_files(p, resolution, s.class_dir, decoded)[0] if p else []
+        images = [load_image_files(p, self.load_resolution, s.class_dir, decoded)[0] if p else []
                   for s, p in zip(self.subjects, paths)]
-        if self.buckets is not None:
-            for s, klass in zip(self.subjects, images):
-                log.info("buckets of %s: %s", s.class_dir, describe([self.buckets.assign(*im.size) for im in klass]))
+        for s, klass in zip(self.subjects, images):
+            self._log_buckets(s.class_dir, klass)
         return images
+
+    def _log_buckets(self, folder, images: list) -> None:
+        """Which bucket the folder's images went to, where buckets are on."""
+        if self.buckets is not None:
+            log.info("buckets of %s: %s", folder, describe([self.buckets.assign(*im.size) for im in images]))
